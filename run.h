@@ -1,0 +1,315 @@
+// run.h -- the public API of the unlearn.c engine (implemented in run.c).
+//
+// Every program in this directory (run, train_lora, sae, guard, test_all)
+// links the same engine: one model loader, one tokenizer, one forward pass,
+// one matmul. This header is the contract between them, and it also
+// documents the two binary file formats the engine reads.
+#ifndef RUN_H
+#define RUN_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+// ----------------------------------------------------------------------------
+// Model file format (written by `export.py model`, read by load_model)
+//
+// All integers little-endian int32 unless noted, floats IEEE fp32.
+// The file starts with a 256-byte header:
+//
+//   offset  field
+//   0       uint32 magic = MODEL_MAGIC ("ULC3" as bytes 'U','L','C','3')
+//   4       int32  version = MODEL_VERSION
+//   8       int32  dim               hidden size
+//   12      int32  hidden_dim        MLP intermediate size
+//   16      int32  n_layers
+//   20      int32  n_heads           query heads
+//   24      int32  n_kv_heads        key/value heads (GQA when < n_heads)
+//   28      int32  head_dim          usually dim / n_heads
+//   32      int32  vocab_size
+//   36      int32  max_seq_len       max_position_embeddings of the checkpoint
+//   40      float  rope_theta
+//   44      int32  rope_scaling      0 = none, 1 = "llama3"
+//   48      float  rope_factor       llama3 scaling: factor
+//   52      float  rope_low_freq_factor
+//   56      float  rope_high_freq_factor
+//   60      int32  rope_original_max_pos  original_max_position_embeddings
+//   64      float  norm_eps          rms_norm_eps
+//   68      int32  tied_embeddings   1 = classifier is the token embedding
+//   72      int32  weight_type       0 = fp32, 1 = int8 Q8_0
+//   76      int32  group_size        Q8_0 group (64 by default); 0 for fp32
+//   80      int32  bos_id
+//   84      int32  n_eos             number of valid entries in eos_ids
+//   88      int32  eos_ids[8]        every id that ends generation
+//   120..255 zero
+//
+// Then the tensors, in this order, each starting at an offset that is a
+// multiple of 64 bytes (zero padding in between). "matrix" below means a
+// row-major [rows, cols] weight as Hugging Face stores it (y = W x,
+// W[out, in]); stacked over layers, layer-major. q_proj and k_proj keep the
+// Hugging Face row layout: RoPE rotates the pairs (j, j + head_dim/2) of
+// each head ("rotate_half"), so no weight permutation exists anywhere.
+//
+//   token_embedding  matrix [vocab_size, dim]
+//   rms_att          fp32   [n_layers, dim]          input_layernorm
+//   wq               matrix [n_layers, n_heads*head_dim, dim]
+//   wk               matrix [n_layers, n_kv_heads*head_dim, dim]
+//   wv               matrix [n_layers, n_kv_heads*head_dim, dim]
+//   wo               matrix [n_layers, dim, n_heads*head_dim]
+//   rms_ffn          fp32   [n_layers, dim]          post_attention_layernorm
+//   w_gate           matrix [n_layers, hidden_dim, dim]
+//   w_up             matrix [n_layers, hidden_dim, dim]
+//   w_down           matrix [n_layers, dim, hidden_dim]
+//   rms_final        fp32   [dim]
+//   wcls             matrix [vocab_size, dim]        only when not tied
+//
+// A matrix of weight_type 0 is one fp32 block of rows*cols floats.
+// A matrix of weight_type 1 (Q8_0) is two blocks, each 64-byte aligned:
+//   q  int8 [rows*cols]                   round(w / scale), in [-127, 127]
+//   s  fp32 [rows*cols / group_size]      scale = max|w| / 127 of each group
+// (for stacked tensors: all layers' q, then all layers' s). Groups run
+// along a row, so cols must be a multiple of group_size. The loader checks
+// magic, version, sane dims and the exact file size, and refuses anything
+// else.
+
+#define MODEL_MAGIC 0x33434c55u   // "ULC3" read as little-endian uint32
+#define MODEL_VERSION 1
+#define MODEL_HEADER_BYTES 256
+#define TENSOR_ALIGN 64
+#define MAX_EOS 8
+
+enum { WEIGHT_FP32 = 0, WEIGHT_Q8 = 1 };
+enum { ROPE_NONE = 0, ROPE_LLAMA3 = 1 };
+
+typedef struct {
+    int dim;            // hidden size (4096 for 8B)
+    int hidden_dim;     // MLP intermediate size (14336 for 8B)
+    int n_layers;
+    int n_heads;
+    int n_kv_heads;
+    int head_dim;
+    int vocab_size;
+    int max_seq_len;    // what the checkpoint supports; the KV cache uses RunState.seq_len
+    float rope_theta;
+    int rope_scaling;
+    float rope_factor;
+    float rope_low_freq_factor;
+    float rope_high_freq_factor;
+    int rope_original_max_pos;
+    float norm_eps;
+    int tied_embeddings;
+    int weight_type;
+    int group_size;
+    int bos_id;
+    int n_eos;
+    int eos_ids[MAX_EOS];
+} Config;
+
+// A weight matrix: either fp32 (f != NULL) or Q8_0 (q, s != NULL).
+// Points into the mmap'd file, or into heap memory for trainable weights.
+typedef struct {
+    float* f;        // (rows, cols) fp32, or NULL
+    int8_t* q;       // (rows, cols) int8, or NULL
+    float* s;        // (rows * cols / group_size) scales, or NULL
+    int rows;
+    int cols;
+    int group_size;
+} Matrix;
+
+// Per-layer view of the weights. Pointers point into the mapping.
+typedef struct {
+    float* rms_att;  // (dim,)
+    float* rms_ffn;  // (dim,)
+    Matrix wq;       // (n_heads*head_dim, dim)
+    Matrix wk;       // (n_kv_heads*head_dim, dim)
+    Matrix wv;       // (n_kv_heads*head_dim, dim)
+    Matrix wo;       // (dim, n_heads*head_dim)
+    Matrix w_gate;   // (hidden_dim, dim)
+    Matrix w_up;     // (hidden_dim, dim)
+    Matrix w_down;   // (dim, hidden_dim)
+} LayerWeights;
+
+typedef struct {
+    Matrix token_embedding; // (vocab_size, dim)
+    LayerWeights* layers;   // (n_layers,)
+    float* rms_final;       // (dim,)
+    Matrix wcls;            // (vocab_size, dim); same memory as token_embedding when tied
+} Weights;
+
+// LoRA adapters (applied unmerged: y = W x + (alpha/rank) * B (A x)).
+// The seven targets, in this order, everywhere (files, CLI, PEFT names).
+enum { LORA_Q, LORA_K, LORA_V, LORA_O, LORA_GATE, LORA_UP, LORA_DOWN, LORA_N_TARGETS };
+
+typedef struct {
+    float* a;        // (rank, in) or NULL when this target/layer has no adapter
+    float* b;        // (out, rank)
+} LoraPair;
+
+typedef struct {
+    int rank;
+    float alpha;
+    float scale;                    // alpha / rank
+    int target_mask;                // bit t set = target t adapted
+    int layer_begin, layer_end;     // adapted layers [begin, end)
+    LoraPair (*pairs)[LORA_N_TARGETS]; // (n_layers, LORA_N_TARGETS)
+    void* memory;                   // owns every a/b buffer
+} Lora;
+
+// The residual-stream hook: called after every transformer block with the
+// residual stream x (n_pos, dim) of positions pos0 .. pos0+n_pos-1, after the
+// block's output has been added ("resid_post" of layer `layer`). The hook may
+// read and modify x in place. Used by SAE capture/ablation.
+typedef void (*ResidualHook)(void* ctx, int layer, int pos0, int n_pos, float* x, int dim);
+
+// Activation buffers for inference. Decode buffers hold one position;
+// batch buffers hold up to batch_cap positions of a prompt chunk.
+typedef struct {
+    int seq_len;         // KV cache length (the -c option), <= max_seq_len
+    int batch_cap;       // positions per prefill chunk
+    // current activations, (batch_cap, ...) each; decode uses row 0
+    float* x;            // (batch_cap, dim) residual stream
+    float* xb;           // (batch_cap, max(dim, n_heads*head_dim)) normed input / attention output
+    float* xb2;          // (batch_cap, dim) projection output
+    float* hb;           // (batch_cap, hidden_dim) gate
+    float* hb2;          // (batch_cap, hidden_dim) up
+    float* q;            // (batch_cap, n_heads*head_dim)
+    float* k;            // (batch_cap, n_kv_heads*head_dim)
+    float* v;            // (batch_cap, n_kv_heads*head_dim)
+    float* att;          // (n_threads, seq_len) attention scores scratch
+    float* logits;       // (batch_cap, vocab_size)
+    float* lora_tmp;     // (batch_cap, max rank) A x for LoRA
+    int8_t* xq;          // (batch_cap, max(dim, hidden_dim)) quantized activations (Q8_0)
+    float* xs;           // (batch_cap, max(dim, hidden_dim)/group_size) their scales
+    float* key_cache;    // (n_layers, seq_len, n_kv_heads*head_dim)
+    float* value_cache;  // (n_layers, seq_len, n_kv_heads*head_dim)
+    float* rope_inv_freq;// (head_dim/2,) with llama3 scaling applied
+} RunState;
+
+typedef struct {
+    Config config;
+    Weights weights;
+    RunState state;
+    Lora* lora;          // optional adapter, NULL when none
+    ResidualHook hook;   // optional, NULL when none
+    void* hook_ctx;
+    // memory mapping
+    int fd;
+    void* data;
+    size_t file_size;
+} Transformer;
+
+// Load a model file and allocate run state with a KV cache of ctx positions
+// (ctx <= 0: min(max_seq_len, 4096)). Exits with a message on any error.
+void build_transformer(Transformer* t, const char* path, int ctx);
+void free_transformer(Transformer* t);
+// Parse and validate a model header from memory (used by the loader and the
+// fuzzer); returns 0 on success, or writes a one-line reason to err.
+int parse_model_header(const void* data, size_t size, Config* c, char* err, size_t errlen);
+size_t model_file_size(const Config* c); // the exact size a valid file has
+
+// One token at position pos, through the KV cache. Returns logits (vocab_size,).
+float* forward(Transformer* t, int token, int pos);
+// n tokens at positions pos0..pos0+n-1 (the prompt path: one matmul per
+// projection over all n). Fills the KV cache. If all_logits, returns logits
+// (n, vocab_size) (n must be <= batch_cap then); else the last row's logits.
+float* forward_batch(Transformer* t, const int* tokens, int n, int pos0, int all_logits);
+
+// Shared kernels (the single matmul of the project).
+// y (n, rows) = x (n, cols) @ W^T, W as stored (rows, cols). Plain C loops,
+// or cblas_sgemm when built with OpenBLAS. For Q8_0, x is quantized per
+// group and multiplied with int32 accumulation.
+void matmul(float* y, const float* x, const Matrix* w, int n);
+void rmsnorm(float* out, const float* x, const float* weight, int dim, float eps);
+void softmax(float* x, int n);
+void rope_rotate(float* vec, int n_heads_vec, int head_dim, int pos, const float* inv_freq);
+void rope_inv_freq(float* inv_freq, const Config* c);
+void embed_row(float* out, const Matrix* emb, int token); // dequantizes Q8_0 rows
+
+// ----------------------------------------------------------------------------
+// Tokenizer file format (written by `export.py tokenizer`)
+//
+//   uint32 magic = TOK_MAGIC ("ULTK"), int32 version = TOK_VERSION
+//   int32  vocab_size      ids 0..vocab_size-1, special tokens included
+//   int32  n_merges
+//   int32  bos_id
+//   int32  n_eot           then int32 eot_ids[n_eot]: ids that end a turn
+//   int32  ignore_merges   1: a pre-token that is itself in the vocab is
+//                          emitted whole (HF "ignore_merges", Llama-3 sets it)
+//   then for each id: uint8 flags (1 = special), int32 len, len raw bytes
+//     (the token's bytes, byte-level BPE mapping already undone)
+//   then n_merges times: int32 left_id, int32 right_id, int32 merged_id,
+//     in priority order (index = rank, lower merges first)
+
+#define TOK_MAGIC 0x4b544c55u   // "ULTK"
+#define TOK_VERSION 1
+
+typedef struct {
+    int vocab_size;
+    char** token_bytes;     // (vocab_size,) raw bytes of each token (not NUL-safe: use token_len)
+    int* token_len;         // (vocab_size,)
+    unsigned char* is_special; // (vocab_size,)
+    int bos_id;
+    int n_eot;
+    int* eot_ids;           // (n_eot,)
+    int ignore_merges;
+    int n_merges;
+    // hash tables built at load time
+    void* vocab_index;      // bytes -> id
+    void* merge_index;      // (left, right) -> (rank, merged)
+    int* special_ids;       // special ids sorted by length, longest first, for matching in text
+    int n_special;
+} Tokenizer;
+
+void build_tokenizer(Tokenizer* tok, const char* path); // exits on error
+void free_tokenizer(Tokenizer* tok);
+// Encode text into ids. Returns the count written to ids (capacity max_ids;
+// exits with a message if it does not fit). If parse_special, special token
+// strings in the text ("<|eot_id|>") become their ids; otherwise they are
+// encoded as plain text. No BOS is added.
+int encode(const Tokenizer* tok, const char* text, size_t len, int parse_special, int* ids, int max_ids);
+// The raw bytes of one token (may be a partial UTF-8 sequence).
+const char* token_piece(const Tokenizer* tok, int id, int* len);
+int tokenizer_lookup(const Tokenizer* tok, const char* s); // exact token -> id, or -1
+int is_eot(const Tokenizer* tok, int id);
+int utf8_valid(const char* s, size_t len);
+
+// ----------------------------------------------------------------------------
+// Sampling
+
+typedef struct {
+    int vocab_size;
+    float temperature;     // 0 = greedy
+    float topp;            // nucleus, 1 = off
+    uint64_t rng_state;
+    void* probindex;       // scratch for top-p
+} Sampler;
+
+void build_sampler(Sampler* s, int vocab_size, float temperature, float topp, uint64_t seed);
+void free_sampler(Sampler* s);
+int sample(Sampler* s, float* logits);
+
+// ----------------------------------------------------------------------------
+// Chat template (Llama-3 instruct):
+//   <|begin_of_text|> then per message
+//   <|start_header_id|>ROLE<|end_header_id|>\n\nCONTENT<|eot_id|>
+//   then <|start_header_id|>assistant<|end_header_id|>\n\n
+// Content is encoded as plain text (special strings typed by a user stay text).
+
+typedef struct {
+    const char* role;      // "system", "user", "assistant"
+    const char* content;
+} ChatMessage;
+
+// Appends the template tokens for messages to ids; returns the new count.
+int chat_encode(const Tokenizer* tok, const ChatMessage* msgs, int n_msgs, int add_generation_prompt,
+                int* ids, int max_ids);
+
+// Utilities
+long time_in_ms(void);
+void* xmalloc(size_t n);   // malloc that exits with a message on failure
+void* xcalloc(size_t n, size_t size);
+// Reads a whole file; exits with a message on failure. *len gets the size.
+char* read_file(const char* path, size_t* len);
+// Writes data to path via path.tmp + rename; returns 0 on success.
+int write_file_atomic(const char* path, const void* data, size_t len);
+
+#endif
