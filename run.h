@@ -28,7 +28,7 @@
 //   32      int32  vocab_size
 //   36      int32  max_seq_len       max_position_embeddings of the checkpoint
 //   40      float  rope_theta
-//   44      int32  rope_scaling      0 = none, 1 = "llama3"
+//   44      int32  rope_scaling      0 = none (the next four fields are then 0), 1 = "llama3"
 //   48      float  rope_factor       llama3 scaling: factor
 //   52      float  rope_low_freq_factor
 //   56      float  rope_high_freq_factor
@@ -39,11 +39,12 @@
 //   76      int32  group_size        Q8_0 group (64 by default); 0 for fp32
 //   80      int32  bos_id
 //   84      int32  n_eos             number of valid entries in eos_ids
-//   88      int32  eos_ids[8]        every id that ends generation
+//   88      int32  eos_ids[8]        every id that ends generation (unused slots -1)
 //   120..255 zero
 //
 // Then the tensors, in this order, each starting at an offset that is a
-// multiple of 64 bytes (zero padding in between). "matrix" below means a
+// multiple of 64 bytes (zero padding in between and after the last one, so
+// the file size is a multiple of 64). "matrix" below means a
 // row-major [rows, cols] weight as Hugging Face stores it (y = W x,
 // W[out, in]); stacked over layers, layer-major. q_proj and k_proj keep the
 // Hugging Face row layout: RoPE rotates the pairs (j, j + head_dim/2) of
@@ -160,25 +161,28 @@ typedef struct {
 // read and modify x in place. Used by SAE capture/ablation.
 typedef void (*ResidualHook)(void* ctx, int layer, int pos0, int n_pos, float* x, int dim);
 
-// Activation buffers for inference. Decode buffers hold one position;
-// batch buffers hold up to batch_cap positions of a prompt chunk.
+// Activation buffers for inference. Prompts are processed in chunks of up to
+// batch_cap positions; single-token decode is a chunk of one (row 0).
 typedef struct {
     int seq_len;         // KV cache length (the -c option), <= max_seq_len
     int batch_cap;       // positions per prefill chunk
-    // current activations, (batch_cap, ...) each; decode uses row 0
+    int n_threads;       // rows of the att scratch (one per OpenMP thread)
     float* x;            // (batch_cap, dim) residual stream
-    float* xb;           // (batch_cap, max(dim, n_heads*head_dim)) normed input / attention output
-    float* xb2;          // (batch_cap, dim) projection output
-    float* hb;           // (batch_cap, hidden_dim) gate
+    float* xb;           // (batch_cap, dim) RMS-normed input of a sublayer
+    float* att_out;      // (batch_cap, n_heads*head_dim) attention output, before wo
+    float* xb2;          // (batch_cap, dim) sublayer output (wo or w_down)
+    float* hb;           // (batch_cap, hidden_dim) gate, then silu(gate) * up
     float* hb2;          // (batch_cap, hidden_dim) up
     float* q;            // (batch_cap, n_heads*head_dim)
     float* k;            // (batch_cap, n_kv_heads*head_dim)
     float* v;            // (batch_cap, n_kv_heads*head_dim)
+    float* rope_cos;     // (batch_cap, head_dim/2) cos(pos * inv_freq) of the chunk's positions
+    float* rope_sin;     // (batch_cap, head_dim/2)
     float* att;          // (n_threads, seq_len) attention scores scratch
-    float* logits;       // (batch_cap, vocab_size)
-    float* lora_tmp;     // (batch_cap, max rank) A x for LoRA
-    int8_t* xq;          // (batch_cap, max(dim, hidden_dim)) quantized activations (Q8_0)
-    float* xs;           // (batch_cap, max(dim, hidden_dim)/group_size) their scales
+    float* logits;       // (vocab_size,) logits of the chunk's last position
+    float* lora_tmp;     // (batch_cap, lora rank) A x, allocated when an adapter is set
+    int8_t* xq;          // (batch_cap, max in-dim) Q8_0-quantized activations
+    float* xs;           // (batch_cap, max in-dim / group_size) their scales
     float* key_cache;    // (n_layers, seq_len, n_kv_heads*head_dim)
     float* value_cache;  // (n_layers, seq_len, n_kv_heads*head_dim)
     float* rope_inv_freq;// (head_dim/2,) with llama3 scaling applied
@@ -209,23 +213,38 @@ size_t model_file_size(const Config* c); // the exact size a valid file has
 // One token at position pos, through the KV cache. Returns logits (vocab_size,).
 float* forward(Transformer* t, int token, int pos);
 // n tokens at positions pos0..pos0+n-1 (the prompt path: one matmul per
-// projection over all n). Fills the KV cache. If all_logits, returns logits
-// (n, vocab_size) (n must be <= batch_cap then); else the last row's logits.
-float* forward_batch(Transformer* t, const int* tokens, int n, int pos0, int all_logits);
+// projection per chunk of batch_cap positions). Fills the KV cache. Returns
+// the last position's logits (vocab_size,); if all_logits is not NULL it also
+// receives every position's logits (n, vocab_size).
+float* forward_batch(Transformer* t, const int* tokens, int n, int pos0, float* all_logits);
 
-// Shared kernels (the single matmul of the project).
-// y (n, rows) = x (n, cols) @ W^T, W as stored (rows, cols). Plain C loops,
-// or cblas_sgemm when built with OpenBLAS. For Q8_0, x is quantized per
-// group and multiplied with int32 accumulation.
-void matmul(float* y, const float* x, const Matrix* w, int n);
+// Shared kernels: every program multiplies matrices through these.
+// C (M,N) = alpha * op(A) @ op(B) + beta * C, row-major, op(X) = X or X^T,
+// exactly cblas_sgemm's contract. cblas_sgemm when built with OpenBLAS,
+// plain C loops (OpenMP) otherwise.
+void gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+          const float* B, int ldb, float beta, float* C, int ldc);
+// The plain C version, always compiled: the reference the BLAS path is tested against.
+void gemm_portable(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+                   const float* B, int ldb, float beta, float* C, int ldc);
+// y (n, w->rows) = x (n, w->cols) @ W^T, for fp32 or Q8_0 W. With Q8_0, x is
+// quantized per group and dotted in int32 (xq/xs are the scratch, sized
+// (n, w->cols) and (n, w->cols/group_size)).
+void matmul(float* y, const float* x, const Matrix* w, int n, int8_t* xq, float* xs);
 void rmsnorm(float* out, const float* x, const float* weight, int dim, float eps);
 void softmax(float* x, int n);
-void rope_rotate(float* vec, int n_heads_vec, int head_dim, int pos, const float* inv_freq);
-void rope_inv_freq(float* inv_freq, const Config* c);
+void rope_inv_freq(float* inv_freq, const Config* c);   // (head_dim/2,)
+// Rotates each head of vec (n_heads, head_dim) by the angles whose cos/sin
+// are given (head_dim/2,): pairs (j, j + head_dim/2), Hugging Face layout.
+void rope_rotate(float* vec, int n_heads, int head_dim, const float* cos_t, const float* sin_t);
 void embed_row(float* out, const Matrix* emb, int token); // dequantizes Q8_0 rows
+// LoRA on one projection: y (n, out) += scale * (x (n, in) @ A^T) @ B^T.
+void lora_apply(float* y, const float* x, const Lora* lora, int layer, int target, int n, int in, int out,
+                float* tmp);
+void free_lora(Lora* lora);
 
 // ----------------------------------------------------------------------------
-// Tokenizer file format (written by `export.py tokenizer`)
+// Tokenizer file format (written by `export.py tokenizer`, code in tok_export.py)
 //
 //   uint32 magic = TOK_MAGIC ("ULTK"), int32 version = TOK_VERSION
 //   int32  vocab_size      ids 0..vocab_size-1, special tokens included
@@ -299,9 +318,10 @@ typedef struct {
     const char* content;
 } ChatMessage;
 
-// Appends the template tokens for messages to ids; returns the new count.
+// Writes the template tokens for msgs to ids (BOS first when add_bos; a later
+// turn of a conversation continues without it); returns the count.
 int chat_encode(const Tokenizer* tok, const ChatMessage* msgs, int n_msgs, int add_generation_prompt,
-                int* ids, int max_ids);
+                int add_bos, int* ids, int max_ids);
 
 // Utilities
 long time_in_ms(void);

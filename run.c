@@ -1,0 +1,1761 @@
+// run.c -- the unlearn.c engine: Llama-3 inference in one file of plain C.
+//
+// Reads a model file written by export.py (fp32 or int8 Q8_0, mmap'd
+// read-only), a tokenizer file (byte-level BPE, exact Llama-3 behaviour),
+// and runs the transformer: batched prompt processing, KV-cached decoding,
+// sampling, the Llama-3 chat template. The file layouts are documented in
+// run.h. Every other program (train_lora, sae, guard, test_all) links this
+// engine; compiled with -DRUN_LIBRARY it has no main().
+//
+//   ./run MODEL.bin -z TOK -i "Once upon a time"        generate
+//   ./run MODEL.bin -z TOK -m chat -y "Be brief." -i Hi  chat
+//   ./run --help                                         everything else
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <time.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef USE_BLAS
+#include <cblas.h>
+#endif
+#include <limits.h>
+#include "run.h"
+#include "unicode_ranges.h"
+
+// ----------------------------------------------------------------------------
+// Utilities
+
+long time_in_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+void* xmalloc(size_t n) {
+    void* p = malloc(n ? n : 1);
+    if (!p) { fprintf(stderr, "error: out of memory allocating %zu bytes\n", n); exit(EXIT_FAILURE); }
+    return p;
+}
+
+void* xcalloc(size_t n, size_t size) {
+    void* p = calloc(n ? n : 1, size ? size : 1);
+    if (!p) { fprintf(stderr, "error: out of memory allocating %zu x %zu bytes\n", n, size); exit(EXIT_FAILURE); }
+    return p;
+}
+
+char* read_file(const char* path, size_t* len) {
+    FILE* f = fopen(path, "rb");
+    if (!f) { fprintf(stderr, "error: cannot open %s: %s\n", path, strerror(errno)); exit(EXIT_FAILURE); }
+    if (fseek(f, 0, SEEK_END) != 0) { fprintf(stderr, "error: cannot seek %s\n", path); exit(EXIT_FAILURE); }
+    long size = ftell(f);
+    if (size < 0) { fprintf(stderr, "error: cannot size %s (not a regular file?)\n", path); exit(EXIT_FAILURE); }
+    rewind(f);
+    char* buf = xmalloc((size_t)size + 1); // +1: always NUL-terminated for text users
+    if (fread(buf, 1, (size_t)size, f) != (size_t)size) {
+        fprintf(stderr, "error: cannot read %s\n", path); exit(EXIT_FAILURE);
+    }
+    buf[size] = '\0';
+    fclose(f);
+    if (len) *len = (size_t)size;
+    return buf;
+}
+
+int write_file_atomic(const char* path, const void* data, size_t len) {
+    // write path.tmp, flush it to disk, then rename: a reader (or a crash)
+    // sees the old file or the new one, never half of one
+    size_t plen = strlen(path);
+    char* tmp = xmalloc(plen + 5);
+    memcpy(tmp, path, plen);
+    memcpy(tmp + plen, ".tmp", 5);
+    FILE* f = fopen(tmp, "wb");
+    if (!f) { free(tmp); return -1; }
+    int ok = fwrite(data, 1, len, f) == len;
+    ok = (fflush(f) == 0) && ok;
+    ok = (fsync(fileno(f)) == 0) && ok;
+    ok = (fclose(f) == 0) && ok;
+    if (!ok || rename(tmp, path) != 0) { remove(tmp); free(tmp); return -1; }
+    free(tmp);
+    return 0;
+}
+
+static int n_threads_available(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+// ----------------------------------------------------------------------------
+// Model file: header parsing and the tensor layout
+
+static size_t align_up(size_t n) { return (n + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN; }
+
+// Bytes a matrix (possibly stacked over layers: count copies of rows x cols)
+// takes in the file, padding included.
+static size_t matrix_bytes(const Config* c, size_t count, size_t rows, size_t cols) {
+    size_t n = count * rows * cols;
+    if (c->weight_type == WEIGHT_FP32) return align_up(n * sizeof(float));
+    return align_up(n) + align_up(n / c->group_size * sizeof(float));
+}
+
+size_t model_file_size(const Config* c) {
+    size_t L = c->n_layers, dim = c->dim, hid = c->hidden_dim;
+    size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+    size_t size = MODEL_HEADER_BYTES;
+    size += matrix_bytes(c, 1, c->vocab_size, dim);          // token_embedding
+    size += align_up(L * dim * sizeof(float));               // rms_att
+    size += matrix_bytes(c, L, q_dim, dim);                  // wq
+    size += matrix_bytes(c, L, kv_dim, dim);                 // wk
+    size += matrix_bytes(c, L, kv_dim, dim);                 // wv
+    size += matrix_bytes(c, L, dim, q_dim);                  // wo
+    size += align_up(L * dim * sizeof(float));               // rms_ffn
+    size += matrix_bytes(c, L, hid, dim);                    // w_gate
+    size += matrix_bytes(c, L, hid, dim);                    // w_up
+    size += matrix_bytes(c, L, dim, hid);                    // w_down
+    size += align_up(dim * sizeof(float));                   // rms_final
+    if (!c->tied_embeddings) size += matrix_bytes(c, 1, c->vocab_size, dim); // wcls
+    return size;
+}
+
+static int32_t read_i32(const unsigned char* p) { int32_t v; memcpy(&v, p, 4); return v; }
+static float read_f32(const unsigned char* p) { float v; memcpy(&v, p, 4); return v; }
+
+int parse_model_header(const void* data, size_t size, Config* c, char* err, size_t errlen) {
+    const unsigned char* h = data;
+    if (size < MODEL_HEADER_BYTES) { snprintf(err, errlen, "file too small for a header (%zu bytes)", size); return -1; }
+    if ((uint32_t)read_i32(h) != MODEL_MAGIC) { snprintf(err, errlen, "bad magic (not an unlearn.c model file)"); return -1; }
+    int version = read_i32(h + 4);
+    if (version != MODEL_VERSION) { snprintf(err, errlen, "unsupported version %d (expected %d)", version, MODEL_VERSION); return -1; }
+    memset(c, 0, sizeof(*c));
+    c->dim = read_i32(h + 8);
+    c->hidden_dim = read_i32(h + 12);
+    c->n_layers = read_i32(h + 16);
+    c->n_heads = read_i32(h + 20);
+    c->n_kv_heads = read_i32(h + 24);
+    c->head_dim = read_i32(h + 28);
+    c->vocab_size = read_i32(h + 32);
+    c->max_seq_len = read_i32(h + 36);
+    c->rope_theta = read_f32(h + 40);
+    c->rope_scaling = read_i32(h + 44);
+    c->rope_factor = read_f32(h + 48);
+    c->rope_low_freq_factor = read_f32(h + 52);
+    c->rope_high_freq_factor = read_f32(h + 56);
+    c->rope_original_max_pos = read_i32(h + 60);
+    c->norm_eps = read_f32(h + 64);
+    c->tied_embeddings = read_i32(h + 68);
+    c->weight_type = read_i32(h + 72);
+    c->group_size = read_i32(h + 76);
+    c->bos_id = read_i32(h + 80);
+    c->n_eos = read_i32(h + 84);
+    // every field checked before any size arithmetic, so lying headers
+    // (negative or huge dims) cannot overflow the size computation below
+    if (c->dim <= 0 || c->dim > 65536 || c->hidden_dim <= 0 || c->hidden_dim > 262144 ||
+        c->n_layers <= 0 || c->n_layers > 1024 || c->n_heads <= 0 || c->n_heads > 1024 ||
+        c->n_kv_heads <= 0 || c->n_kv_heads > c->n_heads || c->n_heads % c->n_kv_heads != 0 ||
+        c->head_dim <= 0 || c->head_dim > 1024 || c->head_dim % 2 != 0 ||
+        c->vocab_size <= 0 || c->vocab_size > 4194304 || c->max_seq_len <= 0) {
+        snprintf(err, errlen, "invalid dimensions in header"); return -1;
+    }
+    if (!(c->rope_theta > 0) || !(c->norm_eps > 0) || !isfinite(c->rope_theta) || !isfinite(c->norm_eps)) {
+        snprintf(err, errlen, "invalid rope_theta or norm_eps in header"); return -1;
+    }
+    if (c->rope_scaling == ROPE_LLAMA3) {
+        if (!(c->rope_factor >= 1) || !(c->rope_high_freq_factor > c->rope_low_freq_factor) ||
+            !(c->rope_low_freq_factor > 0) || c->rope_original_max_pos <= 0) {
+            snprintf(err, errlen, "invalid llama3 rope scaling parameters"); return -1;
+        }
+    } else if (c->rope_scaling != ROPE_NONE) {
+        snprintf(err, errlen, "unknown rope scaling type %d", c->rope_scaling); return -1;
+    }
+    if (c->tied_embeddings != 0 && c->tied_embeddings != 1) { snprintf(err, errlen, "invalid tied flag"); return -1; }
+    if (c->weight_type == WEIGHT_FP32) {
+        c->group_size = 0;
+    } else if (c->weight_type == WEIGHT_Q8) {
+        int gs = c->group_size;
+        if (gs <= 0 || gs > 4096 || c->dim % gs || c->hidden_dim % gs || (c->n_heads * c->head_dim) % gs) {
+            snprintf(err, errlen, "invalid Q8_0 group size %d for these dims", gs); return -1;
+        }
+    } else {
+        snprintf(err, errlen, "unknown weight type %d", c->weight_type); return -1;
+    }
+    if (c->n_eos < 0 || c->n_eos > MAX_EOS) { snprintf(err, errlen, "invalid eos count %d", c->n_eos); return -1; }
+    for (int i = 0; i < c->n_eos; i++) {
+        c->eos_ids[i] = read_i32(h + 88 + 4 * i);
+        if (c->eos_ids[i] < 0 || c->eos_ids[i] >= c->vocab_size) { snprintf(err, errlen, "eos id out of range"); return -1; }
+    }
+    if (c->bos_id < -1 || c->bos_id >= c->vocab_size) { snprintf(err, errlen, "bos id out of range"); return -1; }
+    size_t expect = model_file_size(c);
+    if (size != expect) {
+        snprintf(err, errlen, "file size %zu does not match the header (expected %zu bytes): truncated or corrupt", size, expect);
+        return -1;
+    }
+    return 0;
+}
+
+// Walks the mapping in the documented order, pointing each tensor into it.
+static Matrix map_matrix(const Config* c, unsigned char** p, size_t count, int rows, int cols) {
+    Matrix m = {0};
+    m.rows = rows; m.cols = cols;
+    size_t n = count * (size_t)rows * cols;
+    if (c->weight_type == WEIGHT_FP32) {
+        m.f = (float*)*p;
+        *p += align_up(n * sizeof(float));
+    } else {
+        m.group_size = c->group_size;
+        m.q = (int8_t*)*p;
+        *p += align_up(n);
+        m.s = (float*)*p;
+        *p += align_up(n / c->group_size * sizeof(float));
+    }
+    return m;
+}
+
+static float* map_floats(unsigned char** p, size_t n) {
+    float* f = (float*)*p;
+    *p += align_up(n * sizeof(float));
+    return f;
+}
+
+// The layer-l slice of a matrix stacked over layers.
+static Matrix layer_slice(Matrix m, int l) {
+    size_t n = (size_t)m.rows * m.cols;
+    if (m.f) m.f += l * n;
+    if (m.q) { m.q += l * n; m.s += l * n / m.group_size; }
+    return m;
+}
+
+static void map_weights(Transformer* t) {
+    Config* c = &t->config;
+    Weights* w = &t->weights;
+    int L = c->n_layers, dim = c->dim, hid = c->hidden_dim;
+    int q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
+    unsigned char* p = (unsigned char*)t->data + MODEL_HEADER_BYTES;
+    w->token_embedding = map_matrix(c, &p, 1, c->vocab_size, dim);
+    float* rms_att = map_floats(&p, (size_t)L * dim);
+    Matrix wq = map_matrix(c, &p, L, q_dim, dim);
+    Matrix wk = map_matrix(c, &p, L, kv_dim, dim);
+    Matrix wv = map_matrix(c, &p, L, kv_dim, dim);
+    Matrix wo = map_matrix(c, &p, L, dim, q_dim);
+    float* rms_ffn = map_floats(&p, (size_t)L * dim);
+    Matrix w_gate = map_matrix(c, &p, L, hid, dim);
+    Matrix w_up = map_matrix(c, &p, L, hid, dim);
+    Matrix w_down = map_matrix(c, &p, L, dim, hid);
+    w->rms_final = map_floats(&p, dim);
+    w->wcls = c->tied_embeddings ? w->token_embedding : map_matrix(c, &p, 1, c->vocab_size, dim);
+    w->layers = xcalloc(L, sizeof(LayerWeights));
+    for (int l = 0; l < L; l++) {
+        LayerWeights* lw = &w->layers[l];
+        lw->rms_att = rms_att + (size_t)l * dim;
+        lw->rms_ffn = rms_ffn + (size_t)l * dim;
+        lw->wq = layer_slice(wq, l);
+        lw->wk = layer_slice(wk, l);
+        lw->wv = layer_slice(wv, l);
+        lw->wo = layer_slice(wo, l);
+        lw->w_gate = layer_slice(w_gate, l);
+        lw->w_up = layer_slice(w_up, l);
+        lw->w_down = layer_slice(w_down, l);
+    }
+}
+
+static void malloc_run_state(RunState* s, const Config* c, int seq_len) {
+    int dim = c->dim, hid = c->hidden_dim;
+    int q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
+    s->seq_len = seq_len;
+    s->batch_cap = seq_len < 128 ? seq_len : 128;
+    s->n_threads = n_threads_available();
+    size_t B = s->batch_cap;
+    int max_in = dim > hid ? dim : hid;
+    if (q_dim > max_in) max_in = q_dim;
+    s->x = xcalloc(B * dim, sizeof(float));
+    s->xb = xcalloc(B * dim, sizeof(float));
+    s->att_out = xcalloc(B * q_dim, sizeof(float));
+    s->xb2 = xcalloc(B * dim, sizeof(float));
+    s->hb = xcalloc(B * hid, sizeof(float));
+    s->hb2 = xcalloc(B * hid, sizeof(float));
+    s->q = xcalloc(B * q_dim, sizeof(float));
+    s->k = xcalloc(B * kv_dim, sizeof(float));
+    s->v = xcalloc(B * kv_dim, sizeof(float));
+    s->rope_cos = xcalloc(B * (c->head_dim / 2), sizeof(float));
+    s->rope_sin = xcalloc(B * (c->head_dim / 2), sizeof(float));
+    s->att = xcalloc((size_t)s->n_threads * seq_len, sizeof(float));
+    s->logits = xcalloc(c->vocab_size, sizeof(float));
+    s->lora_tmp = NULL;
+    if (c->weight_type == WEIGHT_Q8) {
+        s->xq = xcalloc(B * max_in, sizeof(int8_t));
+        s->xs = xcalloc(B * max_in / c->group_size, sizeof(float));
+    }
+    s->key_cache = xcalloc((size_t)c->n_layers * seq_len * kv_dim, sizeof(float));
+    s->value_cache = xcalloc((size_t)c->n_layers * seq_len * kv_dim, sizeof(float));
+    s->rope_inv_freq = xcalloc(c->head_dim / 2, sizeof(float));
+    rope_inv_freq(s->rope_inv_freq, c);
+}
+
+static void free_run_state(RunState* s) {
+    free(s->x); free(s->xb); free(s->att_out); free(s->xb2); free(s->hb); free(s->hb2);
+    free(s->q); free(s->k); free(s->v); free(s->rope_cos); free(s->rope_sin); free(s->att);
+    free(s->logits); free(s->lora_tmp); free(s->xq); free(s->xs);
+    free(s->key_cache); free(s->value_cache); free(s->rope_inv_freq);
+    memset(s, 0, sizeof(*s));
+}
+
+void build_transformer(Transformer* t, const char* path, int ctx) {
+    memset(t, 0, sizeof(*t));
+    t->fd = open(path, O_RDONLY);
+    if (t->fd < 0) { fprintf(stderr, "error: cannot open model %s: %s\n", path, strerror(errno)); exit(EXIT_FAILURE); }
+    struct stat st;
+    if (fstat(t->fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        fprintf(stderr, "error: model %s is not a regular file\n", path); exit(EXIT_FAILURE);
+    }
+    t->file_size = (size_t)st.st_size;
+    if (t->file_size < MODEL_HEADER_BYTES) {
+        fprintf(stderr, "error: model %s: file too small (%zu bytes) to be a model\n", path, t->file_size);
+        exit(EXIT_FAILURE);
+    }
+    t->data = mmap(NULL, t->file_size, PROT_READ, MAP_PRIVATE, t->fd, 0);
+    if (t->data == MAP_FAILED) { fprintf(stderr, "error: cannot mmap %s: %s\n", path, strerror(errno)); exit(EXIT_FAILURE); }
+    char err[256];
+    if (parse_model_header(t->data, t->file_size, &t->config, err, sizeof(err)) != 0) {
+        fprintf(stderr, "error: model %s: %s\n", path, err); exit(EXIT_FAILURE);
+    }
+    Config* c = &t->config;
+    // never size the KV cache by max_position_embeddings (131072 for
+    // Llama 3.1/3.2 would be 8 GiB of cache for 1B): it is a run option
+    int max_ctx = c->max_seq_len;
+    if (ctx <= 0) ctx = max_ctx < 4096 ? max_ctx : 4096;
+    if (ctx > max_ctx) {
+        fprintf(stderr, "error: context %d exceeds the model's maximum of %d positions\n", ctx, max_ctx);
+        exit(EXIT_FAILURE);
+    }
+    map_weights(t);
+    malloc_run_state(&t->state, c, ctx);
+}
+
+void free_transformer(Transformer* t) {
+    free(t->weights.layers);
+    free_run_state(&t->state);
+    if (t->lora) { free_lora(t->lora); free(t->lora); }
+    if (t->data && t->data != MAP_FAILED) munmap(t->data, t->file_size);
+    if (t->fd >= 0) close(t->fd);
+    memset(t, 0, sizeof(*t));
+}
+
+// ----------------------------------------------------------------------------
+// Kernels
+
+void rmsnorm(float* out, const float* x, const float* weight, int dim, float eps) {
+    float ss = 0.0f;
+    for (int j = 0; j < dim; j++) ss += x[j] * x[j];
+    float rstd = 1.0f / sqrtf(ss / dim + eps);
+    for (int j = 0; j < dim; j++) out[j] = weight[j] * (rstd * x[j]);
+}
+
+void softmax(float* x, int n) {
+    float max_val = x[0];
+    for (int i = 1; i < n; i++) if (x[i] > max_val) max_val = x[i];
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - max_val); sum += x[i]; }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+// The portable reference: C[i][j] = beta C[i][j] + alpha sum_p op(A)[i][p] op(B)[p][j]
+// with op(A)[i][p] = trans_a ? A[p*lda+i] : A[i*lda+p], likewise B. Rows of
+// C are independent, so threads split them; the common layouts get an inner
+// loop that runs along contiguous memory.
+void gemm_portable(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+                   const float* B, int ldb, float beta, float* C, int ldc) {
+    #pragma omp parallel for schedule(static)
+    for (int i = 0; i < M; i++) {
+        float* c_row = C + (size_t)i * ldc;
+        if (beta == 0.0f) for (int j = 0; j < N; j++) c_row[j] = 0.0f;
+        else if (beta != 1.0f) for (int j = 0; j < N; j++) c_row[j] *= beta;
+        if (!trans_b) {
+            // C_i += alpha * sum_p a_ip * B_p   (B rows contiguous)
+            for (int p = 0; p < K; p++) {
+                float a_ip = alpha * (trans_a ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p]);
+                const float* b_row = B + (size_t)p * ldb;
+                for (int j = 0; j < N; j++) c_row[j] += a_ip * b_row[j];
+            }
+        } else {
+            // C_ij += alpha * dot(A_i, B_j)   (B stored as rows of length K)
+            for (int j = 0; j < N; j++) {
+                const float* b_row = B + (size_t)j * ldb;
+                float sum = 0.0f;
+                if (!trans_a) {
+                    const float* a_row = A + (size_t)i * lda;
+                    for (int p = 0; p < K; p++) sum += a_row[p] * b_row[p];
+                } else {
+                    for (int p = 0; p < K; p++) sum += A[(size_t)p * lda + i] * b_row[p];
+                }
+                c_row[j] += alpha * sum;
+            }
+        }
+    }
+}
+
+void gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+          const float* B, int ldb, float beta, float* C, int ldc) {
+#ifdef USE_BLAS
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
+                M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#else
+    gemm_portable(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#endif
+}
+
+// Q8_0 quantization of activations: per group, scale = max|x| / 127.
+static void quantize_rows(int8_t* q, float* s, const float* x, int n, int cols, int gs) {
+    int groups = cols / gs;
+    for (int i = 0; i < n; i++) {
+        for (int g = 0; g < groups; g++) {
+            const float* xg = x + (size_t)i * cols + (size_t)g * gs;
+            int8_t* qg = q + (size_t)i * cols + (size_t)g * gs;
+            float wmax = 0.0f;
+            for (int j = 0; j < gs; j++) { float a = fabsf(xg[j]); if (a > wmax) wmax = a; }
+            float scale = wmax / 127.0f;
+            float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+            for (int j = 0; j < gs; j++) qg[j] = (int8_t)roundf(xg[j] * inv);
+            s[(size_t)i * groups + g] = scale;
+        }
+    }
+}
+
+// One Q8_0 dot product: int32 sums per group, scaled once per group.
+static float dot_q8(const int8_t* wq, const float* ws, const int8_t* xq, const float* xs, int cols, int gs) {
+    float sum = 0.0f;
+    for (int g = 0; g < cols / gs; g++) {
+        int32_t acc = 0;
+        const int8_t* a = wq + (size_t)g * gs;
+        const int8_t* b = xq + (size_t)g * gs;
+        #pragma omp simd reduction(+:acc)
+        for (int j = 0; j < gs; j++) acc += (int32_t)a[j] * (int32_t)b[j];
+        sum += (float)acc * ws[g] * xs[g];
+    }
+    return sum;
+}
+
+void matmul(float* y, const float* x, const Matrix* w, int n, int8_t* xq, float* xs) {
+    int rows = w->rows, cols = w->cols;
+    if (w->f) {
+        if (n == 1) {
+            // decode: one matrix-vector product, bandwidth bound, threads over rows
+            #pragma omp parallel for schedule(static)
+            for (int r = 0; r < rows; r++) {
+                const float* wr = w->f + (size_t)r * cols;
+                float sum = 0.0f;
+                // simd reduction: lets the compiler keep several partial
+                // sums in vector registers (plain C cannot reorder floats)
+                #pragma omp simd reduction(+:sum)
+                for (int j = 0; j < cols; j++) sum += wr[j] * x[j];
+                y[r] = sum;
+            }
+        } else {
+            // prompt: y = x @ W^T as one GEMM
+            gemm(0, 1, n, rows, cols, 1.0f, x, cols, w->f, cols, 0.0f, y, rows);
+        }
+        return;
+    }
+    int gs = w->group_size, groups = cols / gs;
+    quantize_rows(xq, xs, x, n, cols, gs);
+    // each weight row is read once and dotted with all n quantized inputs
+    #pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const int8_t* wq = w->q + (size_t)r * cols;
+        const float* ws = w->s + (size_t)r * groups;
+        for (int i = 0; i < n; i++)
+            y[(size_t)i * rows + r] = dot_q8(wq, ws, xq + (size_t)i * cols, xs + (size_t)i * groups, cols, gs);
+    }
+}
+
+void embed_row(float* out, const Matrix* emb, int token) {
+    size_t cols = emb->cols;
+    if (emb->f) { memcpy(out, emb->f + (size_t)token * cols, cols * sizeof(float)); return; }
+    // Q8_0: dequantize just this row (never the whole 128256-row table)
+    const int8_t* q = emb->q + (size_t)token * cols;
+    const float* s = emb->s + (size_t)token * cols / emb->group_size;
+    for (size_t j = 0; j < cols; j++) out[j] = q[j] * s[j / emb->group_size];
+}
+
+void rope_inv_freq(float* inv_freq, const Config* c) {
+    int half = c->head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        // base frequency theta^(-2i/head_dim), as Hugging Face computes it
+        float f = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)c->head_dim);
+        if (c->rope_scaling == ROPE_LLAMA3) {
+            // Llama 3.1 "llama3" scaling: long wavelengths are slowed down by
+            // `factor`, short ones kept, and the band between interpolated
+            float low_wavelen = c->rope_original_max_pos / c->rope_low_freq_factor;
+            float high_wavelen = c->rope_original_max_pos / c->rope_high_freq_factor;
+            float wavelen = 2.0f * (float)M_PI / f;
+            if (wavelen > low_wavelen) {
+                f = f / c->rope_factor;
+            } else if (wavelen >= high_wavelen) {
+                float smooth = (c->rope_original_max_pos / wavelen - c->rope_low_freq_factor) /
+                               (c->rope_high_freq_factor - c->rope_low_freq_factor);
+                f = (1.0f - smooth) * f / c->rope_factor + smooth * f;
+            }
+        }
+        inv_freq[i] = f;
+    }
+}
+
+void rope_rotate(float* vec, int n_heads, int head_dim, const float* cos_t, const float* sin_t) {
+    int half = head_dim / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float* v = vec + (size_t)h * head_dim;
+        for (int j = 0; j < half; j++) {
+            // Hugging Face "rotate_half" layout: element j pairs with j + half
+            float a = v[j], b = v[j + half];
+            v[j] = a * cos_t[j] - b * sin_t[j];
+            v[j + half] = b * cos_t[j] + a * sin_t[j];
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// LoRA (applied unmerged, so it works over an int8 base)
+
+void lora_apply(float* y, const float* x, const Lora* lora, int layer, int target, int n, int in, int out,
+                float* tmp) {
+    const LoraPair* p = &lora->pairs[layer][target];
+    if (!p->a) return;
+    int r = lora->rank;
+    // tmp (n, r) = x (n, in) @ A^T ;  y (n, out) += scale * tmp @ B^T
+    gemm(0, 1, n, r, in, 1.0f, x, in, p->a, in, 0.0f, tmp, r);
+    gemm(0, 1, n, out, r, lora->scale, tmp, r, p->b, r, 1.0f, y, out);
+}
+
+void free_lora(Lora* lora) {
+    free(lora->pairs);
+    free(lora->memory);
+    memset(lora, 0, sizeof(*lora));
+}
+
+// ----------------------------------------------------------------------------
+// The forward pass
+
+// One projection: y = x W^T, plus the adapter's B A x when one is set.
+static void project(Transformer* t, float* y, const float* x, const Matrix* w, int layer, int target, int n) {
+    RunState* s = &t->state;
+    matmul(y, x, w, n, s->xq, s->xs);
+    if (t->lora) lora_apply(y, x, t->lora, layer, target, n, w->cols, w->rows, s->lora_tmp);
+}
+
+// Causal attention for n new positions pos0.. whose q is in s->q and whose
+// k, v are already in the cache. Output (n, n_heads*head_dim) in s->att_out.
+static void attention(Transformer* t, int layer, int n, int pos0) {
+    Config* c = &t->config;
+    RunState* s = &t->state;
+    int hd = c->head_dim, kv_dim = c->n_kv_heads * hd, q_dim = c->n_heads * hd;
+    int kv_mul = c->n_heads / c->n_kv_heads; // query heads per kv head (GQA)
+    float* key_layer = s->key_cache + (size_t)layer * s->seq_len * kv_dim;
+    float* value_layer = s->value_cache + (size_t)layer * s->seq_len * kv_dim;
+    float inv_sqrt = 1.0f / sqrtf((float)hd);
+    #pragma omp parallel for schedule(dynamic)
+    for (int ih = 0; ih < n * c->n_heads; ih++) {
+        int i = ih / c->n_heads, h = ih % c->n_heads;
+        int pos = pos0 + i;
+        const float* q = s->q + (size_t)i * q_dim + (size_t)h * hd;
+        float* att = s->att + (size_t)thread_id() * s->seq_len;
+        int kv_off = (h / kv_mul) * hd;
+        for (int tp = 0; tp <= pos; tp++) {
+            const float* k = key_layer + (size_t)tp * kv_dim + kv_off;
+            float score = 0.0f;
+            for (int j = 0; j < hd; j++) score += q[j] * k[j];
+            att[tp] = score * inv_sqrt;
+        }
+        softmax(att, pos + 1);
+        float* out = s->att_out + (size_t)i * q_dim + (size_t)h * hd;
+        memset(out, 0, hd * sizeof(float));
+        for (int tp = 0; tp <= pos; tp++) {
+            const float* v = value_layer + (size_t)tp * kv_dim + kv_off;
+            float a = att[tp];
+            for (int j = 0; j < hd; j++) out[j] += a * v[j];
+        }
+    }
+}
+
+// One chunk of n <= batch_cap positions through the whole stack. Leaves the
+// final residual stream in s->x.
+static void forward_chunk(Transformer* t, const int* tokens, int n, int pos0) {
+    Config* c = &t->config;
+    Weights* w = &t->weights;
+    RunState* s = &t->state;
+    int dim = c->dim, hid = c->hidden_dim, hd = c->head_dim, half = hd / 2;
+    int q_dim = c->n_heads * hd, kv_dim = c->n_kv_heads * hd;
+
+    for (int i = 0; i < n; i++) embed_row(s->x + (size_t)i * dim, &w->token_embedding, tokens[i]);
+    for (int i = 0; i < n; i++) {
+        for (int j = 0; j < half; j++) {
+            float angle = (float)(pos0 + i) * s->rope_inv_freq[j];
+            s->rope_cos[(size_t)i * half + j] = cosf(angle);
+            s->rope_sin[(size_t)i * half + j] = sinf(angle);
+        }
+    }
+
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerWeights* lw = &w->layers[l];
+        // attention sublayer: x += wo(attention(rope(wq xn), rope(wk xn), wv xn))
+        for (int i = 0; i < n; i++)
+            rmsnorm(s->xb + (size_t)i * dim, s->x + (size_t)i * dim, lw->rms_att, dim, c->norm_eps);
+        project(t, s->q, s->xb, &lw->wq, l, LORA_Q, n);
+        project(t, s->k, s->xb, &lw->wk, l, LORA_K, n);
+        project(t, s->v, s->xb, &lw->wv, l, LORA_V, n);
+        float* key_layer = s->key_cache + (size_t)l * s->seq_len * kv_dim;
+        float* value_layer = s->value_cache + (size_t)l * s->seq_len * kv_dim;
+        for (int i = 0; i < n; i++) {
+            const float* cos_t = s->rope_cos + (size_t)i * half;
+            const float* sin_t = s->rope_sin + (size_t)i * half;
+            rope_rotate(s->q + (size_t)i * q_dim, c->n_heads, hd, cos_t, sin_t);
+            rope_rotate(s->k + (size_t)i * kv_dim, c->n_kv_heads, hd, cos_t, sin_t);
+            memcpy(key_layer + (size_t)(pos0 + i) * kv_dim, s->k + (size_t)i * kv_dim, kv_dim * sizeof(float));
+            memcpy(value_layer + (size_t)(pos0 + i) * kv_dim, s->v + (size_t)i * kv_dim, kv_dim * sizeof(float));
+        }
+        attention(t, l, n, pos0);
+        project(t, s->xb2, s->att_out, &lw->wo, l, LORA_O, n);
+        for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
+
+        // MLP sublayer: x += w_down(silu(w_gate xn) * w_up xn)
+        for (int i = 0; i < n; i++)
+            rmsnorm(s->xb + (size_t)i * dim, s->x + (size_t)i * dim, lw->rms_ffn, dim, c->norm_eps);
+        project(t, s->hb, s->xb, &lw->w_gate, l, LORA_GATE, n);
+        project(t, s->hb2, s->xb, &lw->w_up, l, LORA_UP, n);
+        for (size_t j = 0; j < (size_t)n * hid; j++) {
+            float g = s->hb[j];
+            s->hb[j] = g / (1.0f + expf(-g)) * s->hb2[j];
+        }
+        project(t, s->xb2, s->hb, &lw->w_down, l, LORA_DOWN, n);
+        for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
+
+        if (t->hook) t->hook(t->hook_ctx, l, pos0, n, s->x, dim);
+    }
+}
+
+// Final norm and classifier for rows [row0, row0+n) of the chunk.
+static void classify(Transformer* t, float* logits, int row0, int n) {
+    Config* c = &t->config;
+    RunState* s = &t->state;
+    for (int i = 0; i < n; i++)
+        rmsnorm(s->xb + (size_t)i * c->dim, s->x + (size_t)(row0 + i) * c->dim, t->weights.rms_final, c->dim, c->norm_eps);
+    matmul(logits, s->xb, &t->weights.wcls, n, s->xq, s->xs);
+}
+
+float* forward_batch(Transformer* t, const int* tokens, int n, int pos0, float* all_logits) {
+    Config* c = &t->config;
+    RunState* s = &t->state;
+    if (n <= 0 || pos0 < 0 || pos0 + n > s->seq_len) {
+        fprintf(stderr, "error: positions %d..%d do not fit the context of %d\n", pos0, pos0 + n - 1, s->seq_len);
+        exit(EXIT_FAILURE);
+    }
+    for (int i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= c->vocab_size) {
+            fprintf(stderr, "error: token id %d out of range [0, %d)\n", tokens[i], c->vocab_size);
+            exit(EXIT_FAILURE);
+        }
+    }
+    for (int done = 0; done < n; done += s->batch_cap) {
+        int m = n - done < s->batch_cap ? n - done : s->batch_cap;
+        forward_chunk(t, tokens + done, m, pos0 + done);
+        if (all_logits) {
+            // one classifier GEMM per chunk, straight into the caller's buffer
+            classify(t, all_logits + (size_t)done * c->vocab_size, 0, m);
+            if (done + m == n) memcpy(s->logits, all_logits + (size_t)(n - 1) * c->vocab_size, c->vocab_size * sizeof(float));
+        } else if (done + m == n) {
+            classify(t, s->logits, m - 1, 1);
+        }
+    }
+    return s->logits;
+}
+
+float* forward(Transformer* t, int token, int pos) {
+    return forward_batch(t, &token, 1, pos, NULL);
+}
+
+// ----------------------------------------------------------------------------
+// Tokenizer: exact Llama-3 byte-level BPE, as Hugging Face `tokenizers` runs
+// Meta's tokenizer.json (the ids match HF AutoTokenizer id for id).
+//
+// encode(text) =
+//   1. (parse_special) split the text around special token strings,
+//      leftmost match first, longest special at that position;
+//   2. pre-tokenize each piece in between with the Llama-3 regex
+//        (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+//         ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+//      run by a hand-written matcher over UTF-8 codepoints (tok_match);
+//   3. BPE each pre-token: if ignore_merges and the whole pre-token is a
+//      vocab entry, emit it; else start from one token per byte and keep
+//      merging the adjacent pair of lowest merge rank (leftmost on ties).
+//
+// Invalid UTF-8 (which HF never sees: Rust strings are valid UTF-8) is
+// handled deterministically: each byte that does not start a valid
+// sequence is one codepoint of its own that is neither \p{L}, \p{N} nor
+// \s (like Python's surrogateescape). Its byte still has a token, so the
+// text round-trips. The chat CLI rejects invalid UTF-8 with utf8_valid.
+
+
+// bytes -> id, open addressing (linear probing) over token ids
+typedef struct {
+    int cap;                          // power of two, >= 2 * entries
+    int* slot;                        // (cap,) token id, or -1 when empty
+    int byte_id[256];                 // token of each single byte: the BPE start symbols
+    unsigned char special_first[256]; // 1 if some special token starts with this byte
+} TokVocabIndex;
+
+// (left, right) -> (rank, merged), open addressing over packed pair keys
+typedef struct {
+    int cap;                          // power of two, >= 2 * n_merges
+    uint64_t* key;                    // (cap,) left << 32 | right, TOK_EMPTY_KEY when empty
+    int* rank;                        // (cap,)
+    int* merged;                      // (cap,)
+} TokMergeIndex;
+
+#define TOK_EMPTY_KEY UINT64_MAX
+#define TOK_INVALID_CP 0x110000u  // + byte: a byte that is not valid UTF-8
+
+static uint32_t tok_hash_bytes(const char* s, int n) {
+    uint64_t h = 1469598103934665603ull; // FNV-1a 64
+    for (int i = 0; i < n; i++) { h ^= (unsigned char)s[i]; h *= 1099511628211ull; }
+    return (uint32_t)(h ^ (h >> 32));
+}
+
+static uint32_t tok_hash_pair(uint64_t key) {
+    key ^= key >> 33; key *= 0xff51afd7ed558ccdull; key ^= key >> 33; // murmur3 finalizer
+    key *= 0xc4ceb9fe1a85ec53ull; key ^= key >> 33;
+    return (uint32_t)key;
+}
+
+static int tok_pow2_at_least(long n) {
+    int cap = 16;
+    while (cap < n) cap *= 2;
+    return cap;
+}
+
+// The id of exactly these n bytes, or -1 (special tokens included; when a
+// special and a normal token share bytes, the normal one is indexed).
+static int tok_vocab_find(const Tokenizer* tok, const char* s, int n) {
+    const TokVocabIndex* vi = (const TokVocabIndex*)tok->vocab_index;
+    uint32_t mask = (uint32_t)vi->cap - 1;
+    for (uint32_t h = tok_hash_bytes(s, n) & mask;; h = (h + 1) & mask) {
+        int id = vi->slot[h];
+        if (id < 0) return -1;
+        if (tok->token_len[id] == n && memcmp(tok->token_bytes[id], s, (size_t)n) == 0) return id;
+    }
+}
+
+// Merge of the pair (left, right): returns its rank and sets *merged, or -1.
+static int tok_merge_find(const TokMergeIndex* mi, int left, int right, int* merged) {
+    uint64_t key = ((uint64_t)(uint32_t)left << 32) | (uint32_t)right;
+    uint32_t mask = (uint32_t)mi->cap - 1;
+    for (uint32_t h = tok_hash_pair(key) & mask;; h = (h + 1) & mask) {
+        if (mi->key[h] == TOK_EMPTY_KEY) return -1;
+        if (mi->key[h] == key) { *merged = mi->merged[h]; return mi->rank[h]; }
+    }
+}
+
+// ---- reading the file
+
+typedef struct {
+    const unsigned char* p;
+    size_t left;
+    const char* path;
+} TokReader;
+
+static int32_t tok_read_i32(TokReader* r, const char* what) {
+    if (r->left < 4) {
+        fprintf(stderr, "error: tokenizer file %s: truncated (reading %s)\n", r->path, what);
+        exit(EXIT_FAILURE);
+    }
+    uint32_t v = (uint32_t)r->p[0] | (uint32_t)r->p[1] << 8 | (uint32_t)r->p[2] << 16 | (uint32_t)r->p[3] << 24;
+    r->p += 4; r->left -= 4;
+    return (int32_t)v;
+}
+
+static void tok_bad(const char* path, const char* why, long a) {
+    fprintf(stderr, "error: tokenizer file %s: %s (%ld)\n", path, why, a);
+    exit(EXIT_FAILURE);
+}
+
+typedef struct { int len, id; } TokSpecialKey;
+
+static int tok_cmp_special(const void* a, const void* b) {
+    const TokSpecialKey* x = (const TokSpecialKey*)a;
+    const TokSpecialKey* y = (const TokSpecialKey*)b;
+    if (x->len != y->len) return y->len - x->len; // longest first
+    return x->id - y->id;
+}
+
+void build_tokenizer(Tokenizer* tok, const char* path) {
+    memset(tok, 0, sizeof(*tok));
+    size_t size;
+    char* data = read_file(path, &size);
+    TokReader r = { (const unsigned char*)data, size, path };
+
+    uint32_t magic = (uint32_t)tok_read_i32(&r, "magic");
+    if (magic != TOK_MAGIC) tok_bad(path, "bad magic, not a tokenizer file", (long)magic);
+    int version = tok_read_i32(&r, "version");
+    if (version != TOK_VERSION) tok_bad(path, "unsupported version", version);
+    int vocab_size = tok_read_i32(&r, "vocab_size");
+    if (vocab_size < 256 || vocab_size > (1 << 24)) tok_bad(path, "bad vocab_size", vocab_size);
+    int n_merges = tok_read_i32(&r, "n_merges");
+    if (n_merges < 0 || n_merges > (1 << 26)) tok_bad(path, "bad n_merges", n_merges);
+    int bos_id = tok_read_i32(&r, "bos_id");
+    if (bos_id < -1 || bos_id >= vocab_size) tok_bad(path, "bad bos_id", bos_id);
+    int n_eot = tok_read_i32(&r, "n_eot");
+    if (n_eot < 0 || n_eot > 256) tok_bad(path, "bad n_eot", n_eot);
+    tok->vocab_size = vocab_size;
+    tok->n_merges = n_merges;
+    tok->bos_id = bos_id;
+    tok->n_eot = n_eot;
+    tok->eot_ids = (int*)xcalloc((size_t)n_eot + 1, sizeof(int));
+    for (int i = 0; i < n_eot; i++) {
+        tok->eot_ids[i] = tok_read_i32(&r, "eot_ids");
+        if (tok->eot_ids[i] < 0 || tok->eot_ids[i] >= vocab_size) tok_bad(path, "bad eot id", tok->eot_ids[i]);
+    }
+    int ignore_merges = tok_read_i32(&r, "ignore_merges");
+    if (ignore_merges != 0 && ignore_merges != 1) tok_bad(path, "bad ignore_merges", ignore_merges);
+    tok->ignore_merges = ignore_merges;
+
+    // tokens: one blob holding every token's bytes, each NUL-terminated for
+    // convenience; token_bytes[0] is the start of the blob (freed by it).
+    tok->token_bytes = (char**)xmalloc((size_t)vocab_size * sizeof(char*));
+    tok->token_len = (int*)xmalloc((size_t)vocab_size * sizeof(int));
+    tok->is_special = (unsigned char*)xmalloc((size_t)vocab_size);
+    const unsigned char* tokens_start = r.p;
+    size_t total = 0;
+    for (int i = 0; i < vocab_size; i++) { // first pass: validate, measure
+        if (r.left < 5) tok_bad(path, "truncated in token", i);
+        unsigned char flags = r.p[0];
+        r.p += 1; r.left -= 1;
+        int len = tok_read_i32(&r, "token length");
+        if (flags > 1) tok_bad(path, "bad token flags", i);
+        if (len < 0 || (size_t)len > r.left) tok_bad(path, "bad token length", i);
+        r.p += len; r.left -= (size_t)len;
+        total += (size_t)len + 1;
+    }
+    char* blob = (char*)xmalloc(total);
+    TokReader t = { tokens_start, size - (size_t)(tokens_start - (const unsigned char*)data), path };
+    size_t at = 0;
+    for (int i = 0; i < vocab_size; i++) { // second pass: copy (already validated)
+        tok->is_special[i] = t.p[0];
+        t.p += 1;
+        int len = tok_read_i32(&t, "token length");
+        memcpy(blob + at, t.p, (size_t)len);
+        blob[at + (size_t)len] = '\0';
+        tok->token_bytes[i] = blob + at;
+        tok->token_len[i] = len;
+        t.p += len;
+        at += (size_t)len + 1;
+    }
+
+    // bytes -> id. The first normal token with given bytes wins; a special
+    // token is indexed only when no normal token has its bytes.
+    TokVocabIndex* vi = (TokVocabIndex*)xcalloc(1, sizeof(TokVocabIndex));
+    vi->cap = tok_pow2_at_least(2L * vocab_size);
+    vi->slot = (int*)xmalloc((size_t)vi->cap * sizeof(int));
+    for (int i = 0; i < vi->cap; i++) vi->slot[i] = -1;
+    tok->vocab_index = vi;
+    uint32_t vmask = (uint32_t)vi->cap - 1;
+    for (int id = 0; id < vocab_size; id++) {
+        int n = tok->token_len[id];
+        if (n == 0) continue;
+        uint32_t h = tok_hash_bytes(tok->token_bytes[id], n) & vmask;
+        for (;; h = (h + 1) & vmask) {
+            int o = vi->slot[h];
+            if (o < 0) { vi->slot[h] = id; break; }
+            if (tok->token_len[o] == n && memcmp(tok->token_bytes[o], tok->token_bytes[id], (size_t)n) == 0) {
+                if (tok->is_special[o] && !tok->is_special[id]) vi->slot[h] = id;
+                break;
+            }
+        }
+    }
+    for (int b = 0; b < 256; b++) {
+        char c = (char)b;
+        int id = tok_vocab_find(tok, &c, 1);
+        if (id < 0 || tok->is_special[id]) tok_bad(path, "no token for byte (not a byte-level BPE)", b);
+        vi->byte_id[b] = id;
+    }
+
+    // merges: (left, right) -> (rank, merged); a repeated pair keeps its
+    // last rank, as HF's HashMap collect does
+    TokMergeIndex* mi = (TokMergeIndex*)xcalloc(1, sizeof(TokMergeIndex));
+    mi->cap = tok_pow2_at_least(2L * n_merges + 1);
+    mi->key = (uint64_t*)xmalloc((size_t)mi->cap * sizeof(uint64_t));
+    mi->rank = (int*)xmalloc((size_t)mi->cap * sizeof(int));
+    mi->merged = (int*)xmalloc((size_t)mi->cap * sizeof(int));
+    for (int i = 0; i < mi->cap; i++) mi->key[i] = TOK_EMPTY_KEY;
+    tok->merge_index = mi;
+    r.p = t.p; r.left = size - (size_t)(t.p - (const unsigned char*)data);
+    uint32_t mmask = (uint32_t)mi->cap - 1;
+    for (int k = 0; k < n_merges; k++) {
+        int a = tok_read_i32(&r, "merge"), b = tok_read_i32(&r, "merge"), m = tok_read_i32(&r, "merge");
+        if (a < 0 || a >= vocab_size || b < 0 || b >= vocab_size || m < 0 || m >= vocab_size)
+            tok_bad(path, "merge id out of range at rank", k);
+        if (tok->is_special[a] || tok->is_special[b] || tok->is_special[m])
+            tok_bad(path, "merge uses a special token at rank", k);
+        int la = tok->token_len[a], lb = tok->token_len[b];
+        if (la == 0 || lb == 0 || tok->token_len[m] != la + lb
+            || memcmp(tok->token_bytes[m], tok->token_bytes[a], (size_t)la) != 0
+            || memcmp(tok->token_bytes[m] + la, tok->token_bytes[b], (size_t)lb) != 0)
+            tok_bad(path, "merged token is not left + right at rank", k);
+        uint64_t key = ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
+        for (uint32_t h = tok_hash_pair(key) & mmask;; h = (h + 1) & mmask) {
+            if (mi->key[h] == TOK_EMPTY_KEY || mi->key[h] == key) {
+                mi->key[h] = key; mi->rank[h] = k; mi->merged[h] = m;
+                break;
+            }
+        }
+    }
+    if (r.left != 0) tok_bad(path, "trailing bytes after the merges", (long)r.left);
+
+    // special tokens, longest first, for matching in text
+    TokSpecialKey* keys = (TokSpecialKey*)xmalloc((size_t)vocab_size * sizeof(TokSpecialKey));
+    int ns = 0;
+    for (int id = 0; id < vocab_size; id++) {
+        if (tok->is_special[id] && tok->token_len[id] > 0) {
+            keys[ns].len = tok->token_len[id];
+            keys[ns].id = id;
+            ns++;
+            vi->special_first[(unsigned char)tok->token_bytes[id][0]] = 1;
+        }
+    }
+    qsort(keys, (size_t)ns, sizeof(TokSpecialKey), tok_cmp_special);
+    tok->special_ids = (int*)xmalloc(((size_t)ns + 1) * sizeof(int));
+    for (int i = 0; i < ns; i++) tok->special_ids[i] = keys[i].id;
+    tok->n_special = ns;
+    free(keys);
+    free(data);
+}
+
+void free_tokenizer(Tokenizer* tok) {
+    if (tok->token_bytes) free(tok->token_bytes[0]); // the blob
+    free(tok->token_bytes);
+    free(tok->token_len);
+    free(tok->is_special);
+    free(tok->eot_ids);
+    free(tok->special_ids);
+    TokVocabIndex* vi = (TokVocabIndex*)tok->vocab_index;
+    if (vi) { free(vi->slot); free(vi); }
+    TokMergeIndex* mi = (TokMergeIndex*)tok->merge_index;
+    if (mi) { free(mi->key); free(mi->rank); free(mi->merged); free(mi); }
+    memset(tok, 0, sizeof(*tok));
+}
+
+// ---- UTF-8
+
+// Decodes one strict UTF-8 sequence at s[0..n) (n >= 1): no overlong forms,
+// no surrogates, nothing above U+10FFFF. Returns its byte length and sets
+// *cp; on an invalid or truncated sequence returns 1 and sets *cp to
+// TOK_INVALID_CP + s[0].
+static int tok_utf8_decode(const unsigned char* s, size_t n, uint32_t* cp) {
+    unsigned c = s[0];
+    if (c < 0x80) { *cp = c; return 1; }
+    int len; uint32_t v, min;
+    if (c >= 0xC2 && c <= 0xDF) { len = 2; v = c & 0x1F; min = 0x80; }
+    else if (c >= 0xE0 && c <= 0xEF) { len = 3; v = c & 0x0F; min = 0x800; }
+    else if (c >= 0xF0 && c <= 0xF4) { len = 4; v = c & 0x07; min = 0x10000; }
+    else { *cp = TOK_INVALID_CP + c; return 1; }
+    if ((size_t)len > n) { *cp = TOK_INVALID_CP + c; return 1; }
+    for (int i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80) { *cp = TOK_INVALID_CP + c; return 1; }
+        v = (v << 6) | (s[i] & 0x3F);
+    }
+    if (v < min || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF)) { *cp = TOK_INVALID_CP + c; return 1; }
+    *cp = v;
+    return len;
+}
+
+int utf8_valid(const char* s, size_t len) {
+    const unsigned char* p = (const unsigned char*)s;
+    size_t i = 0;
+    while (i < len) {
+        uint32_t cp;
+        i += (size_t)tok_utf8_decode(p + i, len - i, &cp);
+        if (cp >= TOK_INVALID_CP) return 0;
+    }
+    return 1;
+}
+
+// ---- pre-tokenizer
+
+enum { TC_OTHER = 0, TC_LETTER = 1, TC_NUMBER = 2, TC_SPACE = 3 };
+
+static unsigned char tok_class(uint32_t cp) {
+    if (cp < 0x80) {
+        if ((cp | 0x20) >= 'a' && (cp | 0x20) <= 'z') return TC_LETTER;
+        if (cp >= '0' && cp <= '9') return TC_NUMBER;
+        if (cp == ' ' || (cp >= 0x09 && cp <= 0x0D)) return TC_SPACE;
+        return TC_OTHER;
+    }
+    if (cp >= TOK_INVALID_CP) return TC_OTHER;
+    if (unicode_is_letter(cp)) return TC_LETTER;
+    if (unicode_is_number(cp)) return TC_NUMBER;
+    if (unicode_is_space(cp)) return TC_SPACE;
+    return TC_OTHER;
+}
+
+// Case folding for the (?i:...) contractions. Only ASCII letters and
+// U+017F LATIN SMALL LETTER LONG S (which folds to 's') can match them;
+// Oniguruma, the Rust regex crate and Python's regex all match "'ſ" as 's.
+static uint32_t tok_fold(uint32_t c) {
+    if (c >= 'A' && c <= 'Z') return c + 32;
+    if (c == 0x17F) return 's';
+    return c;
+}
+
+static int tok_is_crlf(uint32_t c) { return c == '\r' || c == '\n'; }
+
+// The Llama-3 regex at codepoint i of cp[0..n) (cls = tok_class of each):
+// returns the end (exclusive) of the match starting at i. Some alternative
+// always matches at least one codepoint, so the pieces tile the text. The
+// alternatives are tried in order, leftmost-first, exactly as a
+// backtracking engine (Oniguruma) resolves them:
+static int tok_match(const uint32_t* cp, const unsigned char* cls, int i, int n) {
+    uint32_t c = cp[i];
+    // 1. (?i:'s|'t|'re|'ve|'m|'ll|'d): no alternative is a prefix of another
+    if (c == '\'' && i + 1 < n) {
+        uint32_t a = tok_fold(cp[i + 1]);
+        if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+        if (i + 2 < n) {
+            uint32_t b = tok_fold(cp[i + 2]);
+            if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+        }
+    }
+    // 2. [^\r\n\p{L}\p{N}]?\p{L}+ : one optional lead char (a space, tab,
+    //    punctuation, ...) only if a letter follows it, then all the letters
+    int k = i;
+    if (cls[k] != TC_LETTER && cls[k] != TC_NUMBER && !tok_is_crlf(c) && k + 1 < n && cls[k + 1] == TC_LETTER) k++;
+    if (cls[k] == TC_LETTER) {
+        while (k < n && cls[k] == TC_LETTER) k++;
+        return k;
+    }
+    // 3. \p{N}{1,3}
+    if (cls[i] == TC_NUMBER) {
+        k = i + 1;
+        while (k < n && k < i + 3 && cls[k] == TC_NUMBER) k++;
+        return k;
+    }
+    // 4. " ?[^\s\p{L}\p{N}]+[\r\n]*" : the optional space only if a symbol follows
+    k = i;
+    if (c == ' ' && k + 1 < n && cls[k + 1] == TC_OTHER) k++;
+    if (cls[k] == TC_OTHER) {
+        while (k < n && cls[k] == TC_OTHER) k++;
+        while (k < n && tok_is_crlf(cp[k])) k++;
+        return k;
+    }
+    // cp[i] is whitespace now; [i, j) is the whole whitespace run
+    int j = i;
+    while (j < n && cls[j] == TC_SPACE) j++;
+    // 5. \s*[\r\n]+ : \s* backs off until [\r\n]+ can match, i.e. the match
+    //    ends just after the LAST \r or \n of the run (what follows that
+    //    newline inside the run is not a newline, so [\r\n]+ takes one)
+    for (k = j - 1; k >= i; k--)
+        if (tok_is_crlf(cp[k])) return k + 1;
+    // 6. \s+(?!\S) : the whole run at the end of the text; else the run minus
+    //    its last char (that char then leads the next word: " Hello")
+    if (j == n) return j;
+    if (j - i >= 2) return j - 1;
+    // 7. \s+ : a single whitespace char before a non-space
+    return j;
+}
+
+// ---- BPE
+
+// Work buffers of one encode call.
+typedef struct {
+    int* out;         // the caller's ids
+    int n_out;
+    int max_out;
+    // per pre-token BPE scratch, grown on demand
+    int cap;
+    int* sym;         // (cap,) token id of the symbol starting at byte i, -1 if merged away
+    int* next;        // (cap,) next live symbol, -1 at the end
+    int* prev;        // (cap,) previous live symbol, -1 at the start
+    uint64_t* heap;   // (3 * cap,) candidate merges: rank << 32 | position, min-heap
+} TokWork;
+
+static void tok_emit(TokWork* w, int id) {
+    if (w->n_out >= w->max_out) {
+        fprintf(stderr, "error: encode: the text needs more than %d tokens\n", w->max_out);
+        exit(EXIT_FAILURE);
+    }
+    w->out[w->n_out++] = id;
+}
+
+static void tok_heap_push(uint64_t* heap, int* n, uint64_t v) {
+    int i = (*n)++;
+    while (i > 0) {
+        int p = (i - 1) / 2;
+        if (heap[p] <= v) break;
+        heap[i] = heap[p];
+        i = p;
+    }
+    heap[i] = v;
+}
+
+static uint64_t tok_heap_pop(uint64_t* heap, int* n) {
+    uint64_t top = heap[0];
+    uint64_t v = heap[--(*n)];
+    int i = 0;
+    for (;;) {
+        int c = 2 * i + 1;
+        if (c >= *n) break;
+        if (c + 1 < *n && heap[c + 1] < heap[c]) c++;
+        if (v <= heap[c]) break;
+        heap[i] = heap[c];
+        i = c;
+    }
+    heap[i] = v;
+    return top;
+}
+
+static void tok_push_merge(const TokMergeIndex* mi, TokWork* w, int* hn, int pos, int right_pos) {
+    int merged;
+    int rank = tok_merge_find(mi, w->sym[pos], w->sym[right_pos], &merged);
+    if (rank >= 0) tok_heap_push(w->heap, hn, ((uint64_t)(uint32_t)rank << 32) | (uint32_t)pos);
+}
+
+// BPE of one pre-token s[0..n), appending its ids. The heap holds every
+// adjacent pair that has a merge, keyed (rank, left byte position), so the
+// pop order is lowest rank, then leftmost: HF's word.merge_all exactly.
+// Stale entries (a symbol merged since) are skipped on pop. O(n log n).
+static void tok_bpe(const Tokenizer* tok, TokWork* w, const char* s, int n) {
+    const TokVocabIndex* vi = (const TokVocabIndex*)tok->vocab_index;
+    const TokMergeIndex* mi = (const TokMergeIndex*)tok->merge_index;
+    if (n == 1) { tok_emit(w, vi->byte_id[(unsigned char)s[0]]); return; }
+    if (tok->ignore_merges) {
+        int id = tok_vocab_find(tok, s, n);
+        if (id >= 0 && !tok->is_special[id]) { tok_emit(w, id); return; }
+    }
+    if (n > w->cap) {
+        int cap = w->cap ? w->cap : 64;
+        while (cap < n) cap *= 2;
+        free(w->sym); free(w->next); free(w->prev); free(w->heap);
+        w->sym = (int*)xmalloc((size_t)cap * sizeof(int));
+        w->next = (int*)xmalloc((size_t)cap * sizeof(int));
+        w->prev = (int*)xmalloc((size_t)cap * sizeof(int));
+        w->heap = (uint64_t*)xmalloc((size_t)cap * 3 * sizeof(uint64_t));
+        w->cap = cap;
+    }
+    for (int i = 0; i < n; i++) {
+        w->sym[i] = vi->byte_id[(unsigned char)s[i]];
+        w->prev[i] = i - 1;
+        w->next[i] = i + 1 < n ? i + 1 : -1;
+    }
+    int hn = 0;
+    for (int i = 0; i + 1 < n; i++) tok_push_merge(mi, w, &hn, i, i + 1);
+    while (hn > 0) {
+        uint64_t top = tok_heap_pop(w->heap, &hn);
+        int pos = (int)(uint32_t)top, rank = (int)(top >> 32);
+        if (w->sym[pos] < 0) continue;        // merged into its left neighbour
+        int nx = w->next[pos];
+        if (nx < 0) continue;
+        int merged;
+        if (tok_merge_find(mi, w->sym[pos], w->sym[nx], &merged) != rank) continue; // pair changed
+        w->sym[pos] = merged;
+        w->sym[nx] = -1;
+        w->next[pos] = w->next[nx];
+        if (w->next[nx] >= 0) w->prev[w->next[nx]] = pos;
+        if (w->prev[pos] >= 0) tok_push_merge(mi, w, &hn, w->prev[pos], pos);
+        if (w->next[pos] >= 0) tok_push_merge(mi, w, &hn, pos, w->next[pos]);
+    }
+    for (int i = 0; i >= 0; i = w->next[i]) tok_emit(w, w->sym[i]);
+}
+
+// Pre-tokenize and BPE a text without special tokens.
+static void tok_encode_plain(const Tokenizer* tok, TokWork* w, const char* text, size_t len,
+                             uint32_t* cp, int* off, unsigned char* cls) {
+    const unsigned char* s = (const unsigned char*)text;
+    int n = 0;
+    size_t at = 0;
+    while (at < len) {
+        off[n] = (int)at;
+        at += (size_t)tok_utf8_decode(s + at, len - at, &cp[n]);
+        cls[n] = tok_class(cp[n]);
+        n++;
+    }
+    off[n] = (int)len;
+    for (int i = 0; i < n;) {
+        int j = tok_match(cp, cls, i, n);
+        tok_bpe(tok, w, text + off[i], off[j] - off[i]);
+        i = j;
+    }
+}
+
+// The longest special token that starts at s[0..n), or -1.
+static int tok_match_special(const Tokenizer* tok, const char* s, size_t n) {
+    for (int k = 0; k < tok->n_special; k++) {
+        int id = tok->special_ids[k];
+        size_t l = (size_t)tok->token_len[id];
+        if (l <= n && memcmp(s, tok->token_bytes[id], l) == 0) return id;
+    }
+    return -1;
+}
+
+int encode(const Tokenizer* tok, const char* text, size_t len, int parse_special, int* ids, int max_ids) {
+    if (len >= (size_t)INT_MAX / 2) {
+        fprintf(stderr, "error: encode: text of %zu bytes is too long\n", len);
+        exit(EXIT_FAILURE);
+    }
+    const TokVocabIndex* vi = (const TokVocabIndex*)tok->vocab_index;
+    TokWork w = { ids, 0, max_ids, 0, NULL, NULL, NULL, NULL };
+    // codepoints of the text: cp (len,), byte offset of each (len + 1,), class (len,)
+    uint32_t* cp = (uint32_t*)xmalloc((len + 1) * sizeof(uint32_t));
+    int* off = (int*)xmalloc((len + 1) * sizeof(int));
+    unsigned char* cls = (unsigned char*)xmalloc(len + 1);
+    size_t start = 0; // start of the plain text not yet encoded
+    if (parse_special) {
+        for (size_t p = 0; p < len;) {
+            int id = vi->special_first[(unsigned char)text[p]] ? tok_match_special(tok, text + p, len - p) : -1;
+            if (id < 0) { p++; continue; }
+            tok_encode_plain(tok, &w, text + start, p - start, cp, off, cls);
+            tok_emit(&w, id);
+            p += (size_t)tok->token_len[id];
+            start = p;
+        }
+    }
+    tok_encode_plain(tok, &w, text + start, len - start, cp, off, cls);
+    free(cp); free(off); free(cls);
+    free(w.sym); free(w.next); free(w.prev); free(w.heap);
+    return w.n_out;
+}
+
+const char* token_piece(const Tokenizer* tok, int id, int* len) {
+    if (id < 0 || id >= tok->vocab_size) {
+        fprintf(stderr, "error: token id %d out of range [0, %d)\n", id, tok->vocab_size);
+        exit(EXIT_FAILURE);
+    }
+    *len = tok->token_len[id];
+    return tok->token_bytes[id];
+}
+
+int tokenizer_lookup(const Tokenizer* tok, const char* s) {
+    size_t n = strlen(s);
+    if (n == 0 || n > INT_MAX) return -1;
+    return tok_vocab_find(tok, s, (int)n);
+}
+
+int is_eot(const Tokenizer* tok, int id) {
+    for (int i = 0; i < tok->n_eot; i++)
+        if (tok->eot_ids[i] == id) return 1;
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// Chat template
+//
+// The Llama-3 instruct template as HF renders it (the jinja
+//   '<|start_header_id|>' + role + '<|end_header_id|>\n\n' + content | trim + '<|eot_id|>'
+// after bos_token), then tokenized as one string with the header/eot
+// strings as special tokens. So each message is: the header ids,
+// encode(role), encode("\n\n" + trim(content)) as ONE string, eot.
+// Meta's ChatFormat encodes "\n\n" and content.strip() separately; the two
+// never differ: stripped content starts with a non-space (or is empty), so
+// the regex always ends a match exactly after the "\n\n" (\s*[\r\n]+ stops
+// at the last newline) and, having no lookbehind, then matches the content
+// as it would alone.
+// Differences from HF, on purpose: role and content are plain text, so a
+// user typing "<|eot_id|>" gets the text's ids, not 128009 (HF's
+// apply_chat_template would parse it as the special token).
+// trim = Python str.strip(), the whitespace of str.isspace() (Jinja's trim
+// and Meta's strip both use it); it includes U+001C..U+001F, which \s does not.
+
+static int tok_special_id(const Tokenizer* tok, const char* s) {
+    int id = tokenizer_lookup(tok, s);
+    if (id < 0 || !tok->is_special[id]) {
+        fprintf(stderr, "error: chat template: the tokenizer has no special token %s\n", s);
+        exit(EXIT_FAILURE);
+    }
+    return id;
+}
+
+int chat_encode(const Tokenizer* tok, const ChatMessage* msgs, int n_msgs, int add_generation_prompt,
+                int add_bos, int* ids, int max_ids) {
+    int start_header = tok_special_id(tok, "<|start_header_id|>");
+    int end_header = tok_special_id(tok, "<|end_header_id|>");
+    int eot = tok_special_id(tok, "<|eot_id|>");
+    int n = 0;
+    if (add_bos && tok->bos_id >= 0) {
+        if (n >= max_ids) goto full;
+        ids[n++] = tok->bos_id;
+    }
+    for (int m = 0; m < n_msgs; m++) {
+        const char* role = msgs[m].role ? msgs[m].role : "";
+        const char* content = msgs[m].content ? msgs[m].content : "";
+        // trim: [b, e) of content without leading/trailing Python whitespace
+        size_t len = strlen(content), b = 0, e = 0, at = 0;
+        int seen = 0;
+        while (at < len) {
+            uint32_t c;
+            size_t l = (size_t)tok_utf8_decode((const unsigned char*)content + at, len - at, &c);
+            int space = c < TOK_INVALID_CP && unicode_is_pystrip(c);
+            if (!space) { if (!seen) { b = at; seen = 1; } e = at + l; }
+            at += l;
+        }
+        char* body = (char*)xmalloc(2 + (e - b) + 1); // "\n\n" + trimmed content
+        body[0] = '\n'; body[1] = '\n';
+        memcpy(body + 2, content + b, e - b);
+        if (n >= max_ids) goto full;
+        ids[n++] = start_header;
+        n += encode(tok, role, strlen(role), 0, ids + n, max_ids - n);
+        if (n >= max_ids) goto full;
+        ids[n++] = end_header;
+        n += encode(tok, body, 2 + (e - b), 0, ids + n, max_ids - n);
+        free(body);
+        if (n >= max_ids) goto full;
+        ids[n++] = eot;
+    }
+    if (add_generation_prompt) {
+        if (n >= max_ids) goto full;
+        ids[n++] = start_header;
+        n += encode(tok, "assistant", 9, 0, ids + n, max_ids - n);
+        if (n >= max_ids) goto full;
+        ids[n++] = end_header;
+        n += encode(tok, "\n\n", 2, 0, ids + n, max_ids - n);
+    }
+    return n;
+full:
+    fprintf(stderr, "error: chat_encode: the dialogue needs more than %d tokens\n", max_ids);
+    exit(EXIT_FAILURE);
+}
+
+// ----------------------------------------------------------------------------
+// Sampling: greedy, temperature, top-p (nucleus), a seeded xorshift RNG
+
+typedef struct { float prob; int index; } ProbIndex;
+
+void build_sampler(Sampler* s, int vocab_size, float temperature, float topp, uint64_t seed) {
+    s->vocab_size = vocab_size;
+    s->temperature = temperature;
+    s->topp = topp;
+    s->rng_state = seed ? seed : 0x9E3779B97F4A7C15ull; // xorshift must not start at 0
+    s->probindex = xmalloc((size_t)vocab_size * sizeof(ProbIndex));
+}
+
+void free_sampler(Sampler* s) { free(s->probindex); s->probindex = NULL; }
+
+static uint32_t random_u32(uint64_t* state) {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+static float random_f32(uint64_t* state) { return (random_u32(state) >> 8) / 16777216.0f; } // [0, 1)
+
+static int sample_argmax(const float* p, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (p[i] > p[best]) best = i;
+    return best;
+}
+
+static int sample_mult(const float* p, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) { cdf += p[i]; if (coin < cdf) return i; }
+    return n - 1; // rounding
+}
+
+static int compare_prob_desc(const void* a, const void* b) {
+    const ProbIndex* x = a;
+    const ProbIndex* y = b;
+    if (x->prob > y->prob) return -1;
+    if (x->prob < y->prob) return 1;
+    return x->index - y->index; // ties by id: qsort is not stable, results must be
+}
+
+// Nucleus sampling: the smallest set of tokens whose probability adds up to
+// topp. Tokens below (1 - topp) / (n - 1) can never be in it, so they are
+// dropped before sorting.
+static int sample_topp(const float* p, int n, float topp, ProbIndex* pi, float coin) {
+    int n0 = 0;
+    float cutoff = (1.0f - topp) / (n - 1);
+    for (int i = 0; i < n; i++) if (p[i] >= cutoff) { pi[n0].index = i; pi[n0].prob = p[i]; n0++; }
+    qsort(pi, n0, sizeof(ProbIndex), compare_prob_desc);
+    float cum = 0.0f;
+    int last = n0 - 1;
+    for (int i = 0; i < n0; i++) { cum += pi[i].prob; if (cum > topp) { last = i; break; } }
+    float r = coin * cum, cdf = 0.0f;
+    for (int i = 0; i <= last; i++) { cdf += pi[i].prob; if (r < cdf) return pi[i].index; }
+    return pi[last].index;
+}
+
+int sample(Sampler* s, float* logits) {
+    if (s->temperature == 0.0f) return sample_argmax(logits, s->vocab_size);
+    for (int i = 0; i < s->vocab_size; i++) logits[i] /= s->temperature;
+    softmax(logits, s->vocab_size);
+    float coin = random_f32(&s->rng_state);
+    if (s->topp <= 0.0f || s->topp >= 1.0f) return sample_mult(logits, s->vocab_size, coin);
+    return sample_topp(logits, s->vocab_size, s->topp, s->probindex, coin);
+}
+
+// ----------------------------------------------------------------------------
+// CLI (not compiled into the library build)
+#ifndef RUN_LIBRARY
+static void error_usage(void) {
+    fprintf(stderr,
+        "Usage:   run MODEL.bin -z TOKENIZER [options]\n"
+        "Example: run llama3.bin -z llama3.tok -i \"The capital of France is\" -n 32 -t 0\n"
+        "Modes (-m):\n"
+        "  generate  continue the prompt -i (default); special strings such as\n"
+        "            <|eot_id|> in the prompt become special tokens\n"
+        "  chat      Llama-3 chat template; -y SYSTEM optional. With -i, answer that\n"
+        "            one user message and print only the answer; without, read user\n"
+        "            turns from stdin (multi-turn)\n"
+        "  tokenize  print the ids of -i TEXT (no BOS, no model needed)\n"
+        "  logits    write float32 logits [n x vocab] of BOS + tokens(-i TEXT) to -o FILE\n"
+        "  ppl       perplexity of the text file -f FILE (windows of the context length)\n"
+        "Options:\n"
+        "  -z FILE   tokenizer file (from export.py tokenizer), required\n"
+        "  -i TEXT   prompt / user message / text\n"
+        "  -f FILE   text file (ppl mode)\n"
+        "  -o FILE   output file (logits mode)\n"
+        "  -y TEXT   system prompt (chat mode)\n"
+        "  -n N      max tokens to generate (default 256)\n"
+        "  -t T      temperature, 0 = greedy (default 0.6)\n"
+        "  -p P      top-p nucleus sampling, 1 = off (default 0.9)\n"
+        "  -s SEED   random seed (default 1234: runs are reproducible)\n"
+        "  -c CTX    context length = KV cache size (default min(model max, 4096))\n"
+        "  -h, --help  this text\n"
+        "Speed (tokens/s for prompt and generation) is printed on stderr.\n");
+    exit(EXIT_FAILURE);
+}
+
+static int is_eos(const Config* c, int token) {
+    for (int i = 0; i < c->n_eos; i++) if (c->eos_ids[i] == token) return 1;
+    return 0;
+}
+
+// Prints a token's bytes. Special tokens are not printed: they are markup.
+// Bytes are written as they come, so a UTF-8 character split over two
+// tokens is reassembled by the terminal.
+static void print_token(const Tokenizer* tok, int id) {
+    if (tok->is_special[id]) return;
+    int len;
+    const char* piece = token_piece(tok, id, &len);
+    fwrite(piece, 1, len, stdout);
+    fflush(stdout);
+}
+
+static void check_prompt_text(const char* what, const char* s) {
+    if (!utf8_valid(s, strlen(s))) {
+        fprintf(stderr, "error: %s is not valid UTF-8\n", what);
+        exit(EXIT_FAILURE);
+    }
+}
+
+static void check_fits(int n_tokens, int ctx) {
+    if (n_tokens > ctx) {
+        fprintf(stderr, "error: prompt of %d tokens does not fit the context of %d (raise -c)\n", n_tokens, ctx);
+        exit(EXIT_FAILURE);
+    }
+}
+
+static void check_vocab(const Transformer* t, const Tokenizer* tok) {
+    if (tok->vocab_size != t->config.vocab_size) {
+        fprintf(stderr, "error: tokenizer has %d tokens but the model has %d: wrong tokenizer for this model\n",
+                tok->vocab_size, t->config.vocab_size);
+        exit(EXIT_FAILURE);
+    }
+}
+
+// Encodes BOS + text (special strings parsed). Returns the count; *out owns it.
+static int encode_prompt(const Tokenizer* tok, const Config* c, const char* text, int** out) {
+    size_t len = strlen(text);
+    int cap = (int)(len + 2);
+    int* ids = xmalloc((size_t)cap * sizeof(int));
+    int n = 0;
+    if (c->bos_id >= 0) ids[n++] = c->bos_id;
+    n += encode(tok, text, len, 1, ids + n, cap - n);
+    *out = ids;
+    return n;
+}
+
+// Decodes from the current logits until an eos id or max_new tokens; the
+// tokens are appended to history (capacity ctx). Returns the new count.
+static int decode_loop(Transformer* t, const Tokenizer* tok, Sampler* sampler, float* logits,
+                       int* history, int n_hist, int max_new, int* n_generated) {
+    int ctx = t->state.seq_len;
+    *n_generated = 0;
+    while (*n_generated < max_new) {
+        int next = sample(sampler, logits);
+        (*n_generated)++;
+        if (is_eos(&t->config, next) || is_eot(tok, next)) { history[n_hist++] = next; break; }
+        print_token(tok, next);
+        history[n_hist++] = next;
+        if (n_hist >= ctx) { fprintf(stderr, "\n[context of %d positions full]\n", ctx); break; }
+        logits = forward(t, next, n_hist - 1);
+    }
+    return n_hist;
+}
+
+static void report_speed(int n_prompt, long prompt_ms, int n_gen, long gen_ms) {
+    fprintf(stderr, "\nprompt: %d tokens, %.1f tok/s | generated: %d tokens, %.2f tok/s\n",
+            n_prompt, prompt_ms > 0 ? n_prompt * 1000.0 / prompt_ms : 0.0,
+            n_gen, gen_ms > 0 ? n_gen * 1000.0 / gen_ms : 0.0);
+}
+
+static void generate(Transformer* t, const Tokenizer* tok, Sampler* sampler, const char* prompt, int steps) {
+    check_prompt_text("prompt", prompt);
+    int* ids;
+    int n = encode_prompt(tok, &t->config, prompt, &ids);
+    check_fits(n, t->state.seq_len);
+    int* history = xmalloc((size_t)t->state.seq_len * sizeof(int));
+    memcpy(history, ids, n * sizeof(int));
+    for (int i = 0; i < n; i++) print_token(tok, ids[i]);
+    long t0 = time_in_ms();
+    float* logits = forward_batch(t, ids, n, 0, NULL);
+    long t1 = time_in_ms();
+    int n_gen;
+    decode_loop(t, tok, sampler, logits, history, n, steps, &n_gen);
+    long t2 = time_in_ms();
+    printf("\n");
+    report_speed(n, t1 - t0, n_gen, t2 - t1);
+    free(history);
+    free(ids);
+}
+
+// Chat: the conversation lives in the KV cache; each turn appends the user
+// message's template tokens, then the assistant's answer as generated.
+static void chat(Transformer* t, const Tokenizer* tok, Sampler* sampler, const char* system, const char* user,
+                 int steps) {
+    int ctx = t->state.seq_len;
+    int* history = xmalloc((size_t)ctx * sizeof(int));
+    int n_hist = 0;
+    int* turn = xmalloc((size_t)ctx * sizeof(int));
+    char line[8192];
+    int first = 1;
+    while (1) {
+        const char* user_text = user;
+        if (!user) {
+            fprintf(stdout, "User: ");
+            fflush(stdout);
+            if (!fgets(line, sizeof(line), stdin)) break;
+            line[strcspn(line, "\n")] = '\0';
+            if (line[0] == '\0') continue;
+            user_text = line;
+        }
+        check_prompt_text("user message", user_text);
+        if (system) check_prompt_text("system prompt", system);
+        ChatMessage msgs[2];
+        int n_msgs = 0;
+        if (first && system) { msgs[n_msgs].role = "system"; msgs[n_msgs].content = system; n_msgs++; }
+        msgs[n_msgs].role = "user"; msgs[n_msgs].content = user_text; n_msgs++;
+        // the first turn starts with BOS; later turns continue the cache
+        int n_turn = chat_encode(tok, msgs, n_msgs, 1, first, turn, ctx);
+        if (n_hist + n_turn >= ctx) {
+            fprintf(stderr, "error: conversation of %d tokens does not fit the context of %d (raise -c)\n",
+                    n_hist + n_turn, ctx);
+            exit(EXIT_FAILURE);
+        }
+        memcpy(history + n_hist, turn, n_turn * sizeof(int));
+        if (!user) { fprintf(stdout, "Assistant: "); fflush(stdout); }
+        long t0 = time_in_ms();
+        float* logits = forward_batch(t, turn, n_turn, n_hist, NULL);
+        n_hist += n_turn;
+        long t1 = time_in_ms();
+        int n_gen;
+        n_hist = decode_loop(t, tok, sampler, logits, history, n_hist, steps, &n_gen);
+        long t2 = time_in_ms();
+        printf("\n");
+        report_speed(n_turn, t1 - t0, n_gen, t2 - t1);
+        if (!user) {
+            // the cache holds every history token but a final eot (sampled,
+            // never fed); an answer cut by -n gets one. Feeding it closes the
+            // assistant message so the next turn continues a valid dialogue.
+            int last = history[n_hist - 1];
+            if (!is_eos(&t->config, last) && !is_eot(tok, last) && tok->n_eot > 0) history[n_hist++] = tok->eot_ids[0];
+            if (n_hist >= ctx) { fprintf(stderr, "[context of %d positions full]\n", ctx); break; }
+            forward(t, history[n_hist - 1], n_hist - 1);
+        }
+        first = 0;
+        if (user) break;
+    }
+    free(turn);
+    free(history);
+}
+
+static void tokenize_mode(const Tokenizer* tok, const char* text) {
+    check_prompt_text("text", text);
+    size_t len = strlen(text);
+    int* ids = xmalloc((len + 1) * sizeof(int));
+    int n = encode(tok, text, len, 1, ids, (int)len + 1);
+    for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+    printf("\n");
+    free(ids);
+}
+
+static void logits_mode(Transformer* t, const Tokenizer* tok, const char* text, const char* out_path) {
+    check_prompt_text("text", text);
+    int* ids;
+    int n = encode_prompt(tok, &t->config, text, &ids);
+    check_fits(n, t->state.seq_len);
+    size_t V = t->config.vocab_size;
+    float* all = xmalloc((size_t)n * V * sizeof(float));
+    long t0 = time_in_ms();
+    forward_batch(t, ids, n, 0, all);
+    long t1 = time_in_ms();
+    if (write_file_atomic(out_path, all, (size_t)n * V * sizeof(float)) != 0) {
+        fprintf(stderr, "error: cannot write %s: %s\n", out_path, strerror(errno));
+        exit(EXIT_FAILURE);
+    }
+    fprintf(stderr, "wrote logits [%d x %zu] to %s (%.1f tok/s)\n", n, V, out_path, t1 > t0 ? n * 1000.0 / (t1 - t0) : 0.0);
+    free(all);
+    free(ids);
+}
+
+// Perplexity: the text is cut into windows of the context length, each
+// starting with BOS; every token after BOS is predicted from its prefix.
+static void ppl_mode(Transformer* t, const Tokenizer* tok, const char* path) {
+    size_t len;
+    char* text = read_file(path, &len);
+    if (!utf8_valid(text, len)) { fprintf(stderr, "error: %s is not valid UTF-8\n", path); exit(EXIT_FAILURE); }
+    int* ids = xmalloc((len + 1) * sizeof(int));
+    int n = encode(tok, text, len, 0, ids, (int)len + 1);
+    if (n == 0) { fprintf(stderr, "error: %s has no text\n", path); exit(EXIT_FAILURE); }
+    int ctx = t->state.seq_len, V = t->config.vocab_size;
+    int win = ctx - 1; // tokens per window besides BOS
+    int* window = xmalloc((size_t)ctx * sizeof(int));
+    float* all = xmalloc((size_t)t->state.batch_cap * V * sizeof(float));
+    double nll = 0.0;
+    long count = 0, t0 = time_in_ms();
+    for (int start = 0; start < n; start += win) {
+        int m = n - start < win ? n - start : win;
+        window[0] = t->config.bos_id >= 0 ? t->config.bos_id : ids[0];
+        memcpy(window + 1, ids + start, m * sizeof(int));
+        // chunk by batch_cap so the logits buffer stays small
+        for (int p = 0; p < m; p += t->state.batch_cap) {
+            int k = m - p < t->state.batch_cap ? m - p : t->state.batch_cap;
+            forward_batch(t, window + p, k, p, all);
+            for (int i = 0; i < k; i++) {
+                float* row = all + (size_t)i * V;
+                int target = window[p + i + 1];
+                float mx = row[0];
+                for (int j = 1; j < V; j++) if (row[j] > mx) mx = row[j];
+                double sum = 0.0;
+                for (int j = 0; j < V; j++) sum += exp((double)row[j] - mx);
+                nll += log(sum) + mx - row[target];
+                count++;
+            }
+        }
+        fprintf(stderr, "\rppl: %ld/%d tokens", count, n);
+    }
+    long t1 = time_in_ms();
+    fprintf(stderr, "\n");
+    printf("perplexity %.4f over %ld tokens\n", exp(nll / count), count);
+    fprintf(stderr, "%.1f tok/s\n", t1 > t0 ? count * 1000.0 / (t1 - t0) : 0.0);
+    free(all); free(window); free(ids); free(text);
+}
+
+static int parse_int(const char* flag, const char* s) {
+    char* end;
+    long v = strtol(s, &end, 10);
+    if (*s == '\0' || *end != '\0' || v < -2147483647L || v > 2147483647L) {
+        fprintf(stderr, "error: %s expects an integer, got '%s'\n", flag, s);
+        exit(EXIT_FAILURE);
+    }
+    return (int)v;
+}
+
+static float parse_float(const char* flag, const char* s) {
+    char* end;
+    float v = strtof(s, &end);
+    if (*s == '\0' || *end != '\0' || !isfinite(v)) {
+        fprintf(stderr, "error: %s expects a number, got '%s'\n", flag, s);
+        exit(EXIT_FAILURE);
+    }
+    return v;
+}
+
+int main(int argc, char** argv) {
+    const char* model_path = NULL;
+    const char* tok_path = NULL;
+    const char* prompt = NULL;
+    const char* system = NULL;
+    const char* in_file = NULL;
+    const char* out_file = NULL;
+    const char* mode = "generate";
+    float temperature = 0.6f, topp = 0.9f;
+    int steps = 256, ctx = 0;
+    unsigned long long seed = 1234;
+
+    // poor man's argparse: the model path first (unless tokenizing), then flag/value pairs
+    int i = 1;
+    if (argc >= 2 && argv[1][0] != '-') { model_path = argv[1]; i = 2; }
+    for (; i < argc; i += 2) {
+        const char* flag = argv[i];
+        if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) error_usage();
+        if (i + 1 >= argc) { fprintf(stderr, "error: %s needs a value (see --help)\n", flag); exit(EXIT_FAILURE); }
+        const char* val = argv[i + 1];
+        if (!strcmp(flag, "-z")) tok_path = val;
+        else if (!strcmp(flag, "-i")) prompt = val;
+        else if (!strcmp(flag, "-y")) system = val;
+        else if (!strcmp(flag, "-f")) in_file = val;
+        else if (!strcmp(flag, "-o")) out_file = val;
+        else if (!strcmp(flag, "-m")) mode = val;
+        else if (!strcmp(flag, "-n")) steps = parse_int(flag, val);
+        else if (!strcmp(flag, "-c")) ctx = parse_int(flag, val);
+        else if (!strcmp(flag, "-t")) temperature = parse_float(flag, val);
+        else if (!strcmp(flag, "-p")) topp = parse_float(flag, val);
+        else if (!strcmp(flag, "-s")) seed = (unsigned long long)parse_int(flag, val);
+        else { fprintf(stderr, "error: unknown option %s (see --help)\n", flag); exit(EXIT_FAILURE); }
+    }
+    if (!tok_path) { fprintf(stderr, "error: a tokenizer is required (-z FILE; see --help)\n"); exit(EXIT_FAILURE); }
+    if (temperature < 0.0f) { fprintf(stderr, "error: -t must be >= 0\n"); exit(EXIT_FAILURE); }
+    if (topp <= 0.0f || topp > 1.0f) { fprintf(stderr, "error: -p must be in (0, 1]\n"); exit(EXIT_FAILURE); }
+    if (steps < 0) { fprintf(stderr, "error: -n must be >= 0\n"); exit(EXIT_FAILURE); }
+    if (ctx < 0) { fprintf(stderr, "error: -c must be > 0\n"); exit(EXIT_FAILURE); }
+
+    Tokenizer tok;
+    build_tokenizer(&tok, tok_path);
+    if (!strcmp(mode, "tokenize")) {
+        if (!prompt) { fprintf(stderr, "error: tokenize needs -i TEXT\n"); exit(EXIT_FAILURE); }
+        tokenize_mode(&tok, prompt);
+        free_tokenizer(&tok);
+        return 0;
+    }
+    if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "logits") && strcmp(mode, "ppl")) {
+        fprintf(stderr, "error: unknown mode '%s' (generate, chat, tokenize, logits, ppl)\n", mode);
+        exit(EXIT_FAILURE);
+    }
+    if (!model_path) { fprintf(stderr, "error: mode %s needs a model file as the first argument\n", mode); exit(EXIT_FAILURE); }
+
+    Transformer t;
+    build_transformer(&t, model_path, ctx);
+    check_vocab(&t, &tok);
+    Sampler sampler;
+    build_sampler(&sampler, t.config.vocab_size, temperature, topp, seed);
+
+    if (!strcmp(mode, "generate")) {
+        if (!prompt) { fprintf(stderr, "error: generate needs a prompt (-i TEXT)\n"); exit(EXIT_FAILURE); }
+        generate(&t, &tok, &sampler, prompt, steps);
+    } else if (!strcmp(mode, "chat")) {
+        chat(&t, &tok, &sampler, system, prompt, steps);
+    } else if (!strcmp(mode, "logits")) {
+        if (!prompt || !out_file) { fprintf(stderr, "error: logits needs -i TEXT and -o FILE\n"); exit(EXIT_FAILURE); }
+        logits_mode(&t, &tok, prompt, out_file);
+    } else {
+        if (!in_file) { fprintf(stderr, "error: ppl needs -f FILE\n"); exit(EXIT_FAILURE); }
+        ppl_mode(&t, &tok, in_file);
+    }
+    free_sampler(&sampler);
+    free_transformer(&t);
+    free_tokenizer(&tok);
+    return 0;
+}
+#endif
