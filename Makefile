@@ -1,0 +1,54 @@
+# unlearn.c -- see README.md
+#
+#   make            build every program (OpenMP; OpenBLAS when its header is found)
+#   make BLAS=0     plain C build, no OpenBLAS (for porting)
+#   make test       build and run the test harness (needs python3 with numpy)
+#   make refs       regenerate the committed reference logits in tests/
+CC ?= cc
+CFLAGS ?= -O3 -march=native
+CFLAGS += -std=c11 -Wall -Wextra -Wno-unused-parameter -fopenmp
+LDLIBS = -lm
+
+# OpenBLAS is optional: BLAS=1 forces it, BLAS=0 disables it, default is
+# "use it when cblas.h is installed" (Debian: libopenblas-dev).
+BLAS ?= $(shell printf '\#include <cblas.h>\nint main(void){return 0;}\n' | $(CC) -x c - -o /dev/null -lopenblas 2>/dev/null && echo 1 || echo 0)
+ifeq ($(BLAS),1)
+  CFLAGS += -DUSE_BLAS
+  LDLIBS += -lopenblas
+endif
+
+# A python3 that has numpy (the pyenv python3 on PATH may not; Debian's does).
+PYTHON ?= $(shell for p in python3 /usr/bin/python3 /usr/local/bin/python3; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
+
+PROGRAMS = run test_all
+
+all: $(PROGRAMS)
+
+engine.o: run.c run.h unicode_ranges.h
+	$(CC) $(CFLAGS) -DRUN_LIBRARY -c run.c -o $@
+
+run: run.c run.h unicode_ranges.h
+	$(CC) $(CFLAGS) run.c -o $@ $(LDLIBS)
+
+test_all: test_all.c engine.o run.h
+	$(CC) $(CFLAGS) test_all.c engine.o -o $@ $(LDLIBS)
+
+# Synthetic checkpoints and exported models live in build/ (git-ignored).
+TOK = build/llama3.tok
+$(TOK): export.py tok_export.py ../shared/llama3-tokenizer/tokenizer.json
+	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }
+	@mkdir -p build
+	$(PYTHON) export.py tokenizer ../shared/llama3-tokenizer/tokenizer.json $@
+
+test: all $(TOK)
+	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }
+	PYTHON=$(PYTHON) sh tests/prepare.sh
+	./test_all
+
+refs: run $(TOK)
+	PYTHON=$(PYTHON) sh tests/make_refs.sh
+
+clean:
+	rm -f $(PROGRAMS) *.o
+
+.PHONY: all test refs clean
