@@ -11,7 +11,7 @@ LDLIBS = -lm
 
 # OpenBLAS is optional: BLAS=1 forces it, BLAS=0 disables it, default is
 # "use it when cblas.h is installed" (Debian: libopenblas-dev).
-BLAS ?= $(shell printf '\#include <cblas.h>\nint main(void){return 0;}\n' | $(CC) -x c - -o /dev/null -lopenblas 2>/dev/null && echo 1 || echo 0)
+BLAS ?= $(shell echo 'int main(void){return 0;}' | $(CC) -include cblas.h -x c - -o /dev/null -lopenblas 2>/dev/null && echo 1 || echo 0)
 ifeq ($(BLAS),1)
   CFLAGS += -DUSE_BLAS
   LDLIBS += -lopenblas
@@ -27,8 +27,11 @@ all: $(PROGRAMS)
 engine.o: run.c run.h unicode_ranges.h
 	$(CC) $(CFLAGS) -DRUN_LIBRARY -c run.c -o $@
 
-run: run.c run.h unicode_ranges.h
-	$(CC) $(CFLAGS) run.c -o $@ $(LDLIBS)
+eval.o: eval.c eval.h run.h
+	$(CC) $(CFLAGS) -c eval.c -o $@
+
+run: run.c run.h unicode_ranges.h eval.o
+	$(CC) $(CFLAGS) run.c eval.o -o $@ $(LDLIBS)
 
 test_all: test_all.c engine.o run.h
 	$(CC) $(CFLAGS) test_all.c engine.o -o $@ $(LDLIBS)

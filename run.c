@@ -367,6 +367,15 @@ void rmsnorm(float* out, const float* x, const float* weight, int dim, float eps
     for (int j = 0; j < dim; j++) out[j] = weight[j] * (rstd * x[j]);
 }
 
+double cross_entropy(const float* logits, int n, int target) {
+    // -log softmax(logits)[target], in double so long rows sum accurately
+    float mx = logits[0];
+    for (int i = 1; i < n; i++) if (logits[i] > mx) mx = logits[i];
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) sum += exp((double)logits[i] - mx);
+    return log(sum) + mx - logits[target];
+}
+
 void softmax(float* x, int n) {
     float max_val = x[0];
     for (int i = 1; i < n; i++) if (x[i] > max_val) max_val = x[i];
@@ -408,6 +417,22 @@ void gemm_portable(int trans_a, int trans_b, int M, int N, int K, float alpha, c
             }
         }
     }
+}
+
+#ifdef USE_BLAS
+char* openblas_get_corename(void); // OpenBLAS's own API, not in cblas.h
+#endif
+
+const char* engine_build_info(void) {
+#ifdef USE_BLAS
+    static char info[128];
+    snprintf(info, sizeof(info), "OpenBLAS (core %s), %d threads", openblas_get_corename(), n_threads_available());
+    return info;
+#else
+    static char info[64];
+    snprintf(info, sizeof(info), "plain C GEMM, %d threads", n_threads_available());
+    return info;
+#endif
 }
 
 void gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
@@ -1166,7 +1191,7 @@ static void tok_bpe(const Tokenizer* tok, TokWork* w, const char* s, int n) {
         if (w->sym[pos] < 0) continue;        // merged into its left neighbour
         int nx = w->next[pos];
         if (nx < 0) continue;
-        int merged;
+        int merged = -1;
         if (tok_merge_find(mi, w->sym[pos], w->sym[nx], &merged) != rank) continue; // pair changed
         w->sym[pos] = merged;
         w->sym[nx] = -1;
@@ -1407,6 +1432,8 @@ int sample(Sampler* s, float* logits) {
 // ----------------------------------------------------------------------------
 // CLI (not compiled into the library build)
 #ifndef RUN_LIBRARY
+#include "eval.h"
+
 static void error_usage(void) {
     fprintf(stderr,
         "Usage:   run MODEL.bin -z TOKENIZER [options]\n"
@@ -1420,6 +1447,9 @@ static void error_usage(void) {
         "  tokenize  print the ids of -i TEXT (no BOS, no model needed)\n"
         "  logits    write float32 logits [n x vocab] of BOS + tokens(-i TEXT) to -o FILE\n"
         "  ppl       perplexity of the text file -f FILE (windows of the context length)\n"
+        "  qa        QA accuracy on -f FILE (question TAB answer [TAB split] rows): greedy\n"
+        "            chat answers (with -y SYSTEM if given), answer must contain the gold\n"
+        "            one as whole words; per-row log to -o FILE if given\n"
         "Options:\n"
         "  -z FILE   tokenizer file (from export.py tokenizer), required\n"
         "  -i TEXT   prompt / user message / text\n"
@@ -1643,13 +1673,7 @@ static void ppl_mode(Transformer* t, const Tokenizer* tok, const char* path) {
             int k = m - p < t->state.batch_cap ? m - p : t->state.batch_cap;
             forward_batch(t, window + p, k, p, all);
             for (int i = 0; i < k; i++) {
-                float* row = all + (size_t)i * V;
-                int target = window[p + i + 1];
-                float mx = row[0];
-                for (int j = 1; j < V; j++) if (row[j] > mx) mx = row[j];
-                double sum = 0.0;
-                for (int j = 0; j < V; j++) sum += exp((double)row[j] - mx);
-                nll += log(sum) + mx - row[target];
+                nll += cross_entropy(all + (size_t)i * V, V, window[p + i + 1]);
                 count++;
             }
         }
@@ -1660,6 +1684,24 @@ static void ppl_mode(Transformer* t, const Tokenizer* tok, const char* path) {
     printf("perplexity %.4f over %ld tokens\n", exp(nll / count), count);
     fprintf(stderr, "%.1f tok/s\n", t1 > t0 ? count * 1000.0 / (t1 - t0) : 0.0);
     free(all); free(window); free(ids); free(text);
+}
+
+static void qa_mode(Transformer* t, Tokenizer* tok, const char* path, const char* system, int max_new,
+                    const char* log_path) {
+    GreedyAnswerer g = {t, tok, max_new, system};
+    FILE* log = NULL;
+    if (log_path && !(log = fopen(log_path, "w"))) {
+        fprintf(stderr, "error: cannot write %s: %s\n", log_path, strerror(errno));
+        exit(EXIT_FAILURE);
+    }
+    QAResult r;
+    eval_qa(path, answer_greedy, &g, 0, log, &r);
+    if (log) fclose(log);
+    for (int i = 0; i < r.n_splits; i++)
+        printf("%-8s %5.1f%% (%d/%d)\n", r.splits[i].name, 100.0 * r.splits[i].correct / r.splits[i].total,
+               r.splits[i].correct, r.splits[i].total);
+    printf("%-8s %5.1f%% (%d/%d)\n", "total", 100.0 * qa_accuracy(&r, NULL), r.correct, r.total);
+    fprintf(stderr, "%.1f s, %.1f prompt tokens per question\n", r.seconds, r.total ? (double)r.prompt_tokens / r.total : 0.0);
 }
 
 static int parse_int(const char* flag, const char* s) {
@@ -1729,8 +1771,9 @@ int main(int argc, char** argv) {
         free_tokenizer(&tok);
         return 0;
     }
-    if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "logits") && strcmp(mode, "ppl")) {
-        fprintf(stderr, "error: unknown mode '%s' (generate, chat, tokenize, logits, ppl)\n", mode);
+    if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "logits") && strcmp(mode, "ppl") &&
+        strcmp(mode, "qa")) {
+        fprintf(stderr, "error: unknown mode '%s' (generate, chat, tokenize, logits, ppl, qa)\n", mode);
         exit(EXIT_FAILURE);
     }
     if (!model_path) { fprintf(stderr, "error: mode %s needs a model file as the first argument\n", mode); exit(EXIT_FAILURE); }
@@ -1749,6 +1792,9 @@ int main(int argc, char** argv) {
     } else if (!strcmp(mode, "logits")) {
         if (!prompt || !out_file) { fprintf(stderr, "error: logits needs -i TEXT and -o FILE\n"); exit(EXIT_FAILURE); }
         logits_mode(&t, &tok, prompt, out_file);
+    } else if (!strcmp(mode, "qa")) {
+        if (!in_file) { fprintf(stderr, "error: qa needs -f FILE\n"); exit(EXIT_FAILURE); }
+        qa_mode(&t, &tok, in_file, system, steps, out_file);
     } else {
         if (!in_file) { fprintf(stderr, "error: ppl needs -f FILE\n"); exit(EXIT_FAILURE); }
         ppl_mode(&t, &tok, in_file);

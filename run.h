@@ -224,6 +224,8 @@ float* forward_batch(Transformer* t, const int* tokens, int n, int pos0, float* 
 // plain C loops (OpenMP) otherwise.
 void gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
           const float* B, int ldb, float beta, float* C, int ldc);
+// "OpenBLAS (core Haswell), 2 threads" or "plain C GEMM, 2 threads".
+const char* engine_build_info(void);
 // The plain C version, always compiled: the reference the BLAS path is tested against.
 void gemm_portable(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
                    const float* B, int ldb, float beta, float* C, int ldc);
@@ -233,6 +235,7 @@ void gemm_portable(int trans_a, int trans_b, int M, int N, int K, float alpha, c
 void matmul(float* y, const float* x, const Matrix* w, int n, int8_t* xq, float* xs);
 void rmsnorm(float* out, const float* x, const float* weight, int dim, float eps);
 void softmax(float* x, int n);
+double cross_entropy(const float* logits, int n, int target); // -log softmax(logits)[target]
 void rope_inv_freq(float* inv_freq, const Config* c);   // (head_dim/2,)
 // Rotates each head of vec (n_heads, head_dim) by the angles whose cos/sin
 // are given (head_dim/2,): pairs (j, j + head_dim/2), Hugging Face layout.

@@ -469,6 +469,7 @@ static void test_bad_input(void) {
 }
 
 int main(void) {
+    printf("engine: %s\n", engine_build_info());
     Tokenizer tok;
     build_tokenizer(&tok, TOK_PATH);
     test_tokenizer_cases(&tok);
