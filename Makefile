@@ -20,7 +20,7 @@ endif
 # A python3 that has numpy (the pyenv python3 on PATH may not; Debian's does).
 PYTHON ?= $(shell for p in python3 /usr/bin/python3 /usr/local/bin/python3; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 
-PROGRAMS = run test_all
+PROGRAMS = run sae test_all
 
 all: $(PROGRAMS)
 
@@ -33,8 +33,14 @@ eval.o: eval.c eval.h run.h
 run: run.c run.h unicode_ranges.h eval.o
 	$(CC) $(CFLAGS) run.c eval.o -o $@ $(LDLIBS)
 
-test_all: test_all.c engine.o run.h
-	$(CC) $(CFLAGS) test_all.c engine.o -o $@ $(LDLIBS)
+sae: sae.c sae.h run.h engine.o
+	$(CC) $(CFLAGS) sae.c engine.o -o $@ $(LDLIBS)
+
+sae_lib.o: sae.c sae.h run.h
+	$(CC) $(CFLAGS) -DSAE_LIBRARY -c sae.c -o $@
+
+test_all: test_all.c engine.o sae_lib.o run.h sae.h
+	$(CC) $(CFLAGS) test_all.c engine.o sae_lib.o -o $@ $(LDLIBS)
 
 # Synthetic checkpoints and exported models live in build/ (git-ignored).
 TOK = build/llama3.tok

@@ -715,6 +715,10 @@ def refdiff(args):
 # ----------------------------------------------------------------------------
 
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "sae":
+        # python3 export.py sae sparsify|saelens|synth-sparsify|synth-saelens|info ...
+        import sae_export
+        sys.exit(sae_export.main(sys.argv[2:]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -741,6 +745,8 @@ def main():
     p = command("inspect", inspect_model, "check a model file", "file")
     p.add_argument("--hf", help="checkpoint to compare every tensor with")
     command("tokenizer", export_tok, "tokenizer.json -> tokenizer file", "tokenizer", "out")
+    # listed for --help only: `sae` is dispatched to sae_export.py above
+    sub.add_parser("sae", help="SAE checkpoints (sparsify, SAELens) -> SAE file; see sae_export.py")
     args = ap.parse_args()
     args.fn(args)
 

@@ -468,6 +468,432 @@ static void test_bad_input(void) {
     expect_error("unwritable logits output", "./run build/models/tiny-3.2.f32.bin -z build/llama3.tok -m logits -i hi -o /nonexistent/dir/x.f32");
 }
 
+// ----------------------------------------------------------------------------
+// sae: gradients, planted dictionary, AuxK, SAE files, interventions, the
+// identity test on the engine, and the sparsify/SAELens converters.
+//
+// (tests/test_sae_part.c: pasted into test_all.c; uses its check(). Needs
+// sae.c compiled with -DSAE_LIBRARY linked in, and build/models/tiny-3.2.f32.bin.)
+#include "sae.h"
+
+// A small TopK/ReLU SAE initialised from planted data, for the gradient checks.
+static void sae_t_small(Sae* s, int arch, float* x, int B, Planted* p) {
+    sae_alloc(s, 8, 24, arch == SAE_TOPK ? 3 : 0, arch);
+    planted_init(p, 8, 12, 3, 0.05f, 3);
+    planted_sample(p, x, B);
+    sae_init_from_data(s, x, B, 0, 5);
+    for (int i = 0; i < s->n; i++) s->b_enc[i] = 0.01f * (i % 5) - 0.01f;
+    for (int j = 0; j < s->d; j++) s->b_dec[j] += 0.1f;
+}
+
+// max |analytic - numeric| / max |numeric| over the parameters p[0..count)
+// whose gradient lives at g[0..count); latent_of(i) < 0 skips entries.
+static double sae_t_gradcheck(SaeTrainer* tr, const float* x, int B, float* p, const float* g, int count, float h,
+                              const unsigned char* skip) {
+    double worst = 0.0, scale = 1e-12;
+    for (int i = 0; i < count; i++) {
+        if (skip && skip[i]) continue;
+        float old = p[i];
+        p[i] = old + h;
+        double lp = sae_train_grad(tr, x, B).loss;
+        p[i] = old - h;
+        double lm = sae_train_grad(tr, x, B).loss;
+        p[i] = old;
+        double num = (lp - lm) / (2.0 * h);
+        if (fabs(num - g[i]) > worst) worst = fabs(num - g[i]);
+        if (fabs(num) > scale) scale = fabs(num);
+    }
+    return worst / scale;
+}
+
+static void test_sae_gradients(void) {
+    int B = 16;
+    float x[16 * 8];
+    // TopK, FVU only: every parameter
+    {
+        Sae s; Planted p; SaeTrainer tr; SaeTrainConfig c;
+        sae_t_small(&s, SAE_TOPK, x, B, &p);
+        sae_train_defaults(&c, s.d, s.n, s.k, SAE_TOPK);
+        c.auxk_alpha = 0.0f;
+        sae_trainer_init(&tr, &s, &c, B);
+        sae_train_grad(&tr, x, B);
+        size_t count = s.memory_size / sizeof(float);
+        float* g = xmalloc(count * sizeof(float));
+        memcpy(g, tr.grad, count * sizeof(float));
+        float* base = (float*)s.memory;
+        double e1 = sae_t_gradcheck(&tr, x, B, s.W_enc, g + (s.W_enc - base), s.n * s.d, 1e-3f, NULL);
+        double e2 = sae_t_gradcheck(&tr, x, B, s.b_enc, g + (s.b_enc - base), s.n, 1e-3f, NULL);
+        double e3 = sae_t_gradcheck(&tr, x, B, s.W_dec, g + (s.W_dec - base), s.n * s.d, 1e-3f, NULL);
+        double e4 = sae_t_gradcheck(&tr, x, B, s.b_dec, g + (s.b_dec - base), s.d, 1e-3f, NULL);
+        double worst = fmax(fmax(e1, e2), fmax(e3, e4));
+        check(worst < 1e-3, "sae: TopK FVU gradient = finite differences (W_enc %.1e, b_enc %.1e, W_dec %.1e, b_dec %.1e)",
+              e1, e2, e3, e4);
+        free(g);
+        sae_trainer_free(&tr); sae_free(&s); planted_free(&p);
+    }
+    // AuxK: the parameters of dead latents outside every row's top k affect
+    // only the AuxK term (whose target x - x^ is detached), so there the
+    // full loss's finite differences must match
+    {
+        Sae s; Planted p; SaeTrainer tr; SaeTrainConfig c;
+        sae_t_small(&s, SAE_TOPK, x, B, &p);
+        sae_train_defaults(&c, s.d, s.n, s.k, SAE_TOPK);
+        c.auxk_alpha = 0.5f; c.k_aux = 4; c.dead_tokens = 1;
+        sae_trainer_init(&tr, &s, &c, B);
+        for (int i = 0; i < s.n; i += 2) tr.since_fired[i] = 5;   // even latents are dead
+        SaeTrainStats st = sae_train_grad(&tr, x, B);
+        size_t count = s.memory_size / sizeof(float);
+        float* g = xmalloc(count * sizeof(float));
+        memcpy(g, tr.grad, count * sizeof(float));
+        float* base = (float*)s.memory;
+        unsigned char* skip_rows = xmalloc((size_t)s.n * s.d);
+        unsigned char* skip = xmalloc(s.n);
+        int n_checked = 0;
+        for (int i = 0; i < s.n; i++) {
+            skip[i] = (i % 2) || tr.fired[i];
+            memset(skip_rows + (size_t)i * s.d, skip[i], s.d);
+            n_checked += !skip[i];
+        }
+        double e1 = sae_t_gradcheck(&tr, x, B, s.W_enc, g + (s.W_enc - base), s.n * s.d, 1e-3f, skip_rows);
+        double e2 = sae_t_gradcheck(&tr, x, B, s.b_enc, g + (s.b_enc - base), s.n, 1e-3f, skip);
+        double e3 = sae_t_gradcheck(&tr, x, B, s.W_dec, g + (s.W_dec - base), s.n * s.d, 1e-3f, skip_rows);
+        double worst = fmax(e1, fmax(e2, e3));
+        check(st.auxk > 0.0 && n_checked > 0 && worst < 1e-3,
+              "sae: AuxK gradient = finite differences on %d dead latents (W_enc %.1e, b_enc %.1e, W_dec %.1e)",
+              n_checked, e1, e2, e3);
+        free(g); free(skip); free(skip_rows);
+        sae_trainer_free(&tr); sae_free(&s); planted_free(&p);
+    }
+    // ReLU + L1 (kinks at 0: a smaller step)
+    {
+        Sae s; Planted p; SaeTrainer tr; SaeTrainConfig c;
+        sae_t_small(&s, SAE_RELU, x, B, &p);
+        sae_train_defaults(&c, s.d, s.n, 0, SAE_RELU);
+        c.l1 = 0.3f;
+        sae_trainer_init(&tr, &s, &c, B);
+        SaeTrainStats st = sae_train_grad(&tr, x, B);
+        size_t count = s.memory_size / sizeof(float);
+        float* g = xmalloc(count * sizeof(float));
+        memcpy(g, tr.grad, count * sizeof(float));
+        float* base = (float*)s.memory;
+        double e1 = sae_t_gradcheck(&tr, x, B, s.W_enc, g + (s.W_enc - base), s.n * s.d, 1e-4f, NULL);
+        double e2 = sae_t_gradcheck(&tr, x, B, s.W_dec, g + (s.W_dec - base), s.n * s.d, 1e-4f, NULL);
+        double e3 = sae_t_gradcheck(&tr, x, B, s.b_dec, g + (s.b_dec - base), s.d, 1e-4f, NULL);
+        double worst = fmax(e1, fmax(e2, e3));
+        check(st.l1 > 0.0 && worst < 5e-3, "sae: ReLU+L1 gradient = finite differences (W_enc %.1e, W_dec %.1e, b_dec %.1e)",
+              e1, e2, e3);
+        free(g);
+        sae_trainer_free(&tr); sae_free(&s); planted_free(&p);
+    }
+}
+
+// Trains on a planted dictionary; sabotage makes half the latents dead at
+// the start (their encoder rows scaled by 0.02, so they never win the top k).
+static void sae_t_train_planted(Sae* s, Planted* p, int n, int64_t tokens, float auxk_alpha, int sabotage,
+                                SaeTrainStats* last) {
+    int d = p->d, B = 256, steps = (int)(tokens / B);
+    sae_alloc(s, d, n, p->s, SAE_TOPK);
+    float* x = xmalloc((size_t)B * d * sizeof(float));
+    planted_sample(p, x, B);
+    sae_init_from_data(s, x, B, 1, 8);
+    if (sabotage) for (size_t i = (size_t)(n / 2) * d; i < (size_t)n * d; i++) s->W_enc[i] *= 0.02f;
+    SaeTrainConfig c;
+    sae_train_defaults(&c, d, n, s->k, SAE_TOPK);
+    c.lr = 1e-2f; c.total_steps = steps; c.warmup = steps / 20; c.dead_tokens = sabotage ? 2560 : 20000;
+    c.auxk_alpha = auxk_alpha;
+    SaeTrainer tr;
+    sae_trainer_init(&tr, s, &c, B);
+    for (int step = 0; step < steps; step++) {
+        planted_sample(p, x, B);
+        *last = sae_train_step(&tr, x, B);
+    }
+    sae_trainer_free(&tr);
+    free(x);
+}
+
+static void test_sae_planted(void) {
+    // 128 unit directions in 64 dims, 4 active per sample; SAE of 256 latents, k 4
+    Planted p;
+    planted_init(&p, 64, 128, 4, 0.01f, 1);
+    Sae s;
+    SaeTrainStats st;
+    long t0 = time_in_ms();
+    sae_t_train_planted(&s, &p, 256, 400000, 1.0f / 32.0f, 0, &st);
+    int m = 4096;
+    float* x = xmalloc((size_t)m * 64 * sizeof(float));
+    planted_sample(&p, x, m);
+    double l0, fvu = sae_fvu(&s, x, m, &l0);
+    double rec = planted_recovery(&p, &s, 0.9f);
+    check(fvu < 0.05 && rec >= 0.9,
+          "sae: planted dictionary: held-out FVU %.4f (< 0.05), L0 %.1f, %.1f%% of 128 directions recovered at cosine > 0.9 "
+          "(>= 90%%), %.1f s", fvu, l0, 100.0 * rec, (time_in_ms() - t0) / 1000.0);
+    free(x);
+    sae_free(&s);
+    planted_free(&p);
+
+    // AuxK: half the latents start dead; with AuxK they come back
+    int revived[2];
+    double dead[2], fvus[2];
+    for (int aux = 0; aux < 2; aux++) {
+        planted_init(&p, 64, 128, 4, 0.01f, 7);
+        sae_t_train_planted(&s, &p, 128, 200000, aux ? 1.0f / 32.0f : 0.0f, 1, &st);
+        float* xs = xmalloc((size_t)2048 * 64 * sizeof(float));
+        float* f = xmalloc((size_t)2048 * 128 * sizeof(float));
+        planted_sample(&p, xs, 2048);
+        sae_encode(&s, xs, 2048, f);
+        revived[aux] = 0;
+        for (int i = 64; i < 128; i++) {
+            int fired = 0;
+            for (int r = 0; r < 2048 && !fired; r++) fired = f[(size_t)r * 128 + i] > 0.0f;
+            revived[aux] += fired;
+        }
+        dead[aux] = st.dead_frac;
+        fvus[aux] = sae_fvu(&s, xs, 2048, NULL);
+        free(xs); free(f);
+        sae_free(&s);
+        planted_free(&p);
+    }
+    check(revived[0] == 0 && dead[0] >= 0.45 && revived[1] >= 40 && dead[1] < 0.2 && fvus[1] < fvus[0],
+          "sae: AuxK revives dead latents: 64 start dead; without AuxK %d fire again (dead %.0f%%, FVU %.3f), "
+          "with AuxK %d (dead %.0f%%, FVU %.3f)", revived[0], 100 * dead[0], fvus[0], revived[1], 100 * dead[1], fvus[1]);
+}
+
+static void test_sae_file(void) {
+    Sae s, t;
+    sae_alloc(&s, 16, 40, 0, SAE_JUMPRELU);
+    uint32_t rng = 5;
+    float* base = (float*)s.memory;
+    for (size_t i = SAE_HEADER_BYTES / 4; i < s.memory_size / 4; i++) {
+        rng = rng * 1664525u + 1013904223u;
+        base[i] = (float)(rng >> 8) / 16777216.0f - 0.5f;
+    }
+    s.layer = 7; s.hook = SAE_HOOK_RESID_PRE; s.sub_bdec = 0; s.act_scale = 0.5f; s.train_tokens = 123456789012LL;
+    char err[512];
+    int ok = sae_save(&s, "build/test_sae_rt.bin") == 0 && sae_load(&t, "build/test_sae_rt.bin", err, sizeof(err)) == 0;
+    ok = ok && t.d == 16 && t.n == 40 && t.arch == SAE_JUMPRELU && t.layer == 7 && t.hook == SAE_HOOK_RESID_PRE &&
+         t.sub_bdec == 0 && t.act_scale == 0.5f && t.train_tokens == 123456789012LL && t.memory_size == s.memory_size &&
+         memcmp((char*)t.memory + SAE_HEADER_BYTES, (char*)s.memory + SAE_HEADER_BYTES, s.memory_size - SAE_HEADER_BYTES) == 0 &&
+         t.threshold && memcmp(t.threshold, s.threshold, 40 * sizeof(float)) == 0 && sae_engine_layer(&t) == 6;
+    check(ok, "sae: file round trip (jumprelu, every header field, every tensor byte)");
+    if (t.memory) sae_free(&t);
+    // truncated and wrong-magic files are refused with a reason
+    size_t len;
+    char* data = read_file("build/test_sae_rt.bin", &len);
+    write_file_atomic("build/test_sae_trunc.bin", data, len - 4);
+    data[0] = 'X';
+    write_file_atomic("build/test_sae_magic.bin", data, len);
+    free(data);
+    char err2[512];
+    int r1 = sae_load(&t, "build/test_sae_trunc.bin", err, sizeof(err));
+    int r2 = sae_load(&t, "build/test_sae_magic.bin", err2, sizeof(err2));
+    check(r1 != 0 && strstr(err, "size") && r2 != 0 && strstr(err2, "magic"),
+          "sae: truncated file and wrong magic refused (\"%s\" / \"%s\")", err, err2);
+    sae_free(&s);
+}
+
+// The intervention arithmetic on a hand-made ReLU SAE: latent i reads and
+// writes coordinate i (W_enc = W_dec = identity rows, no biases), so
+// f_i = relu(x_i) and x' = x + (f'_i - f_i) e_i is known exactly.
+static void test_sae_interventions(void) {
+    int d = 6, n = 4;
+    Sae s;
+    sae_alloc(&s, d, n, 0, SAE_RELU);
+    for (int i = 0; i < n; i++) { s.W_enc[i * d + i] = 1.0f; s.W_dec[i * d + i] = 1.0f; }
+    float x0[2 * 6] = {3.0f, -1.0f, 2.0f, 0.5f, 7.0f, -2.0f,
+                       -4.0f, 1.0f, 0.0f, 2.0f, 1.0f, 1.0f};
+    int sel[2] = {0, 2};
+    const char* names[3] = {"clamp -c 5", "scale -m 2", "zero"};
+    int modes[3] = {SAE_MODE_CLAMP, SAE_MODE_SCALE, SAE_MODE_ZERO};
+    float values[3] = {5.0f, 2.0f, 0.0f};
+    // expected rows: only active selected latents change, everything else stays
+    float expect[3][12] = {
+        {-5.0f, -1.0f, -5.0f, 0.5f, 7.0f, -2.0f,   -4.0f, 1.0f, 0.0f, 2.0f, 1.0f, 1.0f},
+        {-6.0f, -1.0f, -4.0f, 0.5f, 7.0f, -2.0f,   -4.0f, 1.0f, 0.0f, 2.0f, 1.0f, 1.0f},
+        {0.0f, -1.0f, 0.0f, 0.5f, 7.0f, -2.0f,     -4.0f, 1.0f, 0.0f, 2.0f, 1.0f, 1.0f},
+    };
+    for (int m = 0; m < 3; m++) {
+        SaeHook h;
+        sae_hook_init(&h, &s, 0, sel, 2, modes[m], values[m]);
+        h.skip_pos0 = 0;
+        float x[12];
+        memcpy(x, x0, sizeof(x));
+        sae_hook_fn(&h, 0, 0, 2, x, d);
+        float err = 0.0f;
+        for (int i = 0; i < 12; i++) err = fmaxf(err, fabsf(x[i] - expect[m][i]));
+        check(err < 1e-6f && h.n_changed == 1 && h.n_active == 1,
+              "sae: %s edits only the active selected latents, error term kept (max err %.1e)", names[m], err);
+        sae_hook_free(&h);
+    }
+    // the per-sequence gate: alpha 0.5 needs more than half of the positions active
+    SaeHook h;
+    sae_hook_init(&h, &s, 0, sel, 2, SAE_MODE_CLAMP, 5.0f);
+    h.gate = 1; h.gate_alpha = 0.5f;
+    float quiet[6] = {-1, 0, -1, 0, 0, 0}, loud[6] = {1, 0, 1, 0, 0, 0};
+    float x[6];
+    int ok = 1;
+    memcpy(x, loud, sizeof(x)); sae_hook_fn(&h, 0, 1, 1, x, d);   // 1/1 active: opens at once
+    ok &= h.gate_on && x[0] == -5.0f;
+    sae_hook_reset_sequence(&h);
+    memcpy(x, quiet, sizeof(x)); sae_hook_fn(&h, 0, 1, 1, x, d);
+    memcpy(x, quiet, sizeof(x)); sae_hook_fn(&h, 0, 2, 1, x, d);
+    memcpy(x, loud, sizeof(x)); sae_hook_fn(&h, 0, 3, 1, x, d);     // 1/3: stays closed, x untouched
+    ok &= !h.gate_on && x[0] == 1.0f;
+    memcpy(x, loud, sizeof(x)); sae_hook_fn(&h, 0, 4, 1, x, d);     // 2/4: not above 0.5
+    ok &= !h.gate_on && x[0] == 1.0f;
+    memcpy(x, loud, sizeof(x)); sae_hook_fn(&h, 0, 5, 1, x, d);     // 3/5: opens, edits this position
+    ok &= h.gate_on && x[0] == -5.0f;
+    check(ok, "sae: per-sequence gate opens only once the active fraction exceeds alpha");
+    sae_hook_free(&h);
+    sae_free(&s);
+}
+
+// a hook that copies the residual stream after one layer
+typedef struct { int layer; float* out; } SaeTCopy;
+static void sae_t_copy_hook(void* ctx, int layer, int pos0, int n_pos, float* x, int dim) {
+    SaeTCopy* c = ctx;
+    if (layer == c->layer) memcpy(c->out + (size_t)pos0 * dim, x, (size_t)n_pos * dim * sizeof(float));
+}
+
+// The identity test: the SAE hook with no latent selected leaves the
+// engine's logits bit-identical, in the batched prompt path and in decode.
+static void test_sae_identity(void) {
+    Transformer t;
+    build_transformer(&t, "build/models/tiny-3.2.f32.bin", 64);
+    int V = t.config.vocab_size, d = t.config.dim, L = t.config.n_layers - 1;
+    // BOS "Harry Potter was sorted into Gryffindor."
+    int tokens[11] = {128000, 42398, 30427, 574, 10839, 1139, 99548, 544, 485, 269, 13};
+    int n = 11;
+    Sae s;
+    sae_alloc(&s, d, 4 * d, 16, SAE_TOPK);
+    s.layer = L;
+    Planted p;   // any data will do for the init
+    planted_init(&p, d, 8, 2, 0.1f, 3);
+    float* init = xmalloc((size_t)256 * d * sizeof(float));
+    planted_sample(&p, init, 256);
+    sae_init_from_data(&s, init, 256, 0, 4);
+    float* plain = xmalloc((size_t)n * V * sizeof(float));
+    float* hooked = xmalloc((size_t)n * V * sizeof(float));
+    float* dec_plain = xmalloc((size_t)V * sizeof(float));
+    float* dec_hooked = xmalloc((size_t)V * sizeof(float));
+    forward_batch(&t, tokens, n, 0, plain);
+    memcpy(dec_plain, forward(&t, 13, n), (size_t)V * sizeof(float));
+    SaeHook h;
+    sae_hook_init(&h, &s, sae_engine_layer(&s), NULL, 0, SAE_MODE_CLAMP, 50.0f);
+    t.hook = sae_hook_fn;
+    t.hook_ctx = &h;
+    forward_batch(&t, tokens, n, 0, hooked);
+    memcpy(dec_hooked, forward(&t, 13, n), (size_t)V * sizeof(float));
+    check(memcmp(plain, hooked, (size_t)n * V * sizeof(float)) == 0 && memcmp(dec_plain, dec_hooked, (size_t)V * sizeof(float)) == 0,
+          "sae: with no latent selected the logits are bit-identical to the plain engine (prompt and decode)");
+    sae_hook_free(&h);
+    // select the latents that fire on the last position: now the logits change
+    float* xs = xmalloc((size_t)n * d * sizeof(float));
+    float* f = xmalloc((size_t)n * s.n * sizeof(float));
+    SaeTCopy copy = {sae_engine_layer(&s), xs};
+    t.hook = sae_t_copy_hook; t.hook_ctx = &copy;
+    forward_batch(&t, tokens, n, 0, NULL);
+    t.hook = NULL;
+    sae_encode(&s, xs, n, f);
+    int sel[64], n_sel = 0;
+    for (int i = 0; i < s.n && n_sel < 64; i++) if (f[(size_t)(n - 1) * s.n + i] > 0.0f) sel[n_sel++] = i;
+    SaeHook clamp;
+    sae_hook_init(&clamp, &s, sae_engine_layer(&s), sel, n_sel, SAE_MODE_CLAMP, 50.0f);
+    t.hook = sae_hook_fn; t.hook_ctx = &clamp;
+    forward_batch(&t, tokens, n, 0, hooked);
+    t.hook = NULL;
+    check(n_sel > 0 && clamp.n_changed > 0 && memcmp(plain, hooked, (size_t)n * V * sizeof(float)) != 0,
+          "sae: clamping %d active latents at layer %d changes the logits (%lld of %lld positions edited)", n_sel, L,
+          (long long)clamp.n_changed, (long long)clamp.n_tokens);
+    sae_hook_free(&clamp);
+    free(xs); free(f); free(init); free(plain); free(hooked); free(dec_plain); free(dec_hooked);
+    planted_free(&p);
+    sae_free(&s);
+    free_transformer(&t);
+}
+
+// Reads build/.../reference.f32 (int32 m, d, n; x, codes, reconstructions)
+// and compares the C encoder/decoder of the converted file with it.
+static void sae_t_compare_reference(const char* what, const char* sae_path, const char* ref_path, int expect_arch) {
+    Sae s;
+    char err[512];
+    if (sae_load(&s, sae_path, err, sizeof(err)) != 0) { check(0, "sae: %s: converted file loads (%s)", what, err); return; }
+    size_t len;
+    char* raw = read_file(ref_path, &len);
+    int32_t m, d, n;
+    memcpy(&m, raw, 4); memcpy(&d, raw + 4, 4); memcpy(&n, raw + 8, 4);
+    const float* x = (const float*)(raw + 12);
+    const float* fref = x + (size_t)m * d;
+    const float* xref = fref + (size_t)m * n;
+    float* f = xmalloc((size_t)m * n * sizeof(float));
+    float* xh = xmalloc((size_t)m * d * sizeof(float));
+    int shape_ok = s.d == d && s.n == n && s.arch == expect_arch;
+    float ef = 0.0f, ex = 0.0f, scale_f = 1e-6f, scale_x = 1e-6f;
+    int support_same = 1;
+    if (shape_ok) {
+        sae_encode(&s, x, m, f);
+        sae_decode(&s, f, m, xh);
+        for (size_t i = 0; i < (size_t)m * n; i++) {
+            ef = fmaxf(ef, fabsf(f[i] - fref[i]));
+            scale_f = fmaxf(scale_f, fabsf(fref[i]));
+            support_same &= (f[i] > 0.0f) == (fref[i] > 0.0f);
+        }
+        for (size_t i = 0; i < (size_t)m * d; i++) { ex = fmaxf(ex, fabsf(xh[i] - xref[i])); scale_x = fmaxf(scale_x, fabsf(xref[i])); }
+    }
+    check(shape_ok && support_same && ef / scale_f < 1e-5f && ex / scale_x < 1e-5f,
+          "sae: %s: same active latents, codes and reconstructions as the original's semantics (rel err %.1e, %.1e)",
+          what, ef / scale_f, ex / scale_x);
+    free(f); free(xh); free(raw);
+    sae_free(&s);
+}
+
+static void test_sae_export(void) {
+    // python3 with numpy: $PYTHON, else the first python3 that imports numpy
+    const char* find_py =
+        "PY=''; for p in \"$PYTHON\" python3 /usr/bin/python3 /usr/local/bin/python3; do "
+        "[ -n \"$p\" ] && $p -c 'import numpy' 2>/dev/null && PY=$p && break; done; [ -n \"$PY\" ] && ";
+    char cmd[4096];
+    snprintf(cmd, sizeof(cmd),
+             "%s $PY sae_export.py synth-sparsify build/sae_synth/layers.5 --d 64 --n 256 --k 8 --dtype bf16 >/dev/null && "
+             "$PY sae_export.py sparsify build/sae_synth/layers.5 build/sae_synth/sparsify.bin >/dev/null", find_py);
+    int rc = system(cmd);
+    check(rc == 0, "sae: sae_export.py writes a synthetic sparsify checkpoint (bf16) and converts it");
+    if (rc == 0) {
+        Sae s;
+        char err[512];
+        int ok = sae_load(&s, "build/sae_synth/sparsify.bin", err, sizeof(err)) == 0;
+        check(ok && s.layer == 5 && s.hook == SAE_HOOK_RESID_PRE && s.k == 8 && s.sub_bdec == 1,
+              "sae: sparsify layers.5 -> layer 5, hook pre (hidden_states[5]), k 8, x - b_dec encoded");
+        if (ok) sae_free(&s);
+        sae_t_compare_reference("sparsify round trip", "build/sae_synth/sparsify.bin", "build/sae_synth/layers.5/reference.f32",
+                                SAE_TOPK);
+    }
+    const char* archs[4] = {"relu", "topk", "jumprelu", "gated"};
+    int ids[4] = {SAE_RELU, SAE_TOPK, SAE_JUMPRELU, SAE_GATED};
+    for (int a = 0; a < 4; a++) {
+        snprintf(cmd, sizeof(cmd),
+                 "%s $PY sae_export.py synth-saelens build/sae_synth/saelens_%s --arch %s >/dev/null && "
+                 "$PY sae_export.py saelens build/sae_synth/saelens_%s build/sae_synth/saelens_%s.bin >/dev/null",
+                 find_py, archs[a], archs[a], archs[a], archs[a]);
+        if (system(cmd) != 0) { check(0, "sae: SAELens %s checkpoint converts", archs[a]); continue; }
+        char what[64], path[256], ref[256];
+        snprintf(what, sizeof(what), "SAELens %s round trip", archs[a]);
+        snprintf(path, sizeof(path), "build/sae_synth/saelens_%s.bin", archs[a]);
+        snprintf(ref, sizeof(ref), "build/sae_synth/saelens_%s/reference.f32", archs[a]);
+        sae_t_compare_reference(what, path, ref, ids[a]);
+    }
+}
+
+// CLI error paths of ./sae (paste after test_all.c's expect_error)
+static void test_sae_cli(void) {
+    expect_error("sae: unknown command", "./sae frobnicate");
+    expect_error("sae: truncated SAE file", "./sae info build/test_sae_trunc.bin");
+    expect_error("sae: SAE of another width", "./sae generate build/models/tiny-3.2.f32.bin -z build/llama3.tok "
+                 "--sae build/sae_synth/sparsify.bin -i hi");
+    expect_error("sae: train without --layer", "./sae train build/models/tiny-3.2.f32.bin -z build/llama3.tok "
+                 "--data README.md -o build/x.sae");
+    expect_error("sae: bad --mode", "./sae generate build/models/tiny-3.2.f32.bin -z build/llama3.tok --mode frob");
+}
+
 int main(void) {
     printf("engine: %s\n", engine_build_info());
     Tokenizer tok;
@@ -481,7 +907,14 @@ int main(void) {
     test_against_reference("tiny-3.2");
     test_against_reference("tiny-3.0");
     test_hook();
+    test_sae_gradients();
+    test_sae_file();
+    test_sae_interventions();
+    test_sae_identity();
+    test_sae_export();
+    test_sae_planted();
     test_bad_input();
+    test_sae_cli();
     free_tokenizer(&tok);
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? EXIT_FAILURE : EXIT_SUCCESS;
