@@ -20,7 +20,7 @@ endif
 # A python3 that has numpy (the pyenv python3 on PATH may not; Debian's does).
 PYTHON ?= $(shell for p in python3 /usr/bin/python3 /usr/local/bin/python3; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 
-PROGRAMS = run sae test_all
+PROGRAMS = run sae guard test_all
 
 all: $(PROGRAMS)
 
@@ -39,8 +39,14 @@ sae: sae.c sae.h run.h engine.o
 sae_lib.o: sae.c sae.h run.h
 	$(CC) $(CFLAGS) -DSAE_LIBRARY -c sae.c -o $@
 
-test_all: test_all.c engine.o sae_lib.o run.h sae.h
-	$(CC) $(CFLAGS) test_all.c engine.o sae_lib.o -o $@ $(LDLIBS)
+guard: guard.c guard.h run.h engine.o
+	$(CC) $(CFLAGS) guard.c engine.o -o $@ $(LDLIBS)
+
+guard_lib.o: guard.c guard.h run.h
+	$(CC) $(CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
+
+test_all: test_all.c engine.o sae_lib.o guard_lib.o run.h sae.h guard.h
+	$(CC) $(CFLAGS) test_all.c engine.o sae_lib.o guard_lib.o -o $@ $(LDLIBS)
 
 # Synthetic checkpoints and exported models live in build/ (git-ignored).
 TOK = build/llama3.tok
