@@ -233,6 +233,11 @@ void gemm_portable(int trans_a, int trans_b, int M, int N, int K, float alpha, c
 // quantized per group and dotted in int32 (xq/xs are the scratch, sized
 // (n, w->cols) and (n, w->cols/group_size)).
 void matmul(float* y, const float* x, const Matrix* w, int n, int8_t* xq, float* xs);
+// Q8_0 dot product of one weight row with one quantized activation row:
+// sum over groups of int32 dot * w_scale * x_scale. dot_q8 uses SIMD where
+// the build has it (AVX2); dot_q8_portable is the plain C reference.
+float dot_q8(const int8_t* wq, const float* ws, const int8_t* xq, const float* xs, int cols, int gs);
+float dot_q8_portable(const int8_t* wq, const float* ws, const int8_t* xq, const float* xs, int cols, int gs);
 void rmsnorm(float* out, const float* x, const float* weight, int dim, float eps);
 void softmax(float* x, int n);
 double cross_entropy(const float* logits, int n, int target); // -log softmax(logits)[target]

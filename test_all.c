@@ -212,6 +212,39 @@ static void test_gemm(void) {
     check(worst < 1e-5f, "gemm and gemm_portable match a double-precision loop (max err %.2e)", worst);
 }
 
+static void test_dot_q8(void) {
+    // the SIMD Q8_0 dot (when built with it) against the portable one, on
+    // random int8 rows including the extremes -127 and 127
+    int cols = 4096, gs = 64, groups = cols / gs;
+    int8_t* a = xmalloc(cols);
+    int8_t* b = xmalloc(cols);
+    float sa[64], sb[64];
+    uint64_t st = 7;
+    float worst = 0.0f;
+    for (int trial = 0; trial < 20; trial++) {
+        for (int j = 0; j < cols; j++) {
+            st = st * 6364136223846793005ull + 1442695040888963407ull;
+            a[j] = (int8_t)((int)((st >> 33) % 255) - 127);
+            b[j] = (int8_t)((int)((st >> 41) % 255) - 127);
+        }
+        a[0] = 127; b[0] = 127; a[1] = -127; b[1] = 127; a[2] = -127; b[2] = -127;
+        for (int g = 0; g < groups; g++) { sa[g] = 0.001f * (g + 1); sb[g] = 0.002f / (g + 1); }
+        float simd = dot_q8(a, sa, b, sb, cols, gs), ref = dot_q8_portable(a, sa, b, sb, cols, gs);
+        // the two sum the per-group terms in different orders; float
+        // rounding then differs by a few ulps of the terms' magnitude
+        // (not of the result, which can cancel), so measure against that
+        double magnitude = 0.0;
+        for (int g = 0; g < groups; g++) {
+            long acc = 0;
+            for (int j = 0; j < gs; j++) acc += (long)a[g * gs + j] * b[g * gs + j];
+            magnitude += fabs((double)acc * sa[g] * sb[g]);
+        }
+        worst = fmaxf(worst, (float)(fabsf(simd - ref) / magnitude));
+    }
+    check(worst < 1e-6f, "dot_q8 (SIMD where built) matches dot_q8_portable (max err %.1e x sum of |group terms|)", worst);
+    free(a); free(b);
+}
+
 // ----------------------------------------------------------------------------
 // Forward pass against the numpy reference
 
@@ -1413,6 +1446,7 @@ int main(void) {
     test_chat_template(&tok);
     test_utf8();
     test_gemm();
+    test_dot_q8();
     test_sampler();
     test_against_reference("tiny-3.2");
     test_against_reference("tiny-3.0");
