@@ -20,7 +20,7 @@ endif
 # A python3 that has numpy (the pyenv python3 on PATH may not; Debian's does).
 PYTHON ?= $(shell for p in python3 /usr/bin/python3 /usr/local/bin/python3; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 
-PROGRAMS = run sae guard test_all
+PROGRAMS = run train_lora sae guard test_all
 
 all: $(PROGRAMS)
 
@@ -45,8 +45,14 @@ guard: guard.c guard.h run.h engine.o
 guard_lib.o: guard.c guard.h run.h
 	$(CC) $(CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
 
-test_all: test_all.c engine.o sae_lib.o guard_lib.o run.h sae.h guard.h
-	$(CC) $(CFLAGS) test_all.c engine.o sae_lib.o guard_lib.o -o $@ $(LDLIBS)
+train_lora: train_lora.c train_lora.h run.h engine.o
+	$(CC) $(CFLAGS) train_lora.c engine.o -o $@ $(LDLIBS)
+
+train_lib.o: train_lora.c train_lora.h run.h
+	$(CC) $(CFLAGS) -DTRAIN_LIBRARY -c train_lora.c -o $@
+
+test_all: test_all.c engine.o train_lib.o sae_lib.o guard_lib.o run.h train_lora.h sae.h guard.h
+	$(CC) $(CFLAGS) test_all.c engine.o train_lib.o sae_lib.o guard_lib.o -o $@ $(LDLIBS)
 
 # Synthetic checkpoints and exported models live in build/ (git-ignored).
 TOK = build/llama3.tok

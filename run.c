@@ -608,6 +608,182 @@ void free_lora(Lora* lora) {
     memset(lora, 0, sizeof(*lora));
 }
 
+// LoRA adapter files: the format is documented in run.h.
+
+static const char* const lora_target_names[LORA_N_TARGETS] = {"q", "k", "v", "o", "gate", "up", "down"};
+
+const char* lora_target_name(int target) { return lora_target_names[target]; }
+
+// (in, out) of the base matrix a target adapts.
+void lora_dims(const Config* c, int target, int* in, int* out) {
+    int q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
+    switch (target) {
+        case LORA_Q:    *in = c->dim; *out = q_dim; break;
+        case LORA_K:
+        case LORA_V:    *in = c->dim; *out = kv_dim; break;
+        case LORA_O:    *in = q_dim; *out = c->dim; break;
+        case LORA_GATE:
+        case LORA_UP:   *in = c->dim; *out = c->hidden_dim; break;
+        default:        *in = c->hidden_dim; *out = c->dim; break;  // LORA_DOWN
+    }
+}
+
+// Floats of an adapter's payload (A and B of every adapted layer/target).
+size_t lora_param_count(const Config* c, int rank, int target_mask, int layer_begin, int layer_end) {
+    size_t n = 0;
+    for (int l = layer_begin; l < layer_end; l++)
+        for (int t = 0; t < LORA_N_TARGETS; t++)
+            if (target_mask & (1 << t)) {
+                int in, out;
+                lora_dims(c, t, &in, &out);
+                n += (size_t)rank * in + (size_t)out * rank;
+            }
+    return n;
+}
+
+// Fills a Lora whose a/b point into memory (lora_param_count floats) in file
+// order. The Lora owns its pairs table; it owns memory only if own_memory.
+void lora_layout(Lora* lora, const Config* c, int rank, float alpha, int target_mask, int layer_begin,
+                 int layer_end, float* memory, int own_memory) {
+    memset(lora, 0, sizeof(*lora));
+    lora->rank = rank;
+    lora->alpha = alpha;
+    lora->scale = alpha / (float)rank;
+    lora->target_mask = target_mask;
+    lora->layer_begin = layer_begin;
+    lora->layer_end = layer_end;
+    lora->pairs = xcalloc((size_t)c->n_layers, sizeof(*lora->pairs));
+    lora->memory = own_memory ? memory : NULL;
+    float* p = memory;
+    for (int l = layer_begin; l < layer_end; l++)
+        for (int t = 0; t < LORA_N_TARGETS; t++)
+            if (target_mask & (1 << t)) {
+                int in, out;
+                lora_dims(c, t, &in, &out);
+                lora->pairs[l][t].a = p; p += (size_t)rank * in;
+                lora->pairs[l][t].b = p; p += (size_t)out * rank;
+            }
+}
+
+static void put_i32(unsigned char* p, int32_t v) { memcpy(p, &v, 4); }
+static void put_f32(unsigned char* p, float v) { memcpy(p, &v, 4); }
+static int32_t get_i32(const unsigned char* p) { int32_t v; memcpy(&v, p, 4); return v; }
+static float get_f32(const unsigned char* p) { float v; memcpy(&v, p, 4); return v; }
+
+// Writes the adapter atomically (path.tmp + rename). The payload is taken
+// pair by pair, so the a/b buffers need not be contiguous. Returns 0 on success.
+int lora_save(const Lora* lora, const Config* c, const char* path) {
+    size_t n = lora_param_count(c, lora->rank, lora->target_mask, lora->layer_begin, lora->layer_end);
+    size_t size = LORA_HEADER_BYTES + n * sizeof(float);
+    unsigned char* buf = xcalloc(size, 1);
+    put_i32(buf + 0, (int32_t)LORA_MAGIC);
+    put_i32(buf + 4, LORA_VERSION);
+    put_i32(buf + 8, lora->rank);
+    put_f32(buf + 12, lora->alpha);
+    put_i32(buf + 16, lora->target_mask);
+    put_i32(buf + 20, lora->layer_begin);
+    put_i32(buf + 24, lora->layer_end);
+    put_i32(buf + 28, c->dim);
+    put_i32(buf + 32, c->hidden_dim);
+    put_i32(buf + 36, c->n_layers);
+    put_i32(buf + 40, c->n_heads);
+    put_i32(buf + 44, c->n_kv_heads);
+    put_i32(buf + 48, c->head_dim);
+    put_i32(buf + 52, c->vocab_size);
+    int64_t nf = (int64_t)n;
+    memcpy(buf + 56, &nf, 8);
+    unsigned char* p = buf + LORA_HEADER_BYTES;
+    for (int l = lora->layer_begin; l < lora->layer_end; l++)
+        for (int t = 0; t < LORA_N_TARGETS; t++)
+            if (lora->target_mask & (1 << t)) {
+                int in, out;
+                lora_dims(c, t, &in, &out);
+                size_t na = (size_t)lora->rank * in, nb = (size_t)out * lora->rank;
+                memcpy(p, lora->pairs[l][t].a, na * sizeof(float)); p += na * sizeof(float);
+                memcpy(p, lora->pairs[l][t].b, nb * sizeof(float)); p += nb * sizeof(float);
+            }
+    int rc = write_file_atomic(path, buf, size);
+    free(buf);
+    return rc;
+}
+
+// Reads and validates an adapter for a model of config c. On success fills
+// lora (owning its memory; release with free_lora) and returns 0; otherwise
+// writes a one-line reason to err and returns -1.
+int lora_read(Lora* lora, const Config* c, const char* path, char* err, size_t errlen) {
+    memset(lora, 0, sizeof(*lora));
+    FILE* f = fopen(path, "rb");
+    if (!f) { snprintf(err, errlen, "cannot open adapter %s: %s", path, strerror(errno)); return -1; }
+    unsigned char h[LORA_HEADER_BYTES];
+    if (fread(h, 1, LORA_HEADER_BYTES, f) != LORA_HEADER_BYTES) {
+        fclose(f); snprintf(err, errlen, "adapter %s: file too small for a header", path); return -1;
+    }
+    if ((uint32_t)get_i32(h) != LORA_MAGIC) {
+        fclose(f); snprintf(err, errlen, "adapter %s: bad magic (not an unlearn.c adapter)", path); return -1;
+    }
+    int version = get_i32(h + 4);
+    if (version != LORA_VERSION) {
+        fclose(f); snprintf(err, errlen, "adapter %s: unsupported version %d (expected %d)", path, version, LORA_VERSION);
+        return -1;
+    }
+    int rank = get_i32(h + 8), mask = get_i32(h + 16), lb = get_i32(h + 20), le = get_i32(h + 24);
+    float alpha = get_f32(h + 12);
+    int dims[7] = {get_i32(h + 28), get_i32(h + 32), get_i32(h + 36), get_i32(h + 40), get_i32(h + 44),
+                   get_i32(h + 48), get_i32(h + 52)};
+    int want[7] = {c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size};
+    static const char* names[7] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size"};
+    for (int i = 0; i < 7; i++) {
+        if (dims[i] != want[i]) {
+            fclose(f);
+            snprintf(err, errlen, "adapter %s was trained for a model with %s = %d, this model has %d", path, names[i],
+                     dims[i], want[i]);
+            return -1;
+        }
+    }
+    if (rank <= 0 || rank > 65536 || !isfinite(alpha) || mask <= 0 || mask >= (1 << LORA_N_TARGETS) || lb < 0 ||
+        le > c->n_layers || lb >= le) {
+        fclose(f); snprintf(err, errlen, "adapter %s: invalid rank, alpha, targets or layer range in header", path);
+        return -1;
+    }
+    int64_t nf;
+    memcpy(&nf, h + 56, 8);
+    size_t n = lora_param_count(c, rank, mask, lb, le);
+    if (nf != (int64_t)n) {
+        fclose(f); snprintf(err, errlen, "adapter %s: header payload size %lld does not match its shape (%zu)", path,
+                            (long long)nf, n);
+        return -1;
+    }
+    float* mem = xmalloc(n * sizeof(float));
+    size_t got = fread(mem, sizeof(float), n, f);
+    int extra = fgetc(f) != EOF;
+    fclose(f);
+    if (got != n || extra) {
+        free(mem);
+        snprintf(err, errlen, "adapter %s: file size does not match the header (truncated or corrupt)", path);
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(mem[i])) { free(mem); snprintf(err, errlen, "adapter %s: non-finite weight", path); return -1; }
+    }
+    lora_layout(lora, c, rank, alpha, mask, lb, le, mem, 1);
+    return 0;
+}
+
+// Loads an adapter onto a model for unmerged inference (`run --lora`):
+// sets t->lora and allocates the (batch_cap, rank) scratch. Exits on error.
+void load_lora(Transformer* t, const char* path) {
+    Lora* lora = xmalloc(sizeof(Lora));
+    char err[512];
+    if (lora_read(lora, &t->config, path, err, sizeof(err)) != 0) {
+        fprintf(stderr, "error: %s\n", err);
+        exit(EXIT_FAILURE);
+    }
+    if (t->lora) { free_lora(t->lora); free(t->lora); }
+    t->lora = lora;
+    free(t->state.lora_tmp);
+    t->state.lora_tmp = xcalloc((size_t)t->state.batch_cap * lora->rank, sizeof(float));
+}
+
 // ----------------------------------------------------------------------------
 // The forward pass
 
@@ -1496,6 +1672,7 @@ static void error_usage(void) {
         "  -p P      top-p nucleus sampling, 1 = off (default 0.9)\n"
         "  -s SEED   random seed (default 1234: runs are reproducible)\n"
         "  -c CTX    context length = KV cache size (default min(model max, 4096))\n"
+        "  --lora FILE  apply a LoRA adapter (from train_lora) unmerged; works over int8\n"
         "  -h, --help  this text\n"
         "Speed (tokens/s for prompt and generation) is printed on stderr.\n");
     exit(EXIT_FAILURE);
@@ -1767,6 +1944,7 @@ int main(int argc, char** argv) {
     const char* in_file = NULL;
     const char* out_file = NULL;
     const char* mode = "generate";
+    const char* lora_path = NULL;
     float temperature = 0.6f, topp = 0.9f;
     int steps = 256, ctx = 0;
     unsigned long long seed = 1234;
@@ -1790,6 +1968,7 @@ int main(int argc, char** argv) {
         else if (!strcmp(flag, "-t")) temperature = parse_float(flag, val);
         else if (!strcmp(flag, "-p")) topp = parse_float(flag, val);
         else if (!strcmp(flag, "-s")) seed = (unsigned long long)parse_int(flag, val);
+        else if (!strcmp(flag, "--lora")) lora_path = val;
         else { fprintf(stderr, "error: unknown option %s (see --help)\n", flag); exit(EXIT_FAILURE); }
     }
     if (!tok_path) { fprintf(stderr, "error: a tokenizer is required (-z FILE; see --help)\n"); exit(EXIT_FAILURE); }
@@ -1816,6 +1995,7 @@ int main(int argc, char** argv) {
     Transformer t;
     build_transformer(&t, model_path, ctx);
     check_vocab(&t, &tok);
+    if (lora_path) load_lora(&t, lora_path);
     Sampler sampler;
     build_sampler(&sampler, t.config.vocab_size, temperature, topp, seed);
 

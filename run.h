@@ -252,6 +252,57 @@ void lora_apply(float* y, const float* x, const Lora* lora, int layer, int targe
 void free_lora(Lora* lora);
 
 // ----------------------------------------------------------------------------
+// LoRA adapter files (written by train_lora, read by `run --lora` and merge)
+//
+// An adapter is y = W x + (alpha/rank) * B (A x) on some of the seven
+// projections of some layers. All integers little-endian int32, floats
+// IEEE fp32. The file starts with a 128-byte header:
+//
+//   offset  field
+//   0       uint32 magic = LORA_MAGIC ("ULLA" as bytes 'U','L','L','A')
+//   4       int32  version = LORA_VERSION
+//   8       int32  rank
+//   12      float  alpha              scale = alpha / rank
+//   16      int32  target_mask        bit t set = target t adapted, in the
+//                                     order q, k, v, o, gate, up, down (bits 0..6)
+//   20      int32  layer_begin        adapted layers [layer_begin, layer_end)
+//   24      int32  layer_end
+//   28      int32  dim                the base model's dims: an adapter is
+//   32      int32  hidden_dim         refused by a model whose dims differ
+//   36      int32  n_layers
+//   40      int32  n_heads
+//   44      int32  n_kv_heads
+//   48      int32  head_dim
+//   52      int32  vocab_size
+//   56      int64  n_floats           payload size in floats (a consistency check)
+//   64..127 zero
+//
+// Then the payload, fp32, no padding: for each layer l in [begin, end), for
+// each target t in the order above whose bit is set:
+//   A  (rank, in)    rows of the down-projection, as PEFT's lora_A.weight
+//   B  (out, rank)   as PEFT's lora_B.weight
+// where (in, out) of a target are those of its base matrix: q (dim,
+// n_heads*head_dim), k and v (dim, n_kv_heads*head_dim), o (n_heads*head_dim,
+// dim), gate and up (dim, hidden_dim), down (hidden_dim, dim). The file size
+// is exactly 128 + 4 * n_floats bytes; the reader refuses anything else.
+// (PEFT names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.)
+
+#define LORA_MAGIC 0x414c4c55u   // "ULLA" read as little-endian uint32
+#define LORA_VERSION 1
+#define LORA_HEADER_BYTES 128
+
+const char* lora_target_name(int target);                      // "q", "k", ... "down"
+void lora_dims(const Config* c, int target, int* in, int* out); // base matrix (in, out)
+size_t lora_param_count(const Config* c, int rank, int target_mask, int layer_begin, int layer_end);
+// Points lora's pairs into memory (lora_param_count floats, payload order);
+// own_memory: free_lora frees it.
+void lora_layout(Lora* lora, const Config* c, int rank, float alpha, int target_mask, int layer_begin,
+                 int layer_end, float* memory, int own_memory);
+int lora_save(const Lora* lora, const Config* c, const char* path);     // atomic; 0 = ok
+int lora_read(Lora* lora, const Config* c, const char* path, char* err, size_t errlen); // 0 = ok
+void load_lora(Transformer* t, const char* path);                      // for run --lora; exits on error
+
+// ----------------------------------------------------------------------------
 // Tokenizer file format (written by `export.py tokenizer`, code in tok_export.py)
 //
 //   uint32 magic = TOK_MAGIC ("ULTK"), int32 version = TOK_VERSION

@@ -1,0 +1,3039 @@
+// train_lora.c -- machine unlearning for Llama-3 in plain C: a training
+// forward that keeps its activations, a hand-written backward through the
+// whole stack, LoRA (over an fp32 or int8 base) and full-weight training,
+// AdamW, and the unlearning objectives (GA, GradDiff, KL, NPO, SimNPO, WHP,
+// RMU) plus plain SFT for knowledge injection and relearning attacks.
+//
+//   ./train_lora MODEL.bin -z TOK --objective graddiff --forget F --retain R -o ADAPTER
+//   ./train_lora --init dim=64,n_layers=2,... -z TOK --full --forget DATA -o MODEL.bin
+//   ./train_lora merge MODEL.bin ADAPTER OUT.bin [--int8]
+//   ./train_lora --help
+//
+// The style is llm.c's train_gpt2.c: explicit activation buffers with their
+// shapes, one *_forward / *_backward pair per operation, a backward that
+// walks the layers in reverse, gradients accumulated with +=. The forward
+// is the engine's (run.c forward_chunk) op for op, through the same kernels
+// (matmul, gemm, rmsnorm, softmax, rope_rotate, embed_row), so its logits
+// are bit-identical to run.c's (tested, fp32 and int8, with an adapter).
+// Compiled with -DTRAIN_LIBRARY there is no main() and test_all links it
+// (declarations in train_lora.h).
+//
+// How the pieces fit:
+//   - The frozen base is the mapped model file (fp32 or Q8_0). Its forward
+//     goes through the engine's matmul (int8 dot products for Q8_0, exactly
+//     as inference); its backward (dx = dy W) dequantizes one tile of rows
+//     at a time into a 64 MiB scratch (QLoRA style: W is never trained).
+//   - LoRA: y = W x + (alpha/rank) B A drop(x), A (rank, in), B (out, rank),
+//     on any of q k v o gate up down, any layer range. The trainable
+//     parameters are one block laid out as the adapter file's payload.
+//   - --full: every weight is trainable, one fp32 block in model-file
+//     order; the base stays mapped as the frozen reference model.
+//   - The reference model of KL, NPO, WHP and RMU is the base with the
+//     adapter switched off: no second copy of the weights.
+//   - Objectives (per micro-batch; "mean" is over counted positions, whose
+//     weights come from the data: all text tokens, or only answer tokens):
+//       sft       gamma * mean NLL(forget)                      (descent)
+//       ga        -gamma * mean NLL(forget)
+//       graddiff  -gamma * mean NLL(forget) + lambda * mean NLL(retain)
+//       kl        -gamma * mean NLL(forget) + lambda * mean KL(base || model)(retain)
+//       npo       gamma * mean_rows (2/beta) softplus(beta (log p(row) - log p_base(row)))
+//       simnpo    gamma * mean_rows (2/beta) softplus(beta log p(row) / |row| + delta)
+//       whp       gamma * mean KL(generic || model), generic = softmax of the base's
+//                 logits on the translated text, optionally v_b - a ReLU(v_r - v_b)
+//       rmu       gamma * mean |h_l - c u|^2 / dim (forget) + alpha * mean |h_l - h_l,base|^2 / dim
+//     with log p(row) = -sum of the row's weighted NLL. npo, simnpo and whp
+//     add lambda * mean NLL(retain) when --retain is given (--retain-loss).
+//   - Gradient checks (tests/test_train_part.c): every parameter group,
+//     LoRA and --full, and every objective, against central differences of
+//     an independent double-precision forward; max error ~1e-6 relative.
+//   - Determinism: data order, dropout masks and init come from the seed;
+//     OpenMP loops never share an accumulator, so a run and its --resume
+//     from any checkpoint produce the same bits (with the same thread count).
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <time.h>
+#include <errno.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "run.h"
+#include "train_lora.h"
+
+// ----------------------------------------------------------------------------
+// Small utilities
+
+// Threads only where the work pays for them: with small tensors an OpenMP
+// region costs more than it saves, and idle OpenMP threads spinning next to
+// OpenBLAS's own threads slow both down (2x on a 2-core machine).
+#define PAR(work) ((double)(work) > 1048576.0)
+
+static int max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int thread_num(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+// splitmix64: the one random number generator (seeded, reproducible)
+static uint64_t splitmix64(uint64_t* state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t hash64(uint64_t x) { return splitmix64(&x); }
+
+static float rng_uniform(uint64_t* state) { return (float)((splitmix64(state) >> 40) * (1.0 / 16777216.0)); } // [0, 1)
+
+static float rng_normal(uint64_t* state) {
+    // Box-Muller in double; u1 in (0, 1]
+    double u1 = ((splitmix64(state) >> 11) + 1.0) * (1.0 / 9007199254740992.0);
+    double u2 = (splitmix64(state) >> 11) * (1.0 / 9007199254740992.0);
+    return (float)(sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2));
+}
+
+uint64_t train_dropout_seed(uint64_t seed, int layer, int target) {
+    return hash64(seed ^ hash64(((uint64_t)layer << 8) | (uint64_t)target));
+}
+
+int lora_dropout_keep(uint64_t layer_seed, size_t index, float p) {
+    uint64_t h = hash64(layer_seed + index);
+    return (float)((h >> 40) * (1.0 / 16777216.0)) >= p;
+}
+
+static void zero(float* p, size_t n) { memset(p, 0, n * sizeof(float)); }
+
+static void die(const char* fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+#include <stdarg.h>
+static void die(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "error: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(EXIT_FAILURE);
+}
+
+// ----------------------------------------------------------------------------
+// The tensors of a model, in file order (run.h), and fp32 views onto a block
+
+enum { TN_EMB, TN_RMS_ATT, TN_WQ, TN_WK, TN_WV, TN_WO, TN_RMS_FFN, TN_GATE, TN_UP, TN_DOWN, TN_RMS_FINAL, TN_WCLS,
+       TN_COUNT };
+static const char* const tensor_names[TN_COUNT] = {"token_embedding", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn",
+                                                   "w_gate", "w_up", "w_down", "rms_final", "wcls"};
+
+// count copies (layers) of a rows x cols tensor; norms are rows = 1
+static void tensor_shape(const Config* c, int tn, int* count, int* rows, int* cols) {
+    int L = c->n_layers, D = c->dim, H = c->hidden_dim;
+    int qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
+    switch (tn) {
+        case TN_EMB:       *count = 1; *rows = c->vocab_size; *cols = D; break;
+        case TN_RMS_ATT:   *count = L; *rows = 1; *cols = D; break;
+        case TN_WQ:        *count = L; *rows = qd; *cols = D; break;
+        case TN_WK:
+        case TN_WV:        *count = L; *rows = kvd; *cols = D; break;
+        case TN_WO:        *count = L; *rows = D; *cols = qd; break;
+        case TN_RMS_FFN:   *count = L; *rows = 1; *cols = D; break;
+        case TN_GATE:
+        case TN_UP:        *count = L; *rows = H; *cols = D; break;
+        case TN_DOWN:      *count = L; *rows = D; *cols = H; break;
+        case TN_RMS_FINAL: *count = 1; *rows = 1; *cols = D; break;
+        default:           *count = c->tied_embeddings ? 0 : 1; *rows = c->vocab_size; *cols = D; break; // TN_WCLS
+    }
+}
+
+static int tensor_is_norm(int tn) { return tn == TN_RMS_ATT || tn == TN_RMS_FFN || tn == TN_RMS_FINAL; }
+
+static size_t tensor_numel(const Config* c, int tn) {
+    int count, rows, cols;
+    tensor_shape(c, tn, &count, &rows, &cols);
+    return (size_t)count * rows * cols;
+}
+
+const char* train_tensor_name(int tn) { return tn >= 0 && tn < TN_COUNT ? tensor_names[tn] : "?"; }
+
+size_t train_tensor_offset(const Config* c, int tn, size_t* numel) {
+    size_t off = 0;
+    for (int i = 0; i < tn; i++) off += tensor_numel(c, i);
+    if (numel) *numel = tensor_numel(c, tn);
+    return off;
+}
+
+static size_t full_param_count(const Config* c) {
+    size_t n = 0;
+    for (int tn = 0; tn < TN_COUNT; tn++) n += tensor_numel(c, tn);
+    return n;
+}
+
+// The matrix of LoRA target t in a layer (q, k, v, o, gate, up, down).
+static Matrix* layer_matrix(LayerWeights* lw, int t) {
+    switch (t) {
+        case LORA_Q: return &lw->wq;
+        case LORA_K: return &lw->wk;
+        case LORA_V: return &lw->wv;
+        case LORA_O: return &lw->wo;
+        case LORA_GATE: return &lw->w_gate;
+        case LORA_UP: return &lw->w_up;
+        default: return &lw->w_down;
+    }
+}
+
+static Matrix fp32_matrix(float* f, int rows, int cols) {
+    Matrix m = {0};
+    m.f = f; m.rows = rows; m.cols = cols;
+    return m;
+}
+
+// Points w at the tensors of an fp32 block laid out in file order (no padding).
+static void weights_view(Weights* w, const Config* c, float* block) {
+    int L = c->n_layers, D = c->dim, H = c->hidden_dim;
+    int qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
+    float* p = block;
+    w->layers = xcalloc(L, sizeof(LayerWeights));
+    w->token_embedding = fp32_matrix(p, c->vocab_size, D); p += (size_t)c->vocab_size * D;
+    for (int l = 0; l < L; l++) w->layers[l].rms_att = p + (size_t)l * D;
+    p += (size_t)L * D;
+    for (int l = 0; l < L; l++) w->layers[l].wq = fp32_matrix(p + (size_t)l * qd * D, qd, D);
+    p += (size_t)L * qd * D;
+    for (int l = 0; l < L; l++) w->layers[l].wk = fp32_matrix(p + (size_t)l * kvd * D, kvd, D);
+    p += (size_t)L * kvd * D;
+    for (int l = 0; l < L; l++) w->layers[l].wv = fp32_matrix(p + (size_t)l * kvd * D, kvd, D);
+    p += (size_t)L * kvd * D;
+    for (int l = 0; l < L; l++) w->layers[l].wo = fp32_matrix(p + (size_t)l * D * qd, D, qd);
+    p += (size_t)L * D * qd;
+    for (int l = 0; l < L; l++) w->layers[l].rms_ffn = p + (size_t)l * D;
+    p += (size_t)L * D;
+    for (int l = 0; l < L; l++) w->layers[l].w_gate = fp32_matrix(p + (size_t)l * H * D, H, D);
+    p += (size_t)L * H * D;
+    for (int l = 0; l < L; l++) w->layers[l].w_up = fp32_matrix(p + (size_t)l * H * D, H, D);
+    p += (size_t)L * H * D;
+    for (int l = 0; l < L; l++) w->layers[l].w_down = fp32_matrix(p + (size_t)l * D * H, D, H);
+    p += (size_t)L * D * H;
+    w->rms_final = p; p += D;
+    w->wcls = c->tied_embeddings ? w->token_embedding : fp32_matrix(p, c->vocab_size, D);
+}
+
+// rows [r0, r0+nr) of a matrix as fp32 (Q8_0 dequantized as embed_row does)
+static void dequant_rows(float* out, const Matrix* w, int r0, int nr) {
+    size_t cols = w->cols;
+    if (w->f) { memcpy(out, w->f + (size_t)r0 * cols, (size_t)nr * cols * sizeof(float)); return; }
+    int gs = w->group_size;
+    #pragma omp parallel for schedule(static) if (PAR((size_t)nr * cols))
+    for (int r = 0; r < nr; r++) {
+        const int8_t* q = w->q + (size_t)(r0 + r) * cols;
+        const float* s = w->s + (size_t)(r0 + r) * cols / gs;
+        float* o = out + (size_t)r * cols;
+        for (size_t j = 0; j < cols; j++) o[j] = q[j] * s[j / gs];
+    }
+}
+
+// The LoRA target of a per-layer matrix tensor, or -1 (embeddings, norms)
+static int tensor_target(int tn) {
+    switch (tn) {
+        case TN_WQ: return LORA_Q;
+        case TN_WK: return LORA_K;
+        case TN_WV: return LORA_V;
+        case TN_WO: return LORA_O;
+        case TN_GATE: return LORA_GATE;
+        case TN_UP: return LORA_UP;
+        case TN_DOWN: return LORA_DOWN;
+        default: return -1;
+    }
+}
+
+// Rows [r0, r0+nr) of layer `layer` of tensor tn of a model, as fp32.
+static void weights_rows(const Weights* w, int tn, int layer, int r0, int nr, int dim, float* out) {
+    switch (tn) {
+        case TN_EMB: dequant_rows(out, &w->token_embedding, r0, nr); break;
+        case TN_RMS_ATT: memcpy(out, w->layers[layer].rms_att, dim * sizeof(float)); break;
+        case TN_RMS_FFN: memcpy(out, w->layers[layer].rms_ffn, dim * sizeof(float)); break;
+        case TN_RMS_FINAL: memcpy(out, w->rms_final, dim * sizeof(float)); break;
+        case TN_WCLS: dequant_rows(out, &w->wcls, r0, nr); break;
+        default: dequant_rows(out, layer_matrix(&w->layers[layer], tensor_target(tn)), r0, nr);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Writing model files (run.h format), streamed: tmp file, fsync, rename
+
+typedef struct {
+    FILE* f;
+    char* tmp;
+    size_t off;
+    int ok;
+} ModelWriter;
+
+static int mw_open(ModelWriter* mw, const char* path) {
+    size_t n = strlen(path);
+    mw->tmp = xmalloc(n + 5);
+    memcpy(mw->tmp, path, n);
+    memcpy(mw->tmp + n, ".tmp", 5);
+    mw->f = fopen(mw->tmp, "wb");
+    mw->off = 0;
+    mw->ok = mw->f != NULL;
+    return mw->ok ? 0 : -1;
+}
+
+static void mw_write(ModelWriter* mw, const void* data, size_t len) {
+    if (mw->ok && fwrite(data, 1, len, mw->f) != len) mw->ok = 0;
+    mw->off += len;
+}
+
+static void mw_pad(ModelWriter* mw) {
+    static const char zeros[TENSOR_ALIGN] = {0};
+    size_t pad = (TENSOR_ALIGN - mw->off % TENSOR_ALIGN) % TENSOR_ALIGN;
+    mw_write(mw, zeros, pad);
+}
+
+static int mw_close(ModelWriter* mw, const char* path) {
+    int ok = mw->ok;
+    if (mw->f) {
+        ok = (fflush(mw->f) == 0) && ok;
+        ok = (fsync(fileno(mw->f)) == 0) && ok;
+        ok = (fclose(mw->f) == 0) && ok;
+    }
+    if (!ok || rename(mw->tmp, path) != 0) { remove(mw->tmp); free(mw->tmp); return -1; }
+    free(mw->tmp);
+    return 0;
+}
+
+static void pack_model_header(unsigned char* h, const Config* c) {
+    memset(h, 0, MODEL_HEADER_BYTES);
+    int32_t iv[] = {c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size,
+                    c->max_seq_len};
+    uint32_t magic = MODEL_MAGIC;
+    int32_t version = MODEL_VERSION;
+    memcpy(h + 0, &magic, 4);
+    memcpy(h + 4, &version, 4);
+    memcpy(h + 8, iv, sizeof(iv));
+    memcpy(h + 40, &c->rope_theta, 4);
+    memcpy(h + 44, &c->rope_scaling, 4);
+    memcpy(h + 48, &c->rope_factor, 4);
+    memcpy(h + 52, &c->rope_low_freq_factor, 4);
+    memcpy(h + 56, &c->rope_high_freq_factor, 4);
+    memcpy(h + 60, &c->rope_original_max_pos, 4);
+    memcpy(h + 64, &c->norm_eps, 4);
+    memcpy(h + 68, &c->tied_embeddings, 4);
+    memcpy(h + 72, &c->weight_type, 4);
+    memcpy(h + 76, &c->group_size, 4);
+    memcpy(h + 80, &c->bos_id, 4);
+    memcpy(h + 84, &c->n_eos, 4);
+    memcpy(h + 88, c->eos_ids, 4 * MAX_EOS);
+}
+
+// Q8_0 as export.py quantize_q8 does: scale = max|w| / 127 per group,
+// q = round-half-even(w / scale), an all-zero group gets scale 0.
+static void quantize_q8(int8_t* q, float* s, const float* w, size_t rows, int cols, int gs) {
+    #pragma omp parallel for schedule(static) if (PAR(rows * cols))
+    for (size_t r = 0; r < rows; r++) {
+        for (int g = 0; g < cols / gs; g++) {
+            const float* wg = w + r * cols + (size_t)g * gs;
+            int8_t* qg = q + r * cols + (size_t)g * gs;
+            float amax = 0.0f;
+            for (int j = 0; j < gs; j++) amax = fmaxf(amax, fabsf(wg[j]));
+            float scale = amax / 127.0f;
+            for (int j = 0; j < gs; j++) {
+                float v = scale > 0.0f ? nearbyintf(wg[j] / scale) : 0.0f;
+                qg[j] = (int8_t)fmaxf(-127.0f, fminf(127.0f, v));
+            }
+            s[r * (cols / gs) + g] = scale;
+        }
+    }
+}
+
+// Source of a model's fp32 rows: get(ctx, tensor, layer, r0, nr, out).
+typedef void (*RowSource)(void* ctx, int tn, int layer, int r0, int nr, float* out);
+
+// Writes a model file of config c (c->weight_type decides fp32 or Q8_0),
+// tensor by tensor in file order, fetching fp32 rows in chunks.
+static int write_model_file(const char* path, const Config* c, RowSource get, void* ctx) {
+    ModelWriter mw;
+    if (mw_open(&mw, path) != 0) return -1;
+    unsigned char header[MODEL_HEADER_BYTES];
+    pack_model_header(header, c);
+    mw_write(&mw, header, sizeof(header));
+    int q8 = c->weight_type == WEIGHT_Q8, gs = c->group_size;
+    const size_t chunk_floats = (size_t)1 << 24;
+    for (int tn = 0; tn < TN_COUNT; tn++) {
+        int count, rows, cols;
+        tensor_shape(c, tn, &count, &rows, &cols);
+        if (count == 0) continue;
+        int chunk_rows = (int)(chunk_floats / cols);
+        if (chunk_rows < 1) chunk_rows = 1;
+        if (chunk_rows > rows) chunk_rows = rows;
+        float* buf = xmalloc((size_t)chunk_rows * cols * sizeof(float));
+        if (!q8 || tensor_is_norm(tn)) {
+            for (int l = 0; l < count; l++)
+                for (int r0 = 0; r0 < rows; r0 += chunk_rows) {
+                    int nr = rows - r0 < chunk_rows ? rows - r0 : chunk_rows;
+                    get(ctx, tn, l, r0, nr, buf);
+                    mw_write(&mw, buf, (size_t)nr * cols * sizeof(float));
+                }
+            mw_pad(&mw);
+        } else {
+            // all layers' int8 values, then all layers' scales
+            size_t n = (size_t)count * rows * cols;
+            float* scales = xmalloc(n / gs * sizeof(float));
+            int8_t* qbuf = xmalloc((size_t)chunk_rows * cols);
+            size_t s_off = 0;
+            for (int l = 0; l < count; l++)
+                for (int r0 = 0; r0 < rows; r0 += chunk_rows) {
+                    int nr = rows - r0 < chunk_rows ? rows - r0 : chunk_rows;
+                    get(ctx, tn, l, r0, nr, buf);
+                    quantize_q8(qbuf, scales + s_off, buf, nr, cols, gs);
+                    s_off += (size_t)nr * cols / gs;
+                    mw_write(&mw, qbuf, (size_t)nr * cols);
+                }
+            mw_pad(&mw);
+            mw_write(&mw, scales, n / gs * sizeof(float));
+            mw_pad(&mw);
+            free(scales);
+            free(qbuf);
+        }
+        free(buf);
+    }
+    if (mw.off != model_file_size(c)) mw.ok = 0; // never write a file the loader would refuse
+    return mw_close(&mw, path);
+}
+
+typedef struct { const Weights* w; int dim; } WeightsSource;
+
+static void weights_source_rows(void* ctx, int tn, int layer, int r0, int nr, float* out) {
+    WeightsSource* s = ctx;
+    weights_rows(s->w, tn, layer, r0, nr, s->dim, out);
+}
+
+int save_model_fp32(const TrainModel* m, const char* path) {
+    Config c = m->config;
+    c.weight_type = WEIGHT_FP32;
+    c.group_size = 0;
+    WeightsSource src = {&m->w, c.dim};
+    return write_model_file(path, &c, weights_source_rows, &src);
+}
+
+// ----------------------------------------------------------------------------
+// The training model: loading, parameters, activation buffers
+
+static void check_config_for_training(const Config* c) {
+    if (c->n_heads % c->n_kv_heads != 0 || c->head_dim % 2 != 0) die("unsupported head configuration");
+}
+
+void train_model_from_file(TrainModel* m, const char* path) {
+    memset(m, 0, sizeof(*m));
+    m->file = xmalloc(sizeof(Transformer));
+    build_transformer(m->file, path, 1); // its run state is unused: a 1-position cache
+    m->config = m->file->config;
+    check_config_for_training(&m->config);
+    m->base = m->file->weights;
+    m->w = m->base;
+    m->min_layer = m->config.n_layers;
+}
+
+void train_model_random(TrainModel* m, const Config* c, uint64_t seed) {
+    memset(m, 0, sizeof(*m));
+    m->config = *c;
+    m->config.weight_type = WEIGHT_FP32;
+    m->config.group_size = 0;
+    check_config_for_training(&m->config);
+    size_t n = full_param_count(&m->config);
+    m->base_copy = xmalloc(n * sizeof(float));
+    // every matrix N(0, 0.02) as Hugging Face's initializer_range; norms 1
+    uint64_t rng = seed;
+    float* p = m->base_copy;
+    for (int tn = 0; tn < TN_COUNT; tn++) {
+        size_t k = tensor_numel(&m->config, tn);
+        for (size_t i = 0; i < k; i++) p[i] = tensor_is_norm(tn) ? 1.0f : 0.02f * rng_normal(&rng);
+        p += k;
+    }
+    weights_view(&m->base, &m->config, m->base_copy);
+    m->w = m->base;
+    m->min_layer = m->config.n_layers;
+}
+
+void train_setup_full(TrainModel* m, int keep_reference) {
+    Config* c = &m->config;
+    m->full = 1;
+    m->n_params = full_param_count(c);
+    m->params = xmalloc(m->n_params * sizeof(float));
+    m->grads = xcalloc(m->n_params, sizeof(float));
+    m->adam_m = xcalloc(m->n_params, sizeof(float));
+    m->adam_v = xcalloc(m->n_params, sizeof(float));
+    m->no_decay = xcalloc(m->n_params, 1);
+    float* p = m->params;
+    unsigned char* nd = m->no_decay;
+    for (int tn = 0; tn < TN_COUNT; tn++) {
+        int count, rows, cols;
+        tensor_shape(c, tn, &count, &rows, &cols);
+        for (int l = 0; l < count; l++) {
+            weights_rows(&m->base, tn, l, 0, rows, c->dim, p);
+            if (tensor_is_norm(tn)) memset(nd, 1, (size_t)rows * cols);
+            p += (size_t)rows * cols;
+            nd += (size_t)rows * cols;
+        }
+    }
+    weights_view(&m->w, c, m->params);
+    weights_view(&m->gw, c, m->grads);
+    m->min_layer = 0;
+    if (!keep_reference && m->base_copy) {
+        // no frozen reference needed: drop the copy, the base is the model itself
+        free(m->base.layers);
+        free(m->base_copy);
+        m->base_copy = NULL;
+        weights_view(&m->base, c, m->params);
+    }
+}
+
+void train_setup_lora(TrainModel* m, int rank, float alpha, float dropout, int target_mask, int layer_begin,
+                      int layer_end, uint64_t seed) {
+    Config* c = &m->config;
+    if (rank <= 0 || target_mask <= 0 || layer_begin < 0 || layer_end > c->n_layers || layer_begin >= layer_end)
+        die("invalid LoRA configuration (rank %d, targets %d, layers [%d, %d))", rank, target_mask, layer_begin,
+            layer_end);
+    m->full = 0;
+    m->n_params = lora_param_count(c, rank, target_mask, layer_begin, layer_end);
+    m->params = xmalloc(m->n_params * sizeof(float));
+    m->grads = xcalloc(m->n_params, sizeof(float));
+    m->adam_m = xcalloc(m->n_params, sizeof(float));
+    m->adam_v = xcalloc(m->n_params, sizeof(float));
+    lora_layout(&m->lora, c, rank, alpha, target_mask, layer_begin, layer_end, m->params, 0);
+    lora_layout(&m->dlora, c, rank, alpha, target_mask, layer_begin, layer_end, m->grads, 0);
+    m->lora_dropout = dropout;
+    m->min_layer = layer_begin;
+    // PEFT's init: A kaiming-uniform (bound 1/sqrt(in)), B = 0, so training starts at the base model
+    uint64_t rng = seed;
+    for (int l = layer_begin; l < layer_end; l++)
+        for (int t = 0; t < LORA_N_TARGETS; t++) {
+            if (!(target_mask & (1 << t))) continue;
+            int in, out;
+            lora_dims(c, t, &in, &out);
+            float bound = 1.0f / sqrtf((float)in);
+            LoraPair* p = &m->lora.pairs[l][t];
+            for (size_t i = 0; i < (size_t)rank * in; i++) p->a[i] = bound * (2.0f * rng_uniform(&rng) - 1.0f);
+            zero(p->b, (size_t)out * rank);
+        }
+}
+
+static int max_in_dim(const Config* c) {
+    int q_dim = c->n_heads * c->head_dim;
+    int m = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
+    return q_dim > m ? q_dim : m;
+}
+
+// Every activation buffer; with dry != 0 nothing is allocated and only the
+// bytes are counted (train_memory_bytes).
+static void* acts_buf(size_t* bytes, int dry, size_t n, size_t size) {
+    *bytes += n * size;
+    return dry ? NULL : xcalloc(n, size);
+}
+
+static size_t acts_setup(TrainModel* m, int N_cap, int T_cap, int need_ref, int need_ref_hidden, int dry) {
+    size_t bytes = 0;
+    Config* c = &m->config;
+    TrainActs* a = &m->acts;
+    size_t L = c->n_layers, D = c->dim, H = c->hidden_dim, V = c->vocab_size, N = N_cap;
+    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    size_t half = c->head_dim / 2, mx = max_in_dim(c);
+    a->N_cap = N_cap;
+    a->T_cap = T_cap;
+    size_t B_cap = (N_cap + T_cap - 1) / T_cap;
+    a->x = acts_buf(&bytes, dry, (L + 1) * N * D, sizeof(float));
+    a->xn1 = acts_buf(&bytes, dry, L * N * D, sizeof(float));
+    a->rstd1 = acts_buf(&bytes, dry, L * N, sizeof(float));
+    a->q = acts_buf(&bytes, dry, L * N * qd, sizeof(float));
+    a->k = acts_buf(&bytes, dry, L * N * kvd, sizeof(float));
+    a->v = acts_buf(&bytes, dry, L * N * kvd, sizeof(float));
+    a->att = acts_buf(&bytes, dry, L * B_cap * c->n_heads * (size_t)T_cap * T_cap, sizeof(float));
+    a->att_out = acts_buf(&bytes, dry, L * N * qd, sizeof(float));
+    a->xmid = acts_buf(&bytes, dry, L * N * D, sizeof(float));
+    a->xn2 = acts_buf(&bytes, dry, L * N * D, sizeof(float));
+    a->rstd2 = acts_buf(&bytes, dry, L * N, sizeof(float));
+    a->gate = acts_buf(&bytes, dry, L * N * H, sizeof(float));
+    a->up = acts_buf(&bytes, dry, L * N * H, sizeof(float));
+    a->h = acts_buf(&bytes, dry, L * N * H, sizeof(float));
+    a->xf = acts_buf(&bytes, dry, N * D, sizeof(float));
+    a->rstdf = acts_buf(&bytes, dry, N, sizeof(float));
+    a->logits = acts_buf(&bytes, dry, N * V, sizeof(float));
+    a->lse = acts_buf(&bytes, dry, N, sizeof(float));
+    a->nll = acts_buf(&bytes, dry, N, sizeof(float));
+    int rank = m->full ? 0 : m->lora.rank;
+    int rank_max = rank;
+    if (rank > 0) a->lora_u = acts_buf(&bytes, dry, L * LORA_N_TARGETS * N * rank, sizeof(float));
+    a->dres = acts_buf(&bytes, dry, N * D, sizeof(float));
+    a->dmid = acts_buf(&bytes, dry, N * D, sizeof(float));
+    a->dbranch = acts_buf(&bytes, dry, N * D, sizeof(float));
+    a->dxn = acts_buf(&bytes, dry, N * D, sizeof(float));
+    a->dq = acts_buf(&bytes, dry, N * qd, sizeof(float));
+    a->dk = acts_buf(&bytes, dry, N * kvd, sizeof(float));
+    a->dv = acts_buf(&bytes, dry, N * kvd, sizeof(float));
+    a->dkh = acts_buf(&bytes, dry, N * qd, sizeof(float));
+    a->dvh = acts_buf(&bytes, dry, N * qd, sizeof(float));
+    a->datt = acts_buf(&bytes, dry, N * qd, sizeof(float));
+    a->dgate = acts_buf(&bytes, dry, N * H, sizeof(float));
+    a->dup = acts_buf(&bytes, dry, N * H, sizeof(float));
+    a->dh = acts_buf(&bytes, dry, N * H, sizeof(float));
+    a->dxf = acts_buf(&bytes, dry, N * D, sizeof(float));
+    a->dnll = acts_buf(&bytes, dry, N, sizeof(float));
+    a->dkl = acts_buf(&bytes, dry, N, sizeof(float));
+    a->ref = need_ref ? acts_buf(&bytes, dry, N * V, sizeof(float)) : NULL;
+    a->ref_hidden = need_ref_hidden ? acts_buf(&bytes, dry, N * D, sizeof(float)) : NULL;
+    a->tmp = acts_buf(&bytes, dry, N * mx, sizeof(float));
+    a->tmp2 = acts_buf(&bytes, dry, N * mx, sizeof(float));
+    if (rank_max < 64) rank_max = 64; // room for a reinforced (WHP) adapter of another rank
+    a->u_tmp = acts_buf(&bytes, dry, N * rank_max, sizeof(float));
+    a->du = acts_buf(&bytes, dry, N * rank_max, sizeof(float));
+    a->dp = acts_buf(&bytes, dry, (size_t)max_threads() * T_cap, sizeof(float));
+    // an int8 base: the engine's matmul needs quantized-activation scratch,
+    // and dx = dy W dequantizes W a tile of rows at a time
+    if (c->weight_type == WEIGHT_Q8) {
+        size_t gs = c->group_size;
+        a->xq = acts_buf(&bytes, dry, N * mx, 1);
+        a->xs = acts_buf(&bytes, dry, N * mx / gs + 1, sizeof(float));
+        size_t rows = ((size_t)1 << 24) / mx; // 64 MiB of fp32 per tile
+        if (rows < 1) rows = 1;
+        if (rows > V) rows = V;
+        a->deq_rows = (int)rows;
+        a->deq = acts_buf(&bytes, dry, rows * mx, sizeof(float));
+    }
+    a->rope_cos = acts_buf(&bytes, dry, (size_t)T_cap * half, sizeof(float));
+    a->rope_sin = acts_buf(&bytes, dry, (size_t)T_cap * half, sizeof(float));
+    a->rope_nsin = acts_buf(&bytes, dry, (size_t)T_cap * half, sizeof(float));
+    if (dry) { memset(a, 0, sizeof(*a)); return bytes; }
+    float* inv_freq = xcalloc(half, sizeof(float));
+    rope_inv_freq(inv_freq, c);
+    for (int i = 0; i < T_cap; i++)
+        for (size_t j = 0; j < half; j++) {
+            // exactly run.c's angles: (float)pos * inv_freq, cosf/sinf
+            float angle = (float)i * inv_freq[j];
+            a->rope_cos[i * half + j] = cosf(angle);
+            a->rope_sin[i * half + j] = sinf(angle);
+            a->rope_nsin[i * half + j] = -a->rope_sin[i * half + j];
+        }
+    free(inv_freq);
+    return bytes;
+}
+
+void train_alloc_acts(TrainModel* m, int N_cap, int T_cap, int need_ref, int need_ref_hidden) {
+    m->acts_bytes = acts_setup(m, N_cap, T_cap, need_ref, need_ref_hidden, 0);
+}
+
+size_t train_memory_bytes(const Config* c, int full, int rank, int N_cap, int T_cap, int need_ref, int need_ref_hidden) {
+    TrainModel m;
+    memset(&m, 0, sizeof(m));
+    m.config = *c;
+    m.full = full;
+    m.lora.rank = rank;
+    size_t n_params = full ? full_param_count(c) : lora_param_count(c, rank, (1 << LORA_N_TARGETS) - 1, 0, c->n_layers);
+    // activations + params, grads, AdamW m and v (+ the frozen fp32 copy of --full)
+    return acts_setup(&m, N_cap, T_cap, need_ref, need_ref_hidden, 1) + n_params * sizeof(float) * (full ? 5 : 4);
+}
+
+static void free_acts(TrainActs* a) {
+    float* bufs[] = {a->x, a->xn1, a->rstd1, a->q, a->k, a->v, a->att, a->att_out, a->xmid, a->xn2, a->rstd2,
+                     a->gate, a->up, a->h, a->xf, a->rstdf, a->logits, a->lse, a->nll, a->lora_u, a->dres, a->dmid,
+                     a->dbranch, a->dxn, a->dq, a->dk, a->dv, a->dkh, a->dvh, a->datt, a->dgate, a->dup, a->dh,
+                     a->dxf, a->dnll, a->dkl, a->ref, a->ref_hidden, a->tmp, a->tmp2, a->u_tmp, a->du, a->deq,
+                     a->dp, a->xs, a->rope_cos, a->rope_sin, a->rope_nsin};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
+    free(a->xq);
+    memset(a, 0, sizeof(*a));
+}
+
+void train_model_free(TrainModel* m) {
+    free_acts(&m->acts);
+    if (m->full) {
+        free(m->w.layers);
+        free(m->gw.layers);
+    } else if (m->lora.pairs) {
+        free_lora(&m->lora);   // memory is m->params, not owned: free_lora frees only pairs
+        free_lora(&m->dlora);
+    }
+    if (!m->file) free(m->base.layers); // in-memory base (random, or the params themselves)
+    free(m->base_copy);
+    free(m->params); free(m->grads); free(m->adam_m); free(m->adam_v); free(m->no_decay);
+    if (m->file) { free_transformer(m->file); free(m->file); }
+    memset(m, 0, sizeof(*m));
+}
+
+// ----------------------------------------------------------------------------
+// Layers: one *_forward / *_backward pair per operation. N = B*T positions.
+// Backward functions accumulate (+=) into their gradient outputs.
+
+// x (N, D) = rows of the embedding table
+static void embedding_forward(float* x, const int* inputs, int N, const Matrix* emb, int D) {
+    for (int i = 0; i < N; i++) embed_row(x + (size_t)i * D, emb, inputs[i]);
+}
+
+// demb (V, D) += scatter of dx (N, D); serial, so repeated tokens add in a fixed order
+static void embedding_backward(float* demb, const float* dx, const int* inputs, int N, int D) {
+    for (int i = 0; i < N; i++) {
+        float* row = demb + (size_t)inputs[i] * D;
+        const float* g = dx + (size_t)i * D;
+        for (int j = 0; j < D; j++) row[j] += g[j];
+    }
+}
+
+// out (N, D) = w * x / rms(x); rstd (N,) saved. The engine's rmsnorm, row by row.
+static void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int N, int D, float eps) {
+    #pragma omp parallel for schedule(static) if (PAR((size_t)N * D))
+    for (int i = 0; i < N; i++) {
+        const float* xi = x + (size_t)i * D;
+        rmsnorm(out + (size_t)i * D, xi, w, D, eps);
+        float ss = 0.0f; // the same sum, in the same order, as rmsnorm's
+        for (int j = 0; j < D; j++) ss += xi[j] * xi[j];
+        rstd[i] = 1.0f / sqrtf(ss / D + eps);
+    }
+}
+
+// y = w * x * r with r = (mean(x^2) + eps)^-1/2:
+//   dx_k += r w_k dy_k - r^3 x_k / D * sum_j dy_j w_j x_j,   dw_j += sum_i dy_ij x_ij r_i
+static void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, const float* w,
+                             const float* rstd, int N, int D) {
+    #pragma omp parallel for schedule(static) if (PAR((size_t)N * D))
+    for (int i = 0; i < N; i++) {
+        const float* xi = x + (size_t)i * D;
+        const float* gi = dout + (size_t)i * D;
+        float* dxi = dx + (size_t)i * D;
+        double dot = 0.0;
+        for (int j = 0; j < D; j++) dot += (double)gi[j] * w[j] * xi[j];
+        float r = rstd[i];
+        float c = (float)(dot * r * r * r / D);
+        for (int j = 0; j < D; j++) dxi[j] += r * w[j] * gi[j] - c * xi[j];
+    }
+    if (dw) {
+        #pragma omp parallel for schedule(static) if (PAR((size_t)N * D))
+        for (int j = 0; j < D; j++) {
+            double sum = 0.0;
+            for (int i = 0; i < N; i++) sum += (double)dout[(size_t)i * D + j] * x[(size_t)i * D + j] * rstd[i];
+            dw[j] += (float)sum;
+        }
+    }
+}
+
+// LoRA dropout on the adapter's input (the base path sees x unchanged)
+typedef struct { float p; uint64_t seed; } Dropout;
+
+static void dropout_apply(float* out, const float* x, size_t n, Dropout d) {
+    float scale = 1.0f / (1.0f - d.p);
+    #pragma omp parallel for schedule(static) if (PAR(n))
+    for (size_t i = 0; i < n; i++) out[i] = lora_dropout_keep(d.seed, i, d.p) ? x[i] * scale : 0.0f;
+}
+
+// y (N, out) = x (N, in) @ W^T through the engine's matmul (fp32 GEMM, or
+// int8 dot products with x quantized per group, exactly as run.c), then the
+// adapter: u (N, r) = drop(x) @ A^T, y += scale * u @ B^T (run.c's lora_apply).
+static void matmul_forward(float* y, const float* x, int N, const Matrix* w, const LoraPair* lp, float scale,
+                           int rank, float* u, Dropout drop, TrainActs* a) {
+    matmul(y, x, w, N, a->xq, a->xs);
+    if (!lp || !lp->a) return;
+    int in = w->cols, out = w->rows;
+    const float* xin = x;
+    if (drop.p > 0.0f) { dropout_apply(a->tmp2, x, (size_t)N * in, drop); xin = a->tmp2; }
+    gemm(0, 1, N, rank, in, 1.0f, xin, in, lp->a, in, 0.0f, u, rank);
+    gemm(0, 1, N, out, rank, scale, u, rank, lp->b, rank, 1.0f, y, out);
+}
+
+// dx (N, in) += dy @ W (int8: one dequantized tile of rows at a time)
+// dW (out, in) += dy^T @ x                        (full training)
+// LoRA: dB += scale dy^T u;  du = scale dy B;  dA += du^T drop(x);  dx += drop(du A)
+static void matmul_backward(float* dx, float* dw, const float* dy, const float* x, int N, const Matrix* w,
+                            const LoraPair* lp, LoraPair* dlp, float scale, int rank, const float* u, Dropout drop,
+                            TrainActs* a) {
+    int in = w->cols, out = w->rows;
+    if (dx) {
+        if (w->f) {
+            gemm(0, 0, N, in, out, 1.0f, dy, out, w->f, in, 1.0f, dx, in);
+        } else {
+            for (int r0 = 0; r0 < out; r0 += a->deq_rows) {
+                int nr = out - r0 < a->deq_rows ? out - r0 : a->deq_rows;
+                dequant_rows(a->deq, w, r0, nr);
+                gemm(0, 0, N, in, nr, 1.0f, dy + r0, out, a->deq, in, 1.0f, dx, in);
+            }
+        }
+    }
+    if (dw) gemm(1, 0, out, in, N, 1.0f, dy, out, x, in, 1.0f, dw, in);
+    if (!lp || !lp->a) return;
+    const float* xin = x;
+    if (drop.p > 0.0f) { dropout_apply(a->tmp, x, (size_t)N * in, drop); xin = a->tmp; }
+    gemm(1, 0, out, rank, N, scale, dy, out, u, rank, 1.0f, dlp->b, rank);
+    gemm(0, 0, N, rank, out, scale, dy, out, lp->b, rank, 0.0f, a->du, rank);
+    gemm(1, 0, rank, in, N, 1.0f, a->du, rank, xin, in, 1.0f, dlp->a, in);
+    if (dx) {
+        if (drop.p <= 0.0f) {
+            gemm(0, 0, N, in, rank, 1.0f, a->du, rank, lp->a, in, 1.0f, dx, in);
+        } else {
+            gemm(0, 0, N, in, rank, 1.0f, a->du, rank, lp->a, in, 0.0f, a->tmp2, in);
+            float s = 1.0f / (1.0f - drop.p);
+            #pragma omp parallel for schedule(static) if (PAR((size_t)N * in))
+            for (size_t i = 0; i < (size_t)N * in; i++)
+                if (lora_dropout_keep(drop.seed, i, drop.p)) dx[i] += a->tmp2[i] * s;
+        }
+    }
+}
+
+// Positions: row r of a batch holds positions 0..T-1, or, in a packed row,
+// several sequences whose positions each restart at 0 (pos (N,) gives the
+// position of every entry; NULL = i % T). A position p attends to the p+1
+// entries ending at itself, so every packed sequence is computed exactly as
+// if it were alone.
+
+// RoPE on each row's heads at its position: the engine's rope_rotate with
+// the cos/sin of that position.
+static void rope_forward(float* x, const int* pos_of, int N, int T, int n_heads, int hd, const float* cos_t,
+                         const float* sin_t) {
+    int half = hd / 2;
+    #pragma omp parallel for schedule(static) if (PAR((size_t)N * n_heads * hd))
+    for (int i = 0; i < N; i++) {
+        int pos = pos_of ? pos_of[i] : i % T;
+        rope_rotate(x + (size_t)i * n_heads * hd, n_heads, hd, cos_t + (size_t)pos * half, sin_t + (size_t)pos * half);
+    }
+}
+
+// The rotation is orthogonal: its backward is the rotation by -angle.
+static void rope_backward(float* dx, const int* pos_of, int N, int T, int n_heads, int hd, const float* cos_t,
+                          const float* nsin_t) {
+    rope_forward(dx, pos_of, N, T, n_heads, hd, cos_t, nsin_t);
+}
+
+// Causal GQA attention. q (N, nh*hd), k and v (N, nkv*hd) after RoPE;
+// att (B, nh, T, T) softmax probabilities saved; out (N, nh*hd). The same
+// arithmetic, in the same order, as run.c's attention().
+static void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,
+                              const int* pos_of, int B, int T, int nh, int nkv, int hd) {
+    int qd = nh * hd, kvd = nkv * hd, kv_mul = nh / nkv;
+    float inv_sqrt = 1.0f / sqrtf((float)hd);
+    #pragma omp parallel for schedule(dynamic) if (PAR((size_t)B * nh * T * T * hd))
+    for (int bhi = 0; bhi < B * nh * T; bhi++) {
+        int b = bhi / (nh * T), h = (bhi / T) % nh, i = bhi % T;
+        const float* qi = q + (size_t)(b * T + i) * qd + (size_t)h * hd;
+        float* row = att + ((size_t)(b * nh + h) * T + i) * T;
+        int kv_off = (h / kv_mul) * hd;
+        int j0 = pos_of ? i - pos_of[b * T + i] : 0; // the first entry of this sequence
+        for (int j = j0; j <= i; j++) {
+            const float* kj = k + (size_t)(b * T + j) * kvd + kv_off;
+            float score = 0.0f;
+            for (int d = 0; d < hd; d++) score += qi[d] * kj[d];
+            row[j] = score * inv_sqrt;
+        }
+        softmax(row + j0, i - j0 + 1);
+        for (int j = 0; j < j0; j++) row[j] = 0.0f;
+        for (int j = i + 1; j < T; j++) row[j] = 0.0f;
+        float* o = out + (size_t)(b * T + i) * qd + (size_t)h * hd;
+        memset(o, 0, hd * sizeof(float));
+        for (int j = j0; j <= i; j++) {
+            const float* vj = v + (size_t)(b * T + j) * kvd + kv_off;
+            float p = row[j];
+            for (int d = 0; d < hd; d++) o[d] += p * vj[d];
+        }
+    }
+}
+
+// With P = softmax(S), S = q k^T / sqrt(hd), out = P v:
+//   dP_ij = dout_i . v_j,  dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik),
+//   dq_i += dS_ij k_j / sqrt(hd),  dk_j += dS_ij q_i / sqrt(hd),  dv_j += P_ij dout_i.
+// Threads own (batch row, query head) pairs; dk and dv are first gathered
+// per query head (dkh, dvh) and then summed over each GQA group, so no two
+// threads write the same float and the result does not depend on threads.
+static void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* att, const float* q,
+                               const float* k, const float* v, const int* pos_of, int B, int T, int nh, int nkv,
+                               int hd, TrainActs* a) {
+    int qd = nh * hd, kvd = nkv * hd, kv_mul = nh / nkv, N = B * T;
+    float inv_sqrt = 1.0f / sqrtf((float)hd);
+    zero(a->dkh, (size_t)N * qd);
+    zero(a->dvh, (size_t)N * qd);
+    #pragma omp parallel for schedule(dynamic) if (PAR((size_t)B * nh * T * T * hd))
+    for (int bh = 0; bh < B * nh; bh++) {
+        int b = bh / nh, h = bh % nh, kv_off = (h / kv_mul) * hd;
+        float* dp = a->dp + (size_t)thread_num() * a->T_cap;
+        for (int i = 0; i < T; i++) {
+            const float* row = att + ((size_t)(b * nh + h) * T + i) * T;
+            const float* gi = dout + (size_t)(b * T + i) * qd + (size_t)h * hd;
+            const float* qi = q + (size_t)(b * T + i) * qd + (size_t)h * hd;
+            float* dqi = dq + (size_t)(b * T + i) * qd + (size_t)h * hd;
+            int j0 = pos_of ? i - pos_of[b * T + i] : 0;
+            float s = 0.0f;
+            for (int j = j0; j <= i; j++) {
+                const float* vj = v + (size_t)(b * T + j) * kvd + kv_off;
+                float dot = 0.0f;
+                for (int d = 0; d < hd; d++) dot += gi[d] * vj[d];
+                dp[j] = dot;
+                s += row[j] * dot;
+            }
+            for (int j = j0; j <= i; j++) {
+                const float* kj = k + (size_t)(b * T + j) * kvd + kv_off;
+                float* dkj = a->dkh + (size_t)(b * T + j) * qd + (size_t)h * hd;
+                float* dvj = a->dvh + (size_t)(b * T + j) * qd + (size_t)h * hd;
+                float ds = row[j] * (dp[j] - s) * inv_sqrt;
+                for (int d = 0; d < hd; d++) {
+                    dqi[d] += ds * kj[d];
+                    dkj[d] += ds * qi[d];
+                    dvj[d] += row[j] * gi[d];
+                }
+            }
+        }
+    }
+    #pragma omp parallel for schedule(static) if (PAR((size_t)N * qd))
+    for (int i = 0; i < N; i++)
+        for (int g = 0; g < nkv; g++)
+            for (int h = g * kv_mul; h < (g + 1) * kv_mul; h++)
+                for (int d = 0; d < hd; d++) {
+                    dk[(size_t)i * kvd + g * hd + d] += a->dkh[(size_t)i * qd + h * hd + d];
+                    dv[(size_t)i * kvd + g * hd + d] += a->dvh[(size_t)i * qd + h * hd + d];
+                }
+}
+
+// h = silu(gate) * up, written as run.c writes it
+static void swiglu_forward(float* h, const float* gate, const float* up, size_t n) {
+    #pragma omp parallel for schedule(static) if (PAR(8 * n))
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i];
+        h[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+// silu'(g) = sig(g) (1 + g (1 - sig(g)))
+static void swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, size_t n) {
+    #pragma omp parallel for schedule(static) if (PAR(8 * n))
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i];
+        float sig = 1.0f / (1.0f + expf(-g));
+        dgate[i] += dh[i] * up[i] * sig * (1.0f + g * (1.0f - sig));
+        dup[i] += dh[i] * g * sig;
+    }
+}
+
+static void residual_forward(float* out, const float* a, const float* b, size_t n) {
+    #pragma omp parallel for schedule(static) if (PAR(n))
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+static void residual_backward(float* da, float* db, const float* dout, size_t n) {
+    #pragma omp parallel for schedule(static) if (PAR(n))
+    for (size_t i = 0; i < n; i++) { da[i] += dout[i]; db[i] += dout[i]; }
+}
+
+// Per-position NLL of the targets: lse (N,), nll (N,) for rows with weight != 0.
+static void crossentropy_forward(float* nll, float* lse, const float* logits, const int* targets,
+                                 const float* weights, int N, int V) {
+    #pragma omp parallel for schedule(static) if (PAR((size_t)N * V))
+    for (int i = 0; i < N; i++) {
+        if (weights[i] == 0.0f) { nll[i] = 0.0f; lse[i] = 0.0f; continue; }
+        const float* z = logits + (size_t)i * V;
+        float mx = z[0];
+        for (int j = 1; j < V; j++) if (z[j] > mx) mx = z[j];
+        double sum = 0.0;
+        for (int j = 0; j < V; j++) sum += expf(z[j] - mx);
+        double l = mx + log(sum);
+        lse[i] = (float)l;
+        nll[i] = (float)(l - z[targets[i]]);
+    }
+}
+
+// In place over the logits: dz_i = dnll_i (softmax(z_i) - onehot(t_i)) + dkl_i (softmax(z_i) - exp(ref_i)),
+// ref holding log-probabilities (the KL target). Rows with no gradient become 0.
+static void crossentropy_backward(float* logits, const float* lse, const int* targets, const float* dnll,
+                                  const float* dkl, const float* ref, int N, int V) {
+    #pragma omp parallel for schedule(static) if (PAR((size_t)N * V))
+    for (int i = 0; i < N; i++) {
+        float* z = logits + (size_t)i * V;
+        float a = dnll[i], c = dkl[i];
+        if (a == 0.0f && c == 0.0f) { memset(z, 0, (size_t)V * sizeof(float)); continue; }
+        float l = lse[i];
+        const float* r = ref ? ref + (size_t)i * V : NULL;
+        for (int j = 0; j < V; j++) {
+            float p = expf(z[j] - l);
+            float g = (a + c) * p;
+            if (c != 0.0f) g -= c * expf(r[j]);
+            z[j] = g;
+        }
+        if (a != 0.0f) z[targets[i]] -= a;
+    }
+}
+
+// KL(ref || model) per position, ref given as log-probabilities (N, V)
+static void kl_forward(float* kl, const float* logits, const float* lse, const float* ref, const float* weights,
+                       int N, int V) {
+    #pragma omp parallel for schedule(static) if (PAR((size_t)N * V))
+    for (int i = 0; i < N; i++) {
+        if (weights[i] == 0.0f) { kl[i] = 0.0f; continue; }
+        const float* z = logits + (size_t)i * V;
+        const float* r = ref + (size_t)i * V;
+        double sum = 0.0;
+        for (int j = 0; j < V; j++) {
+            double pr = exp((double)r[j]);
+            if (pr > 0.0) sum += pr * ((double)r[j] - ((double)z[j] - lse[i]));
+        }
+        kl[i] = (float)sum;
+    }
+}
+
+// rows of logits -> log-probabilities, in place
+static void log_softmax_rows(float* z, int N, int V) {
+    #pragma omp parallel for schedule(static) if (PAR((size_t)N * V))
+    for (int i = 0; i < N; i++) {
+        float* r = z + (size_t)i * V;
+        float mx = r[0];
+        for (int j = 1; j < V; j++) if (r[j] > mx) mx = r[j];
+        double sum = 0.0;
+        for (int j = 0; j < V; j++) sum += expf(r[j] - mx);
+        float l = (float)(mx + log(sum));
+        for (int j = 0; j < V; j++) r[j] -= l;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// The model: forward over a batch, saving activations; backward in reverse
+
+// activation of layer l: base + l * (N * width)
+#define LAYER(buf, l, width) ((buf) + (size_t)(l) * N * (width))
+
+static Dropout dropout_for(const TrainModel* m, int on, int layer, int target) {
+    Dropout d = {0.0f, 0};
+    if (on && m->lora_dropout > 0.0f) { d.p = m->lora_dropout; d.seed = train_dropout_seed(m->dropout_seed, layer, target); }
+    return d;
+}
+
+void train_forward(TrainModel* m, const Weights* w, const Lora* lora, int dropout, const int* inputs, const int* pos,
+                   int B, int T, int n_layers) {
+    Config* c = &m->config;
+    TrainActs* a = &m->acts;
+    int N = B * T, D = c->dim, H = c->hidden_dim, hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
+    int qd = nh * hd, kvd = nkv * hd, V = c->vocab_size, L = c->n_layers;
+    if (N > a->N_cap || T > a->T_cap || B <= 0 || T <= 0) die("batch %d x %d exceeds the buffers (%d positions, rows of %d)", B, T, a->N_cap, a->T_cap);
+    if (lora && lora->rank > 64 && lora != &m->lora) die("a reference adapter of rank > 64 is not supported");
+    for (int i = 0; i < N; i++)
+        if (inputs[i] < 0 || inputs[i] >= V) die("token id %d out of range [0, %d)", inputs[i], V);
+    if (pos)
+        for (int i = 0; i < N; i++)
+            if (pos[i] < 0 || pos[i] > i % T || (pos[i] > 0 && i % T > 0 && pos[i] != pos[i - 1] + 1))
+                die("invalid positions in a packed row");
+    a->B = B;
+    a->T = T;
+    a->pos = pos;
+    a->n_layers_run = n_layers;
+    // the trainable adapter saves A x for its backward; another one (WHP's reinforced) uses scratch
+    int save_u = lora && lora == &m->lora;
+    int r = lora ? lora->rank : 0;
+    float scale = lora ? lora->scale : 0.0f;
+    int use_drop = dropout && save_u;
+
+    embedding_forward(a->x, inputs, N, &w->token_embedding, D);
+    for (int l = 0; l < n_layers; l++) {
+        LayerWeights* lw = &w->layers[l];
+        const LoraPair* lp = lora ? lora->pairs[l] : NULL;
+        float* u[LORA_N_TARGETS];
+        for (int t = 0; t < LORA_N_TARGETS; t++)
+            u[t] = save_u ? a->lora_u + ((size_t)l * LORA_N_TARGETS + t) * N * r : a->u_tmp;
+        float* x = LAYER(a->x, l, D);
+        float* xn1 = LAYER(a->xn1, l, D);
+        float* q = LAYER(a->q, l, qd);
+        float* k = LAYER(a->k, l, kvd);
+        float* v = LAYER(a->v, l, kvd);
+        float* att = a->att + (size_t)l * B * nh * T * T;
+        float* att_out = LAYER(a->att_out, l, qd);
+        float* xmid = LAYER(a->xmid, l, D);
+        float* xn2 = LAYER(a->xn2, l, D);
+        float* gate = LAYER(a->gate, l, H);
+        float* up = LAYER(a->up, l, H);
+        float* h = LAYER(a->h, l, H);
+        // attention block: xmid = x + wo(attention(rope(wq xn1), rope(wk xn1), wv xn1))
+        rmsnorm_forward(xn1, a->rstd1 + (size_t)l * N, x, lw->rms_att, N, D, c->norm_eps);
+        matmul_forward(q, xn1, N, &lw->wq, lp ? &lp[LORA_Q] : NULL, scale, r, u[LORA_Q], dropout_for(m, use_drop, l, LORA_Q), a);
+        matmul_forward(k, xn1, N, &lw->wk, lp ? &lp[LORA_K] : NULL, scale, r, u[LORA_K], dropout_for(m, use_drop, l, LORA_K), a);
+        matmul_forward(v, xn1, N, &lw->wv, lp ? &lp[LORA_V] : NULL, scale, r, u[LORA_V], dropout_for(m, use_drop, l, LORA_V), a);
+        rope_forward(q, pos, N, T, nh, hd, a->rope_cos, a->rope_sin);
+        rope_forward(k, pos, N, T, nkv, hd, a->rope_cos, a->rope_sin);
+        attention_forward(att_out, att, q, k, v, pos, B, T, nh, nkv, hd);
+        matmul_forward(a->tmp, att_out, N, &lw->wo, lp ? &lp[LORA_O] : NULL, scale, r, u[LORA_O], dropout_for(m, use_drop, l, LORA_O), a);
+        residual_forward(xmid, x, a->tmp, (size_t)N * D);
+        // MLP block: x_next = xmid + w_down(silu(w_gate xn2) * w_up xn2)
+        rmsnorm_forward(xn2, a->rstd2 + (size_t)l * N, xmid, lw->rms_ffn, N, D, c->norm_eps);
+        matmul_forward(gate, xn2, N, &lw->w_gate, lp ? &lp[LORA_GATE] : NULL, scale, r, u[LORA_GATE], dropout_for(m, use_drop, l, LORA_GATE), a);
+        matmul_forward(up, xn2, N, &lw->w_up, lp ? &lp[LORA_UP] : NULL, scale, r, u[LORA_UP], dropout_for(m, use_drop, l, LORA_UP), a);
+        swiglu_forward(h, gate, up, (size_t)N * H);
+        matmul_forward(a->tmp, h, N, &lw->w_down, lp ? &lp[LORA_DOWN] : NULL, scale, r, u[LORA_DOWN], dropout_for(m, use_drop, l, LORA_DOWN), a);
+        residual_forward(LAYER(a->x, l + 1, D), xmid, a->tmp, (size_t)N * D);
+    }
+    if (n_layers < L) return;
+    // final norm and classifier
+    rmsnorm_forward(a->xf, a->rstdf, LAYER(a->x, L, D), w->rms_final, N, D, c->norm_eps);
+    matmul_forward(a->logits, a->xf, N, &w->wcls, NULL, 0.0f, 0, NULL, (Dropout){0.0f, 0}, a);
+}
+
+double train_nll(TrainModel* m, const Batch* b, double* wsum) {
+    TrainActs* a = &m->acts;
+    int N = b->B * b->T;
+    crossentropy_forward(a->nll, a->lse, a->logits, b->targets, b->weights, N, m->config.vocab_size);
+    double sum = 0.0, ws = 0.0;
+    for (int i = 0; i < N; i++) { sum += (double)b->weights[i] * a->nll[i]; ws += b->weights[i]; }
+    if (wsum) *wsum = ws;
+    return sum;
+}
+
+void train_loss_backward(TrainModel* m, const Batch* b) {
+    TrainActs* a = &m->acts;
+    crossentropy_backward(a->logits, a->lse, b->targets, a->dnll, a->dkl, a->ref, b->B * b->T, m->config.vocab_size);
+}
+
+void train_backward(TrainModel* m, const int* inputs, int from_layer) {
+    Config* c = &m->config;
+    TrainActs* a = &m->acts;
+    const Weights* w = &m->w;
+    int B = a->B, T = a->T, N = B * T, D = c->dim, H = c->hidden_dim, hd = c->head_dim, nh = c->n_heads;
+    int nkv = c->n_kv_heads, qd = nh * hd, kvd = nkv * hd, L = c->n_layers;
+    int full = m->full;
+    const Lora* lora = full ? NULL : &m->lora;
+    int r = lora ? lora->rank : 0;
+    float scale = lora ? lora->scale : 0.0f;
+    if (from_layer > a->n_layers_run) die("backward from layer %d after a forward of %d layers", from_layer, a->n_layers_run);
+
+    if (from_layer == L) {
+        // logits = xf @ Wcls^T ; xf = rmsnorm(x_L). dlogits are in a->logits.
+        zero(a->dxf, (size_t)N * D);
+        matmul_backward(a->dxf, full ? m->gw.wcls.f : NULL, a->logits, a->xf, N, &w->wcls, NULL, NULL, 0.0f, 0, NULL,
+                        (Dropout){0.0f, 0}, a);
+        zero(a->dres, (size_t)N * D);
+        rmsnorm_backward(a->dres, full ? m->gw.rms_final : NULL, a->dxf, LAYER(a->x, L, D), w->rms_final, a->rstdf, N, D);
+    } // else a->dres holds the gradient of the residual stream after layer from_layer - 1
+
+    int stop = full ? 0 : m->min_layer;
+    for (int l = from_layer - 1; l >= stop; l--) {
+        LayerWeights* lw = &w->layers[l];
+        LayerWeights* glw = full ? &m->gw.layers[l] : NULL;
+        const LoraPair* lp = lora ? lora->pairs[l] : NULL;
+        LoraPair* dlp = lora ? m->dlora.pairs[l] : NULL;
+        const float* u[LORA_N_TARGETS];
+        for (int t = 0; t < LORA_N_TARGETS; t++) u[t] = r ? a->lora_u + ((size_t)l * LORA_N_TARGETS + t) * N * r : NULL;
+        int need_dx = full || l > stop; // below the lowest trainable layer nothing needs gradients
+        float* x = LAYER(a->x, l, D);
+        float* xn1 = LAYER(a->xn1, l, D);
+        float* q = LAYER(a->q, l, qd);
+        float* k = LAYER(a->k, l, kvd);
+        float* v = LAYER(a->v, l, kvd);
+        float* att = a->att + (size_t)l * B * nh * T * T;
+        float* att_out = LAYER(a->att_out, l, qd);
+        float* xmid = LAYER(a->xmid, l, D);
+        float* xn2 = LAYER(a->xn2, l, D);
+        float* gate = LAYER(a->gate, l, H);
+        float* up = LAYER(a->up, l, H);
+        float* h = LAYER(a->h, l, H);
+#define DROP(t) dropout_for(m, 1, l, (t))
+#define PAIR(p, t) ((p) ? &(p)[t] : NULL)
+
+        // MLP block backward: x_next = xmid + down(h)
+        zero(a->dmid, (size_t)N * D);
+        zero(a->dbranch, (size_t)N * D);
+        residual_backward(a->dmid, a->dbranch, a->dres, (size_t)N * D);
+        zero(a->dh, (size_t)N * H);
+        matmul_backward(a->dh, full ? glw->w_down.f : NULL, a->dbranch, h, N, &lw->w_down, PAIR(lp, LORA_DOWN),
+                        PAIR(dlp, LORA_DOWN), scale, r, u[LORA_DOWN], DROP(LORA_DOWN), a);
+        zero(a->dgate, (size_t)N * H);
+        zero(a->dup, (size_t)N * H);
+        swiglu_backward(a->dgate, a->dup, a->dh, gate, up, (size_t)N * H);
+        zero(a->dxn, (size_t)N * D);
+        matmul_backward(a->dxn, full ? glw->w_gate.f : NULL, a->dgate, xn2, N, &lw->w_gate, PAIR(lp, LORA_GATE),
+                        PAIR(dlp, LORA_GATE), scale, r, u[LORA_GATE], DROP(LORA_GATE), a);
+        matmul_backward(a->dxn, full ? glw->w_up.f : NULL, a->dup, xn2, N, &lw->w_up, PAIR(lp, LORA_UP),
+                        PAIR(dlp, LORA_UP), scale, r, u[LORA_UP], DROP(LORA_UP), a);
+        rmsnorm_backward(a->dmid, full ? glw->rms_ffn : NULL, a->dxn, xmid, lw->rms_ffn, a->rstd2 + (size_t)l * N, N, D);
+
+        // attention block backward: xmid = x + wo(att_out)
+        zero(a->dres, (size_t)N * D);
+        zero(a->dbranch, (size_t)N * D);
+        residual_backward(a->dres, a->dbranch, a->dmid, (size_t)N * D);
+        zero(a->datt, (size_t)N * qd);
+        matmul_backward(a->datt, full ? glw->wo.f : NULL, a->dbranch, att_out, N, &lw->wo, PAIR(lp, LORA_O),
+                        PAIR(dlp, LORA_O), scale, r, u[LORA_O], DROP(LORA_O), a);
+        zero(a->dq, (size_t)N * qd);
+        zero(a->dk, (size_t)N * kvd);
+        zero(a->dv, (size_t)N * kvd);
+        attention_backward(a->dq, a->dk, a->dv, a->datt, att, q, k, v, a->pos, B, T, nh, nkv, hd, a);
+        rope_backward(a->dq, a->pos, N, T, nh, hd, a->rope_cos, a->rope_nsin);
+        rope_backward(a->dk, a->pos, N, T, nkv, hd, a->rope_cos, a->rope_nsin);
+        zero(a->dxn, (size_t)N * D);
+        float* dxn = need_dx ? a->dxn : NULL;
+        matmul_backward(dxn, full ? glw->wq.f : NULL, a->dq, xn1, N, &lw->wq, PAIR(lp, LORA_Q), PAIR(dlp, LORA_Q),
+                        scale, r, u[LORA_Q], DROP(LORA_Q), a);
+        matmul_backward(dxn, full ? glw->wk.f : NULL, a->dk, xn1, N, &lw->wk, PAIR(lp, LORA_K), PAIR(dlp, LORA_K),
+                        scale, r, u[LORA_K], DROP(LORA_K), a);
+        matmul_backward(dxn, full ? glw->wv.f : NULL, a->dv, xn1, N, &lw->wv, PAIR(lp, LORA_V), PAIR(dlp, LORA_V),
+                        scale, r, u[LORA_V], DROP(LORA_V), a);
+        if (need_dx)
+            rmsnorm_backward(a->dres, full ? glw->rms_att : NULL, a->dxn, x, lw->rms_att, a->rstd1 + (size_t)l * N, N, D);
+#undef DROP
+#undef PAIR
+    }
+    if (full) embedding_backward(m->gw.token_embedding.f, a->dres, inputs, N, D);
+}
+
+// ----------------------------------------------------------------------------
+// Objectives. Every term is a mean over counted positions (weights) or over
+// rows (NPO, SimNPO); the forget and retain batches run one after the other,
+// each forward immediately followed by its backward.
+
+static const char* const objective_names[OBJ_COUNT] = {"sft", "ga", "graddiff", "kl", "npo", "simnpo", "whp", "rmu"};
+
+const char* objective_name(int objective) { return objective >= 0 && objective < OBJ_COUNT ? objective_names[objective] : "?"; }
+
+int objective_from_name(const char* s) {
+    for (int i = 0; i < OBJ_COUNT; i++) if (!strcmp(s, objective_names[i])) return i;
+    return -1;
+}
+
+static double softplus(double x) { return x > 30.0 ? x : log1p(exp(x)); }
+static double sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
+
+static const Lora* trainable_lora(const TrainModel* m) { return m->full ? NULL : &m->lora; }
+
+// The sequences of a batch (a row, or each sequence of a packed row):
+// seq_of (N,) gets each position's sequence index; returns their count.
+static int batch_sequences(const Batch* b, int* seq_of) {
+    int n = 0;
+    for (int i = 0; i < b->B * b->T; i++) {
+        if (i % b->T == 0 || (b->pos && b->pos[i] == 0)) n++;
+        seq_of[i] = n - 1;
+    }
+    return n;
+}
+
+// per-sequence sums of weight and weighted NLL after train_nll
+static void sequence_sums(const TrainModel* m, const Batch* b, const int* seq_of, int n_seq, double* wseq,
+                          double* nllseq) {
+    for (int s = 0; s < n_seq; s++) wseq[s] = nllseq[s] = 0.0;
+    for (int i = 0; i < b->B * b->T; i++) {
+        wseq[seq_of[i]] += b->weights[i];
+        nllseq[seq_of[i]] += (double)b->weights[i] * m->acts.nll[i];
+    }
+}
+
+static void clear_loss_grads(TrainModel* m, int N) {
+    zero(m->acts.dnll, N);
+    zero(m->acts.dkl, N);
+}
+
+// WHP generic targets for a forget batch, into acts.ref as log-probs:
+// the base model's logits on the translated rows, gathered at label_pos,
+// optionally v_base - alpha * ReLU(v_reinforced - v_base).
+static void whp_targets(TrainModel* m, const ObjectiveConfig* oc, const Batch* b) {
+    TrainActs* a = &m->acts;
+    int V = m->config.vocab_size, L = m->config.n_layers, N = b->B * b->T;
+    if (!b->trans_inputs || !b->label_pos || b->Tt <= 0) die("the whp objective needs translated rows (--dict)");
+    if (!a->ref) die("internal: no reference buffer");
+    train_forward(m, &m->base, NULL, 0, b->trans_inputs, NULL, b->B, b->Tt, L);
+    for (int r = 0; r < b->B; r++)
+        for (int i = 0; i < b->T; i++) {
+            int lp = b->label_pos[r * b->T + i];
+            float* dst = a->ref + (size_t)(r * b->T + i) * V;
+            if (lp >= 0) memcpy(dst, a->logits + (size_t)(r * b->Tt + lp) * V, (size_t)V * sizeof(float));
+            else zero(dst, V);
+        }
+    if (oc->whp_reinforced) {
+        train_forward(m, &m->base, oc->whp_reinforced, 0, b->trans_inputs, NULL, b->B, b->Tt, L);
+        for (int r = 0; r < b->B; r++)
+            for (int i = 0; i < b->T; i++) {
+                int lp = b->label_pos[r * b->T + i];
+                if (lp < 0) continue;
+                float* vb = a->ref + (size_t)(r * b->T + i) * V;
+                const float* vr = a->logits + (size_t)(r * b->Tt + lp) * V;
+                for (int j = 0; j < V; j++) vb[j] -= oc->whp_alpha * fmaxf(vr[j] - vb[j], 0.0f);
+            }
+    }
+    log_softmax_rows(a->ref, N, V);
+}
+
+// RMU: sum over counted rows of mean_j (h_ij - target_ij)^2, and its gradient into dres
+static double rmu_mse(TrainModel* m, const Batch* b, const float* target, const float* target_vec, double coef,
+                      float grad_scale, int backward) {
+    TrainActs* a = &m->acts;
+    int N = b->B * b->T, D = m->config.dim;
+    const float* h = a->x + (size_t)(m->acts.n_layers_run) * N * D;
+    double wsum = 0.0, sum = 0.0;
+    for (int i = 0; i < N; i++) wsum += b->weights[i];
+    if (wsum <= 0.0) return 0.0;
+    if (backward) zero(a->dres, (size_t)N * D);
+    for (int i = 0; i < N; i++) {
+        float w = b->weights[i];
+        if (w == 0.0f) continue;
+        const float* t = target ? target + (size_t)i * D : target_vec;
+        double s = 0.0;
+        for (int j = 0; j < D; j++) {
+            double d = (double)h[(size_t)i * D + j] - t[j];
+            s += d * d;
+            if (backward) a->dres[(size_t)i * D + j] = (float)(grad_scale * coef * w * 2.0 * d / (D * wsum));
+        }
+        sum += w * s / D;
+    }
+    return coef * sum / wsum;
+}
+
+static void forget_part(TrainModel* m, const ObjectiveConfig* oc, const Batch* b, float gs, int backward, LossTerms* lt) {
+    TrainActs* a = &m->acts;
+    int L = m->config.n_layers, N = b->B * b->T, V = m->config.vocab_size;
+    const Lora* lora = trainable_lora(m);
+    double W = 0.0;
+    if (oc->objective == OBJ_RMU) {
+        int l = oc->rmu_layer;
+        train_forward(m, &m->w, lora, 1, b->inputs, b->pos, b->B, b->T, l + 1);
+        lt->tokens += N;
+        float* cu = xmalloc(m->config.dim * sizeof(float));
+        for (int j = 0; j < m->config.dim; j++) cu[j] = oc->rmu_c * oc->rmu_u[j];
+        lt->forget_term = rmu_mse(m, b, NULL, cu, oc->gamma, gs, backward);
+        free(cu);
+        if (backward) train_backward(m, b->inputs, l + 1);
+        return;
+    }
+    int* seq_of = xmalloc((size_t)N * sizeof(int));
+    int n_seq = batch_sequences(b, seq_of);
+    double* wseq = xcalloc(n_seq, sizeof(double));
+    double* nseq = xcalloc(n_seq, sizeof(double));
+    double* ref_nll = xcalloc(n_seq, sizeof(double));
+    if (oc->objective == OBJ_NPO) {
+        // the reference: the frozen base (LoRA: the adapter switched off)
+        train_forward(m, &m->base, NULL, 0, b->inputs, b->pos, b->B, b->T, L);
+        lt->tokens += N;
+        train_nll(m, b, &W);
+        sequence_sums(m, b, seq_of, n_seq, wseq, ref_nll);
+    }
+    if (oc->objective == OBJ_WHP) { whp_targets(m, oc, b); lt->tokens += (double)b->B * b->Tt * (oc->whp_reinforced ? 2 : 1); }
+    train_forward(m, &m->w, lora, 1, b->inputs, b->pos, b->B, b->T, L);
+    lt->tokens += N;
+    double S = train_nll(m, b, &W);
+    lt->forget_nll = W > 0 ? S / W : NAN;
+    sequence_sums(m, b, seq_of, n_seq, wseq, nseq);
+    clear_loss_grads(m, N);
+    double g = oc->gamma;
+    switch (oc->objective) {
+        case OBJ_SFT: case OBJ_GA: case OBJ_GRADDIFF: case OBJ_KL: {
+            double sign = oc->objective == OBJ_SFT ? 1.0 : -1.0; // descent (sft) or ascent
+            lt->forget_term = W > 0 ? sign * g * S / W : 0.0;
+            for (int i = 0; i < N; i++) a->dnll[i] = W > 0 ? (float)(gs * sign * g * b->weights[i] / W) : 0.0f;
+            break;
+        }
+        case OBJ_NPO: case OBJ_SIMNPO: {
+            // per sequence y (a row, or a packed sequence), log pi(y) = -sum w nll:
+            // NPO:    (2/beta) softplus(beta (log pi - log pi_ref))
+            // SimNPO: (2/beta) softplus(beta (log pi / |y|) + delta)
+            int seqs = 0;
+            for (int q = 0; q < n_seq; q++) seqs += wseq[q] > 0;
+            double term = 0.0;
+            double* coef = xcalloc(n_seq, sizeof(double));
+            for (int q = 0; q < n_seq; q++) {
+                if (wseq[q] <= 0) continue;
+                double z, dz_dnll; // the softplus argument, and its derivative by each counted token's nll / w
+                if (oc->objective == OBJ_NPO) {
+                    z = oc->beta * (-nseq[q] + ref_nll[q]);
+                    dz_dnll = -oc->beta;
+                } else {
+                    z = oc->beta * (-nseq[q] / wseq[q]) + oc->delta;
+                    dz_dnll = -oc->beta / wseq[q];
+                }
+                term += 2.0 / oc->beta * softplus(z);
+                coef[q] = 2.0 / oc->beta * sigmoid(z) * dz_dnll * g / seqs;
+            }
+            for (int i = 0; i < N; i++) a->dnll[i] = (float)(gs * coef[seq_of[i]] * b->weights[i]);
+            free(coef);
+            lt->forget_term = seqs ? g * term / seqs : 0.0;
+            break;
+        }
+        case OBJ_WHP: {
+            float* kl = a->dkl; // reuse as scratch, then overwrite with the gradient
+            kl_forward(kl, a->logits, a->lse, a->ref, b->weights, N, V);
+            double sum = 0.0;
+            for (int i = 0; i < N; i++) sum += (double)b->weights[i] * kl[i];
+            lt->forget_term = W > 0 ? g * sum / W : 0.0;
+            for (int i = 0; i < N; i++) a->dkl[i] = W > 0 ? (float)(gs * g * b->weights[i] / W) : 0.0f;
+            break;
+        }
+        default: die("internal: objective %d", oc->objective);
+    }
+    free(seq_of); free(wseq); free(nseq); free(ref_nll);
+    if (backward) {
+        train_loss_backward(m, b);
+        train_backward(m, b->inputs, L);
+    }
+}
+
+static void retain_part(TrainModel* m, const ObjectiveConfig* oc, const Batch* b, float gs, int backward, LossTerms* lt) {
+    TrainActs* a = &m->acts;
+    int L = m->config.n_layers, N = b->B * b->T, V = m->config.vocab_size;
+    const Lora* lora = trainable_lora(m);
+    double W = 0.0;
+    if (oc->objective == OBJ_RMU) {
+        // keep the activations at layer l where the frozen model has them
+        int l = oc->rmu_layer;
+        train_forward(m, &m->base, NULL, 0, b->inputs, b->pos, b->B, b->T, l + 1);
+        memcpy(a->ref_hidden, a->x + (size_t)(l + 1) * N * m->config.dim, (size_t)N * m->config.dim * sizeof(float));
+        train_forward(m, &m->w, lora, 1, b->inputs, b->pos, b->B, b->T, l + 1);
+        lt->tokens += 2.0 * N;
+        lt->retain_term = rmu_mse(m, b, a->ref_hidden, NULL, oc->rmu_alpha, gs, backward);
+        if (backward) train_backward(m, b->inputs, l + 1);
+        return;
+    }
+    if (oc->retain_loss == RETAIN_KL) {
+        train_forward(m, &m->base, NULL, 0, b->inputs, b->pos, b->B, b->T, L);
+        lt->tokens += N;
+        memcpy(a->ref, a->logits, (size_t)N * V * sizeof(float));
+        log_softmax_rows(a->ref, N, V);
+    }
+    train_forward(m, &m->w, lora, 1, b->inputs, b->pos, b->B, b->T, L);
+    lt->tokens += N;
+    double S = train_nll(m, b, &W);
+    lt->retain_nll = W > 0 ? S / W : NAN;
+    clear_loss_grads(m, N);
+    double lam = oc->lambda;
+    if (oc->retain_loss == RETAIN_KL) {
+        float* kl = a->dkl;
+        kl_forward(kl, a->logits, a->lse, a->ref, b->weights, N, V);
+        double sum = 0.0;
+        for (int i = 0; i < N; i++) sum += (double)b->weights[i] * kl[i];
+        lt->retain_kl = W > 0 ? sum / W : NAN;
+        lt->retain_term = W > 0 ? lam * sum / W : 0.0;
+        for (int i = 0; i < N; i++) a->dkl[i] = W > 0 ? (float)(gs * lam * b->weights[i] / W) : 0.0f;
+    } else {
+        lt->retain_term = W > 0 ? lam * S / W : 0.0;
+        for (int i = 0; i < N; i++) a->dnll[i] = W > 0 ? (float)(gs * lam * b->weights[i] / W) : 0.0f;
+    }
+    if (backward) {
+        train_loss_backward(m, b);
+        train_backward(m, b->inputs, L);
+    }
+}
+
+void train_objective(TrainModel* m, const ObjectiveConfig* oc, const Batch* forget, const Batch* retain,
+                     float grad_scale, int backward, LossTerms* lt) {
+    memset(lt, 0, sizeof(*lt));
+    lt->forget_nll = lt->retain_nll = lt->retain_kl = NAN;
+    if (forget) forget_part(m, oc, forget, grad_scale, backward, lt);
+    if (retain && (oc->retain_loss != RETAIN_NONE || oc->objective == OBJ_RMU))
+        retain_part(m, oc, retain, grad_scale, backward, lt);
+    lt->loss = lt->forget_term + lt->retain_term;
+}
+
+// ----------------------------------------------------------------------------
+// Optimiser
+
+void train_zero_grads(TrainModel* m) { zero(m->grads, m->n_params); }
+
+double train_grad_norm(const TrainModel* m) {
+    double sum = 0.0;
+    for (size_t i = 0; i < m->n_params; i++) sum += (double)m->grads[i] * m->grads[i];
+    return sqrt(sum);
+}
+
+void train_scale_grads(TrainModel* m, float s) {
+    for (size_t i = 0; i < m->n_params; i++) m->grads[i] *= s;
+}
+
+void train_adamw(TrainModel* m, float lr, float beta1, float beta2, float eps, float weight_decay, int t) {
+    float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
+    #pragma omp parallel for schedule(static) if (PAR(m->n_params))
+    for (size_t i = 0; i < m->n_params; i++) {
+        float g = m->grads[i];
+        float mi = beta1 * m->adam_m[i] + (1.0f - beta1) * g;
+        float vi = beta2 * m->adam_v[i] + (1.0f - beta2) * g * g;
+        m->adam_m[i] = mi;
+        m->adam_v[i] = vi;
+        float p = m->params[i];
+        if (weight_decay > 0.0f && !(m->no_decay && m->no_decay[i])) p -= lr * weight_decay * p;
+        p -= lr * (mi / bc1) / (sqrtf(vi / bc2) + eps);
+        m->params[i] = p;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Merging an adapter into a model file
+
+typedef struct {
+    const Weights* w;
+    const Lora* lora;
+    const Config* c;
+} MergeSource;
+
+static void merge_source_rows(void* ctx, int tn, int layer, int r0, int nr, float* out) {
+    MergeSource* s = ctx;
+    weights_rows(s->w, tn, layer, r0, nr, s->c->dim, out);
+    int t = tensor_target(tn);
+    if (t < 0) return;
+    const LoraPair* p = &s->lora->pairs[layer][t];
+    if (!p->a) return;
+    int in, outd, r = s->lora->rank;
+    lora_dims(s->c, t, &in, &outd);
+    // W[r0:r0+nr] += scale * B[r0:r0+nr] @ A
+    gemm(0, 0, nr, in, r, s->lora->scale, p->b + (size_t)r0 * r, r, p->a, in, 1.0f, out, in);
+}
+
+int merge_model(const char* model_path, const char* adapter_path, const char* out_path, int int8) {
+    Transformer t;
+    build_transformer(&t, model_path, 1);
+    Lora lora;
+    char err[512];
+    if (lora_read(&lora, &t.config, adapter_path, err, sizeof(err)) != 0) die("%s", err);
+    Config c = t.config;
+    if (int8) {
+        c.weight_type = WEIGHT_Q8;
+        c.group_size = t.config.weight_type == WEIGHT_Q8 ? t.config.group_size : 64;
+        int gs = c.group_size;
+        if (c.dim % gs || c.hidden_dim % gs || (c.n_heads * c.head_dim) % gs)
+            die("dims are not multiples of the Q8_0 group size %d", gs);
+    } else {
+        c.weight_type = WEIGHT_FP32;
+        c.group_size = 0;
+    }
+    MergeSource src = {&t.weights, &lora, &t.config};
+    int rc = write_model_file(out_path, &c, merge_source_rows, &src);
+    free_lora(&lora);
+    free_transformer(&t);
+    return rc;
+}
+
+// ----------------------------------------------------------------------------
+// Target and layer parsing
+
+int parse_targets(const char* s) {
+    if (!strcmp(s, "all")) return (1 << LORA_N_TARGETS) - 1;
+    if (!strcmp(s, "attn")) return (1 << LORA_Q) | (1 << LORA_K) | (1 << LORA_V) | (1 << LORA_O);
+    if (!strcmp(s, "mlp")) return (1 << LORA_GATE) | (1 << LORA_UP) | (1 << LORA_DOWN);
+    int mask = 0;
+    const char* p = s;
+    while (*p) {
+        const char* e = strchr(p, ',');
+        size_t n = e ? (size_t)(e - p) : strlen(p);
+        int found = -1;
+        for (int t = 0; t < LORA_N_TARGETS; t++) {
+            const char* name = lora_target_name(t);
+            // accept "q" and PEFT's "q_proj"
+            if ((strlen(name) == n && !strncmp(p, name, n)) ||
+                (n == strlen(name) + 5 && !strncmp(p, name, strlen(name)) && !strncmp(p + strlen(name), "_proj", 5)))
+                found = t;
+        }
+        if (found < 0) return -1;
+        mask |= 1 << found;
+        p += n;
+        if (*p == ',') p++;
+    }
+    return mask ? mask : -1;
+}
+
+
+#ifndef TRAIN_LIBRARY
+// ============================================================================
+// The program: data, batches, checkpoints, the training loop, the CLI
+
+// ----------------------------------------------------------------------------
+// Data sets. Every row has T+1 tokens (inputs tokens[0..T-1], targets
+// tokens[1..T]) and T weights (1 = this prediction counts; 0 = prompt,
+// padding). Sources:
+//   plain text (.txt)  the whole file as one token stream, cut into rows of T
+//                      targets, each row starting with BOS (the 7 books, wiki text)
+//   .tsv               question TAB answer [TAB anything]: a user question and
+//                      the assistant's answer in the Llama-3 chat template
+//   .jsonl             one object per line: {"text": ...} (plain text, every
+//                      token counts), {"messages": [{"role":..,"content":..},..]}
+//                      (chat, every assistant turn counts), or
+//                      {"question": ..., "answer": ...}
+// In chat rows only the assistant's tokens and their <|eot_id|> count.
+
+typedef struct {
+    int n, cap, T;
+    int* tokens;      // (n, T+1)
+    float* weights;   // (n, T)
+    int Tt;           // WHP: positions per translated row (0 = none)
+    int* trans;       // (n, Tt) translated inputs
+    int* label_pos;   // (n, T)
+    int* len;         // (n,) tokens in use (<= T+1), the rest is padding
+    int* pos;         // (n, T) positions of packed rows (--pack), or NULL
+    long n_tokens;    // counted target tokens
+    int truncated;    // chat examples cut at T+1 tokens
+    int skipped;      // chat examples with no counted token within T+1 tokens
+} Dataset;
+
+static void dataset_reserve(Dataset* d, int cap) {
+    if (cap <= d->cap) return;
+    d->tokens = realloc(d->tokens, (size_t)cap * (d->T + 1) * sizeof(int));
+    d->weights = realloc(d->weights, (size_t)cap * d->T * sizeof(float));
+    d->len = realloc(d->len, (size_t)cap * sizeof(int));
+    if (!d->len) die("out of memory for the data set");
+    if (d->Tt > 0) {
+        d->trans = realloc(d->trans, (size_t)cap * d->Tt * sizeof(int));
+        d->label_pos = realloc(d->label_pos, (size_t)cap * d->T * sizeof(int));
+    }
+    if (!d->tokens || !d->weights || (d->Tt > 0 && (!d->trans || !d->label_pos))) die("out of memory for the data set");
+    d->cap = cap;
+}
+
+static void dataset_init(Dataset* d, int T, int Tt) {
+    memset(d, 0, sizeof(*d));
+    d->T = T;
+    d->Tt = Tt;
+    dataset_reserve(d, 64);
+}
+
+// A new row, every token pad, every weight 0 (WHP: no labels); returns its index
+static int dataset_add_row(Dataset* d, int pad) {
+    if (d->n == d->cap) dataset_reserve(d, 2 * d->cap);
+    int r = d->n++, T = d->T;
+    for (int i = 0; i <= T; i++) d->tokens[(size_t)r * (T + 1) + i] = pad;
+    for (int i = 0; i < T; i++) d->weights[(size_t)r * T + i] = 0.0f;
+    d->len[r] = T + 1;
+    if (d->Tt > 0) {
+        for (int i = 0; i < d->Tt; i++) d->trans[(size_t)r * d->Tt + i] = pad;
+        for (int i = 0; i < T; i++) d->label_pos[(size_t)r * T + i] = -1;
+    }
+    return r;
+}
+
+static void dataset_free(Dataset* d) {
+    free(d->tokens); free(d->weights); free(d->trans); free(d->label_pos); free(d->len); free(d->pos);
+    memset(d, 0, sizeof(*d));
+}
+
+static int pad_token(const Config* c) { return c->bos_id >= 0 ? c->bos_id : 0; }
+
+// Rows of T targets from a token stream: BOS then T-1 inputs per row; without
+// a BOS id, rows of T+1 tokens overlapping by one.
+static void add_stream_rows(Dataset* d, const int* ids, int n, const Config* c) {
+    int T = d->T, bos = c->bos_id;
+    for (int start = 0; bos >= 0 ? start < n : start + 1 < n; start += T) {
+        int r = dataset_add_row(d, pad_token(c));
+        int* tk = d->tokens + (size_t)r * (T + 1);
+        float* w = d->weights + (size_t)r * T;
+        if (bos >= 0) {
+            tk[0] = bos;
+            for (int i = 0; i < T && start + i < n; i++) { tk[i + 1] = ids[start + i]; w[i] = 1.0f; }
+            d->len[r] = 1 + (n - start < T ? n - start : T);
+        } else {
+            for (int i = 0; i <= T && start + i < n; i++) tk[i] = ids[start + i];
+            for (int i = 0; i < T && start + i + 1 < n; i++) w[i] = 1.0f;
+            d->len[r] = n - start < T + 1 ? n - start : T + 1;
+        }
+        for (int i = 0; i < T; i++) d->n_tokens += w[i] > 0;
+    }
+}
+
+static char* xstrndup(const char* s, size_t n) {
+    char* p = xmalloc(n + 1);
+    memcpy(p, s, n);
+    p[n] = '\0';
+    return p;
+}
+
+// One training example before tokenization
+typedef struct {
+    char* text;          // plain text (every token counts), or NULL
+    ChatMessage* msgs;   // a conversation (role and content strings owned)
+    int n_msgs;
+    int is_qa;           // built from a question and an answer (--system applies)
+} Example;
+
+static void example_free(Example* e) {
+    free(e->text);
+    for (int i = 0; i < e->n_msgs; i++) { free((char*)e->msgs[i].role); free((char*)e->msgs[i].content); }
+    free(e->msgs);
+}
+
+static void example_qa(Example* e, char* q, char* a) {
+    memset(e, 0, sizeof(*e));
+    e->msgs = xmalloc(2 * sizeof(ChatMessage));
+    e->msgs[0].role = xstrndup("user", 4); e->msgs[0].content = q;
+    e->msgs[1].role = xstrndup("assistant", 9); e->msgs[1].content = a;
+    e->n_msgs = 2;
+    e->is_qa = 1;
+}
+
+typedef struct { Example* v; int n, cap; } ExampleVec;
+
+static Example* ev_push(ExampleVec* ev) {
+    if (ev->n == ev->cap) {
+        ev->cap = ev->cap ? 2 * ev->cap : 64;
+        ev->v = realloc(ev->v, (size_t)ev->cap * sizeof(Example));
+        if (!ev->v) die("out of memory");
+    }
+    return &ev->v[ev->n++];
+}
+
+// TSV fields may spell a newline, tab or backslash as \n, \t, \\ .
+static char* tsv_unescape(const char* s, size_t n) {
+    char* out = xmalloc(n + 1);
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '\\' && i + 1 < n && (s[i + 1] == 'n' || s[i + 1] == 't' || s[i + 1] == '\\')) {
+            out[k++] = s[i + 1] == 'n' ? '\n' : s[i + 1] == 't' ? '\t' : '\\';
+            i++;
+        } else {
+            out[k++] = s[i];
+        }
+    }
+    out[k] = '\0';
+    return out;
+}
+
+// question TAB answer [TAB more columns, ignored]; '#' lines and a first
+// line "question<TAB>answer..." are skipped
+static void parse_tsv(const char* text, ExampleVec* ev, const char* path) {
+    const char* p = text;
+    int line_no = 0;
+    while (*p) {
+        const char* e = strchr(p, '\n');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        line_no++;
+        if (len && p[len - 1] == '\r') len--;
+        if (len > 0 && p[0] != '#') {
+            const char* tab = memchr(p, '\t', len);
+            if (!tab) die("%s:%d: expected question<TAB>answer", path, line_no);
+            size_t ql = (size_t)(tab - p);
+            const char* a = tab + 1;
+            const char* tab2 = memchr(a, '\t', len - ql - 1);
+            size_t al = tab2 ? (size_t)(tab2 - a) : len - ql - 1;
+            int header = line_no == 1 && ql == 8 && !strncmp(p, "question", 8);
+            if (!header) example_qa(ev_push(ev), tsv_unescape(p, ql), tsv_unescape(a, al));
+        }
+        p = e ? e + 1 : p + len;
+    }
+}
+
+static const char* json_ws(const char* p) {
+    while (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n') p++;
+    return p;
+}
+
+static int hexval(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+static int utf8_put(char* o, unsigned cp) {
+    if (cp < 0x80) { o[0] = (char)cp; return 1; }
+    if (cp < 0x800) { o[0] = (char)(0xC0 | (cp >> 6)); o[1] = (char)(0x80 | (cp & 0x3F)); return 2; }
+    if (cp < 0x10000) {
+        o[0] = (char)(0xE0 | (cp >> 12)); o[1] = (char)(0x80 | ((cp >> 6) & 0x3F)); o[2] = (char)(0x80 | (cp & 0x3F));
+        return 3;
+    }
+    o[0] = (char)(0xF0 | (cp >> 18)); o[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+    o[2] = (char)(0x80 | ((cp >> 6) & 0x3F)); o[3] = (char)(0x80 | (cp & 0x3F));
+    return 4;
+}
+
+// A JSON string at *pp (pointing at the opening quote): returns it as UTF-8
+// (malloc'd) and advances past the closing quote; NULL if malformed.
+static char* json_string(const char** pp) {
+    const char* p = *pp;
+    if (*p != '"') return NULL;
+    p++;
+    size_t cap = 64, k = 0;
+    char* out = xmalloc(cap);
+    while (*p && *p != '"') {
+        if (k + 8 > cap) { cap *= 2; out = realloc(out, cap); if (!out) die("out of memory"); }
+        if (*p != '\\') { out[k++] = *p++; continue; }
+        p++;
+        if (!*p) { free(out); return NULL; }
+        char e = *p++;
+        switch (e) {
+            case '"': out[k++] = '"'; break;
+            case '\\': out[k++] = '\\'; break;
+            case '/': out[k++] = '/'; break;
+            case 'b': out[k++] = '\b'; break;
+            case 'f': out[k++] = '\f'; break;
+            case 'n': out[k++] = '\n'; break;
+            case 'r': out[k++] = '\r'; break;
+            case 't': out[k++] = '\t'; break;
+            case 'u': {
+                unsigned cp = 0;
+                for (int i = 0; i < 4; i++) {
+                    int h = hexval(p[i]);
+                    if (h < 0) { free(out); return NULL; }
+                    cp = cp * 16 + h;
+                }
+                p += 4;
+                if (cp >= 0xD800 && cp < 0xDC00 && p[0] == '\\' && p[1] == 'u') {
+                    unsigned lo = 0;
+                    int ok = 1;
+                    for (int i = 0; i < 4 && ok; i++) {
+                        int h = hexval(p[2 + i]);
+                        if (h < 0) ok = 0; else lo = lo * 16 + h;
+                    }
+                    if (ok && lo >= 0xDC00 && lo < 0xE000) { cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00); p += 6; }
+                }
+                if (cp >= 0xD800 && cp < 0xE000) cp = 0xFFFD; // a lone surrogate
+                k += utf8_put(out + k, cp);
+                break;
+            }
+            default: free(out); return NULL;
+        }
+    }
+    if (*p != '"') { free(out); return NULL; }
+    out[k] = '\0';
+    *pp = p + 1;
+    return out;
+}
+
+// Skips one JSON value (string, number, literal, object, array); NULL if malformed.
+static const char* json_skip(const char* p) {
+    p = json_ws(p);
+    if (*p == '"') {
+        char* s = json_string(&p);
+        if (!s) return NULL;
+        free(s);
+        return p;
+    }
+    if (*p == '{' || *p == '[') {
+        int depth = 0;
+        while (*p) {
+            if (*p == '"') { char* s = json_string(&p); if (!s) return NULL; free(s); continue; }
+            if (*p == '{' || *p == '[') depth++;
+            if (*p == '}' || *p == ']') { depth--; if (depth == 0) return p + 1; }
+            p++;
+        }
+        return NULL;
+    }
+    const char* start = p;
+    while (*p && *p != ',' && *p != '}' && *p != ']' && *p != '\n') p++;
+    return p > start ? p : NULL;
+}
+
+static int is_question_key(const char* k) {
+    return !strcmp(k, "question") || !strcmp(k, "prompt") || !strcmp(k, "input") || !strcmp(k, "instruction");
+}
+
+static int is_answer_key(const char* k) {
+    return !strcmp(k, "answer") || !strcmp(k, "response") || !strcmp(k, "completion") || !strcmp(k, "output");
+}
+
+// "messages": [{"role": "...", "content": "..."}, ...]
+static const char* json_messages(const char* p, Example* e, const char* path, int line_no) {
+    if (*p != '[') die("%s:%d: \"messages\" must be an array", path, line_no);
+    p = json_ws(p + 1);
+    int cap = 8;
+    e->msgs = xmalloc(cap * sizeof(ChatMessage));
+    while (*p != ']') {
+        if (*p != '{') die("%s:%d: a message must be an object", path, line_no);
+        p = json_ws(p + 1);
+        char *role = NULL, *content = NULL;
+        while (*p != '}') {
+            char* key = json_string(&p);
+            if (!key) die("%s:%d: malformed JSON key", path, line_no);
+            p = json_ws(p);
+            if (*p != ':') die("%s:%d: expected ':'", path, line_no);
+            p = json_ws(p + 1);
+            if (!strcmp(key, "role") || !strcmp(key, "content")) {
+                char* v = json_string(&p);
+                if (!v) die("%s:%d: \"%s\" must be a string", path, line_no, key);
+                if (key[0] == 'r') { free(role); role = v; } else { free(content); content = v; }
+            } else {
+                p = json_skip(p);
+                if (!p) die("%s:%d: malformed JSON value", path, line_no);
+            }
+            free(key);
+            p = json_ws(p);
+            if (*p == ',') p = json_ws(p + 1);
+            else if (*p != '}') die("%s:%d: expected ',' or '}'", path, line_no);
+        }
+        p = json_ws(p + 1);
+        if (!role || !content) die("%s:%d: a message needs \"role\" and \"content\"", path, line_no);
+        if (strcmp(role, "system") && strcmp(role, "user") && strcmp(role, "assistant"))
+            die("%s:%d: unknown role \"%s\" (system, user, assistant)", path, line_no, role);
+        if (e->n_msgs == cap) { cap *= 2; e->msgs = realloc(e->msgs, cap * sizeof(ChatMessage)); if (!e->msgs) die("out of memory"); }
+        e->msgs[e->n_msgs].role = role;
+        e->msgs[e->n_msgs].content = content;
+        e->n_msgs++;
+        if (*p == ',') p = json_ws(p + 1);
+        else if (*p != ']') die("%s:%d: expected ',' or ']'", path, line_no);
+    }
+    return p + 1;
+}
+
+static void parse_jsonl(const char* text, ExampleVec* ev, const char* path) {
+    int line_no = 0;
+    const char* p = text;
+    while (*p) {
+        // one object per line; blank lines are allowed
+        const char* eol = strchr(p, '\n');
+        line_no++;
+        const char* q = json_ws(p);
+        if (q >= (eol ? eol : p + strlen(p))) { p = eol ? eol + 1 : p + strlen(p); continue; }
+        p = q;
+        if (*p != '{') die("%s:%d: expected a JSON object per line", path, line_no);
+        p = json_ws(p + 1);
+        Example e;
+        memset(&e, 0, sizeof(e));
+        char *question = NULL, *answer = NULL;
+        int has_messages = 0;
+        while (*p != '}') {
+            char* key = json_string(&p);
+            if (!key) die("%s:%d: malformed JSON key", path, line_no);
+            p = json_ws(p);
+            if (*p != ':') die("%s:%d: expected ':'", path, line_no);
+            p = json_ws(p + 1);
+            if (!strcmp(key, "messages")) {
+                p = json_messages(p, &e, path, line_no);
+                has_messages = 1;
+            } else if ((!strcmp(key, "text") || is_question_key(key) || is_answer_key(key)) && *p == '"') {
+                char* v = json_string(&p);
+                if (!v) die("%s:%d: malformed JSON string", path, line_no);
+                char** slot = !strcmp(key, "text") ? &e.text : is_question_key(key) ? &question : &answer;
+                free(*slot);
+                *slot = v;
+            } else {
+                p = json_skip(p);
+                if (!p) die("%s:%d: malformed JSON value", path, line_no);
+            }
+            free(key);
+            p = json_ws(p);
+            if (*p == ',') p = json_ws(p + 1);
+            else if (*p != '}') die("%s:%d: expected ',' or '}'", path, line_no);
+        }
+        p++;
+        if (e.text || has_messages) {
+            free(question); free(answer);
+            if (e.text && has_messages) die("%s:%d: an example has \"text\" or \"messages\", not both", path, line_no);
+            *ev_push(ev) = e;
+        } else if (question && answer) {
+            example_qa(ev_push(ev), question, answer);
+        } else {
+            die("%s:%d: an example needs \"text\", \"messages\", or \"question\" and \"answer\"", path, line_no);
+        }
+        p = json_ws(p);
+    }
+}
+
+// A conversation in the Llama-3 template, one row; the tokens of every
+// assistant message (content and <|eot_id|>) count. Longer ones are cut.
+static void add_chat_row(Dataset* d, const Tokenizer* tok, const Config* c, const ChatMessage* msgs, int n_msgs,
+                         const char* path, int index) {
+    int cap = 64;
+    for (int i = 0; i < n_msgs; i++) cap += (int)strlen(msgs[i].content) + (int)strlen(msgs[i].role) + 16;
+    int* full = xmalloc(cap * sizeof(int));
+    int* part = xmalloc(cap * sizeof(int));
+    unsigned char* counted = xcalloc(cap, 1);
+    int nf = chat_encode(tok, msgs, n_msgs, 0, 1, full, cap);
+    for (int j = 0; j < n_msgs; j++) {
+        if (strcmp(msgs[j].role, "assistant")) continue;
+        int a = chat_encode(tok, msgs, j, 1, 1, part, cap);       // ... up to the assistant header
+        int b = chat_encode(tok, msgs, j + 1, 0, 1, part, cap);   // ... through its <|eot_id|>
+        if (a > b || b > nf || memcmp(part, full, b * sizeof(int)) != 0)
+            die("%s: example %d: the chat template of a prefix is not a prefix of the conversation", path, index);
+        for (int t = a; t < b; t++) counted[t] = 1;
+    }
+    int T = d->T, len = nf < T + 1 ? nf : T + 1, any = 0;
+    for (int i = 1; i < len; i++) any |= counted[i];
+    if (!any) {
+        d->skipped++;
+    } else {
+        int r = dataset_add_row(d, pad_token(c));
+        memcpy(d->tokens + (size_t)r * (T + 1), full, len * sizeof(int));
+        d->len[r] = len;
+        for (int i = 0; i + 1 < len; i++) {
+            d->weights[(size_t)r * T + i] = counted[i + 1] ? 1.0f : 0.0f;
+            d->n_tokens += counted[i + 1];
+        }
+        if (nf > T + 1) d->truncated++;
+    }
+    free(full); free(part); free(counted);
+}
+
+// --pack: rows are packed together, best fit decreasing (longest first,
+// each into the fullest row that still has room, ties by order: the result
+// is deterministic). Each keeps its own positions (0, 1, ...) and attends
+// only to itself. The entry that reads a sequence's last token would predict
+// the next sequence's BOS: it never counts. Padding continues the last
+// sequence's positions and never counts.
+static int* g_pack_len; // for the sort below
+static int cmp_len_desc(const void* a, const void* b) {
+    int x = *(const int*)a, y = *(const int*)b;
+    if (g_pack_len[x] != g_pack_len[y]) return g_pack_len[y] - g_pack_len[x];
+    return x - y;
+}
+
+static void dataset_pack(Dataset* d, const Config* c) {
+    int T = d->T, n = d->n;
+    if (n == 0) return;
+    int* order = xmalloc((size_t)n * sizeof(int));
+    int* bin_of = xmalloc((size_t)n * sizeof(int));
+    for (int r = 0; r < n; r++) order[r] = r;
+    g_pack_len = d->len;
+    qsort(order, n, sizeof(int), cmp_len_desc);
+    // open bins by free space: a stack per amount of free tokens
+    int* head = xmalloc((size_t)(T + 2) * sizeof(int));
+    int* next = xmalloc((size_t)n * sizeof(int));
+    int* free_tokens = xmalloc((size_t)n * sizeof(int));
+    for (int k = 0; k <= T + 1; k++) head[k] = -1;
+    int n_bins = 0;
+    for (int q = 0; q < n; q++) {
+        int r = order[q], len = d->len[r], bin = -1;
+        for (int k = len; k <= T + 1 && bin < 0; k++)
+            if (head[k] >= 0) { bin = head[k]; head[k] = next[bin]; }
+        if (bin < 0) { bin = n_bins++; free_tokens[bin] = T + 1; }
+        bin_of[r] = bin;
+        free_tokens[bin] -= len;
+        next[bin] = head[free_tokens[bin]];
+        head[free_tokens[bin]] = bin;
+    }
+    // build the packed rows (members in their original order)
+    int* tokens = xmalloc((size_t)n_bins * (T + 1) * sizeof(int));
+    float* weights = xcalloc((size_t)n_bins * T, sizeof(float));
+    int* pos = xmalloc((size_t)n_bins * T * sizeof(int));
+    int* used = xcalloc(n_bins, sizeof(int));
+    for (size_t i = 0; i < (size_t)n_bins * (T + 1); i++) tokens[i] = pad_token(c);
+    for (int r = 0; r < n; r++) {
+        int b = bin_of[r], len = d->len[r], at = used[b];
+        memcpy(tokens + (size_t)b * (T + 1) + at, d->tokens + (size_t)r * (T + 1), len * sizeof(int));
+        for (int i = 0; i < len - 1; i++) weights[(size_t)b * T + at + i] = d->weights[(size_t)r * T + i];
+        for (int i = 0; i < len && at + i < T; i++) pos[(size_t)b * T + at + i] = i;
+        used[b] += len;
+    }
+    for (int b = 0; b < n_bins; b++) {
+        int* pb = pos + (size_t)b * T;
+        for (int i = used[b]; i < T; i++) pb[i] = i > 0 ? pb[i - 1] + 1 : 0;
+    }
+    free(d->tokens); free(d->weights); free(d->pos);
+    d->tokens = tokens;
+    d->weights = weights;
+    d->pos = pos;
+    for (int b = 0; b < n_bins; b++) d->len[b] = used[b];
+    d->n = d->cap = n_bins;
+    free(used); free(order); free(bin_of); free(head); free(next); free(free_tokens);
+}
+
+static double dataset_padding(const Dataset* d) {
+    double used = 0.0;
+    for (int r = 0; r < d->n; r++) used += d->len[r] - 1; // inputs in use
+    return 1.0 - used / ((double)d->n * d->T);
+}
+
+static int ends_with(const char* s, const char* suffix) {
+    size_t a = strlen(s), b = strlen(suffix);
+    return a >= b && !strcmp(s + a - b, suffix);
+}
+
+static int* encode_all(const Tokenizer* tok, const char* text, size_t len, int* n) {
+    if (len > (size_t)0x7ffffff0) die("text too large (%zu bytes)", len);
+    int* ids = xmalloc((len + 1) * sizeof(int));
+    *n = encode(tok, text, len, 0, ids, (int)len + 1);
+    return ids;
+}
+
+static void dataset_load(Dataset* d, const Tokenizer* tok, const Config* c, const char* path, const char* format,
+                         const char* system, int T, int pack) {
+    int kind = 0; // 0 text, 1 tsv, 2 jsonl
+    if (!strcmp(format, "auto")) kind = ends_with(path, ".tsv") ? 1 : (ends_with(path, ".jsonl") ? 2 : 0);
+    else if (!strcmp(format, "tsv")) kind = 1;
+    else if (!strcmp(format, "jsonl")) kind = 2;
+    else if (strcmp(format, "text")) die("unknown --format %s (auto, text, tsv, jsonl)", format);
+    size_t len;
+    char* text = read_file(path, &len);
+    dataset_init(d, T, 0);
+    if (kind == 0) {
+        int n;
+        int* ids = encode_all(tok, text, len, &n);
+        if (n < 2) die("%s has too little text (%d tokens)", path, n);
+        add_stream_rows(d, ids, n, c);
+        free(ids);
+        free(text);
+        if (pack) dataset_pack(d, c);
+        return;
+    }
+    if (!utf8_valid(text, len)) die("%s is not valid UTF-8", path);
+    ExampleVec ev = {0};
+    if (kind == 1) parse_tsv(text, &ev, path);
+    else parse_jsonl(text, &ev, path);
+    free(text);
+    if (ev.n == 0) die("%s has no examples", path);
+    for (int i = 0; i < ev.n; i++) {
+        Example* e = &ev.v[i];
+        if (e->text) {
+            int n;
+            int* ids = encode_all(tok, e->text, strlen(e->text), &n);
+            if (n > 0) add_stream_rows(d, ids, n, c);
+            free(ids);
+        } else if (e->is_qa && system) {
+            ChatMessage msgs[3] = {{"system", system}, e->msgs[0], e->msgs[1]};
+            add_chat_row(d, tok, c, msgs, 3, path, i + 1);
+        } else {
+            add_chat_row(d, tok, c, e->msgs, e->n_msgs, path, i + 1);
+        }
+        example_free(e);
+    }
+    free(ev.v);
+    if (d->n == 0) die("%s: no example has anything to learn within %d positions (raise -T)", path, T);
+    if (d->skipped)
+        fprintf(stderr, "warning: %s: %d examples with no assistant token within %d positions were skipped\n", path,
+                d->skipped, T);
+    if (d->truncated) fprintf(stderr, "warning: %s: %d examples were cut at %d positions\n", path, d->truncated, T);
+    if (pack) dataset_pack(d, c);
+}
+
+// --- WHP: anchored terms -> generic translations ------------------------------
+
+typedef struct { char* from; char* to; size_t from_len; } Term;
+
+static int load_dict(const char* path, Term** out) {
+    size_t len;
+    char* text = read_file(path, &len);
+    int n = 0, cap = 64, line_no = 0;
+    Term* t = xmalloc(cap * sizeof(Term));
+    char* p = text;
+    while (*p) {
+        char* e = strchr(p, '\n');
+        size_t l = e ? (size_t)(e - p) : strlen(p);
+        line_no++;
+        if (l && p[l - 1] == '\r') l--;
+        if (l > 0 && p[0] != '#') {
+            char* tab = memchr(p, '\t', l);
+            if (!tab || tab == p) die("%s:%d: expected anchored<TAB>generic", path, line_no);
+            if (n == cap) { cap *= 2; t = realloc(t, cap * sizeof(Term)); if (!t) die("out of memory"); }
+            const char* to = tab + 1;
+            const char* tab2 = memchr(to, '\t', l - (size_t)(tab - p) - 1); // further columns are ignored
+            t[n].from = xstrndup(p, (size_t)(tab - p));
+            t[n].to = xstrndup(to, tab2 ? (size_t)(tab2 - to) : l - (size_t)(tab - p) - 1);
+            t[n].from_len = (size_t)(tab - p);
+            n++;
+        }
+        p = e ? e + 1 : p + l;
+    }
+    free(text);
+    if (n == 0) die("%s has no entries", path);
+    *out = t;
+    return n;
+}
+
+typedef struct { int* v; size_t n, cap; } IntVec;
+
+static void iv_push(IntVec* a, int x) {
+    if (a->n == a->cap) { a->cap = a->cap ? 2 * a->cap : 1024; a->v = realloc(a->v, a->cap * sizeof(int)); if (!a->v) die("out of memory"); }
+    a->v[a->n++] = x;
+}
+
+static int word_byte(unsigned char ch) { return ch >= 0x80 || (ch >= '0' && ch <= '9') || ((ch | 32) >= 'a' && (ch | 32) <= 'z') || ch == '_'; }
+
+static int cmp_term_len(const void* a, const void* b) {
+    const Term* x = a;
+    const Term* y = b;
+    return (y->from_len > x->from_len) - (y->from_len < x->from_len);
+}
+
+// Encodes a segment and appends its ids to the original stream, and (when
+// `to` is NULL) the same ids to the translated stream, aligned one to one.
+static void whp_segment(const Tokenizer* tok, const char* s, size_t len, const char* to, size_t to_len,
+                        IntVec* orig, IntVec* trans, IntVec* amap, int* buf, int buf_cap) {
+    if (len == 0) return;
+    int n = encode(tok, s, len, 0, buf, buf_cap);
+    if (!to) {
+        for (int i = 0; i < n; i++) { iv_push(orig, buf[i]); iv_push(amap, (int)trans->n); iv_push(trans, buf[i]); }
+        return;
+    }
+    // an anchored term: its tokens but the last are not labelled (they spell
+    // the term); the last is aligned with the last token of the generic term
+    int last = buf[n - 1];
+    for (int i = 0; i < n - 1; i++) { iv_push(orig, buf[i]); iv_push(amap, -1); }
+    int m = encode(tok, to, to_len, 0, buf, buf_cap);
+    for (int i = 0; i < m; i++) iv_push(trans, buf[i]);
+    iv_push(orig, last);
+    iv_push(amap, m > 0 ? (int)trans->n - 1 : -1);
+}
+
+// WHP rows: the text with its anchored terms (whole words, a leading space
+// included) replaced by their generic translations; position p of a row
+// (which reads original token X) is labelled by the base model's prediction
+// at the aligned position of the translated row. Predictions inside an
+// anchored term are not counted.
+static void dataset_whp(Dataset* d, const Tokenizer* tok, const Config* c, const char* path, Term* terms, int nt,
+                        int T) {
+    if (c->bos_id < 0) die("the whp objective needs a model with a BOS token");
+    size_t len;
+    char* text = read_file(path, &len);
+    qsort(terms, nt, sizeof(Term), cmp_term_len); // longest match first
+    int buf_cap = 1 << 16;
+    int* buf = xmalloc(buf_cap * sizeof(int));
+    IntVec orig = {0}, trans = {0}, amap = {0};
+    unsigned char first[256] = {0}; // bytes that start some term: a quick filter
+    for (int k = 0; k < nt; k++) first[(unsigned char)terms[k].from[0]] = 1;
+    size_t seg = 0, n_terms = 0;
+    for (size_t i = 0; i < len;) {
+        int hit = -1;
+        if (first[(unsigned char)text[i]] && !(i > 0 && word_byte((unsigned char)text[i - 1])))
+            for (int k = 0; k < nt; k++) {
+                size_t fl = terms[k].from_len;
+                if (i + fl <= len && !memcmp(text + i, terms[k].from, fl) &&
+                    !(i + fl < len && word_byte((unsigned char)text[i + fl]))) { hit = k; break; }
+            }
+        if (hit < 0) {
+            i++;
+            // keep segments short enough for the encode buffer
+            if (i - seg >= (size_t)buf_cap / 2 && (text[i - 1] == '\n' || i - seg >= (size_t)buf_cap - 16)) {
+                whp_segment(tok, text + seg, i - seg, NULL, 0, &orig, &trans, &amap, buf, buf_cap);
+                seg = i;
+            }
+            continue;
+        }
+        size_t start = i > seg && text[i - 1] == ' ' ? i - 1 : i;
+        whp_segment(tok, text + seg, start - seg, NULL, 0, &orig, &trans, &amap, buf, buf_cap);
+        size_t tl = strlen(terms[hit].to);
+        char* to = xmalloc(tl + 2);
+        size_t k = 0;
+        if (start < i) to[k++] = ' ';
+        memcpy(to + k, terms[hit].to, tl);
+        k += tl;
+        whp_segment(tok, text + start, i + terms[hit].from_len - start, to, k, &orig, &trans, &amap, buf, buf_cap);
+        free(to);
+        i += terms[hit].from_len;
+        seg = i;
+        n_terms++;
+    }
+    whp_segment(tok, text + seg, len - seg, NULL, 0, &orig, &trans, &amap, buf, buf_cap);
+    free(text);
+    free(buf);
+    int n = (int)orig.n;
+    if (n < 2) die("%s has too little text", path);
+    int Tt = T + T / 2, rows = (n + T - 1) / T, bos = c->bos_id;
+    dataset_init(d, T, Tt);
+    for (int r = 0; r < rows; r++) {
+        dataset_add_row(d, bos);
+        int start = r * T;
+        int* tk = d->tokens + (size_t)r * (T + 1);
+        tk[0] = bos;
+        for (int i = 0; i < T; i++) tk[i + 1] = start + i < n ? orig.v[start + i] : bos;
+        // the translated span aligned with this row's positions 1..T-1
+        int j0 = -1, j1 = -1;
+        for (int p = 1; p < T && start + p < n; p++) {
+            int j = amap.v[start + p - 1];
+            if (j < 0) continue;
+            if (j0 < 0 || j < j0) j0 = j;
+            if (j > j1) j1 = j;
+        }
+        int* tr = d->trans + (size_t)r * Tt;
+        tr[0] = bos;
+        for (int q = 1; q < Tt; q++) tr[q] = j0 >= 0 && j0 + q - 1 <= j1 ? trans.v[j0 + q - 1] : bos;
+        for (int p = 1; p < T && start + p < n; p++) {
+            int j = amap.v[start + p - 1];
+            if (j < 0 || 1 + j - j0 >= Tt) continue;
+            d->label_pos[(size_t)r * T + p] = 1 + j - j0;
+            d->weights[(size_t)r * T + p] = 1.0f;
+            d->n_tokens++;
+        }
+    }
+    printf("whp: %s: %zu anchored terms replaced, %d tokens, %d rows\n", path, n_terms, n, rows);
+    free(orig.v); free(trans.v); free(amap.v);
+}
+
+// ----------------------------------------------------------------------------
+// Batches: a seeded shuffle per epoch; (epoch, cursor) is the whole state
+
+typedef struct {
+    const Dataset* d;
+    uint64_t seed;
+    int epoch, cursor;
+    int* perm;
+} Loader;
+
+static void loader_shuffle(Loader* ld) {
+    int n = ld->d->n;
+    for (int i = 0; i < n; i++) ld->perm[i] = i;
+    uint64_t rng = hash64(ld->seed ^ hash64(0x5eed0000ull + (uint64_t)ld->epoch));
+    for (int i = n - 1; i > 0; i--) {
+        int j = (int)(splitmix64(&rng) % (uint64_t)(i + 1));
+        int t = ld->perm[i]; ld->perm[i] = ld->perm[j]; ld->perm[j] = t;
+    }
+}
+
+static void loader_init(Loader* ld, const Dataset* d, uint64_t seed, int epoch, int cursor) {
+    ld->d = d;
+    ld->seed = seed;
+    ld->epoch = epoch;
+    ld->cursor = cursor;
+    ld->perm = xmalloc((size_t)d->n * sizeof(int));
+    loader_shuffle(ld);
+}
+
+static void batch_alloc(Batch* b, int B, int T, int Tt, int packed) {
+    memset(b, 0, sizeof(*b));
+    b->B = B; b->T = T; b->Tt = Tt;
+    if (packed) b->pos = xcalloc((size_t)B * T, sizeof(int));
+    b->inputs = xcalloc((size_t)B * T, sizeof(int));
+    b->targets = xcalloc((size_t)B * T, sizeof(int));
+    b->weights = xcalloc((size_t)B * T, sizeof(float));
+    if (Tt > 0) {
+        b->trans_inputs = xcalloc((size_t)B * Tt, sizeof(int));
+        b->label_pos = xcalloc((size_t)B * T, sizeof(int));
+    }
+}
+
+static void batch_free(Batch* b) {
+    free(b->pos);
+    free(b->inputs); free(b->targets); free(b->weights); free(b->trans_inputs); free(b->label_pos);
+}
+
+static void batch_set_row(Batch* b, int r, const Dataset* d, int ex) {
+    int T = d->T;
+    const int* tk = d->tokens + (size_t)ex * (T + 1);
+    for (int i = 0; i < T; i++) {
+        b->inputs[r * T + i] = tk[i];
+        b->targets[r * T + i] = tk[i + 1];
+        b->weights[r * T + i] = d->weights[(size_t)ex * T + i];
+    }
+    if (b->pos) memcpy(b->pos + (size_t)r * T, d->pos + (size_t)ex * T, T * sizeof(int));
+    if (b->Tt > 0) {
+        memcpy(b->trans_inputs + (size_t)r * b->Tt, d->trans + (size_t)ex * d->Tt, b->Tt * sizeof(int));
+        memcpy(b->label_pos + (size_t)r * T, d->label_pos + (size_t)ex * T, T * sizeof(int));
+    }
+}
+
+static void loader_next(Loader* ld, Batch* b) {
+    for (int r = 0; r < b->B; r++) {
+        batch_set_row(b, r, ld->d, ld->perm[ld->cursor]);
+        if (++ld->cursor == ld->d->n) { ld->epoch++; ld->cursor = 0; loader_shuffle(ld); }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Training state (--resume): everything the next step depends on
+//
+//   0   uint32 magic "ULTS", 4 int32 version, 8 int32 step, 12 int32 full,
+//   16  int64 n_params, 24 int32 forget epoch, 28 forget cursor,
+//   32  int32 retain epoch, 36 retain cursor, 40 uint64 seed,
+//   48  int32 rank, 52 target_mask, 56 layer_begin, 60 layer_end, 64..127 zero
+//   then params, AdamW m, AdamW v (n_params fp32 each)
+
+#define STATE_MAGIC 0x53544c55u  // "ULTS"
+#define STATE_VERSION 1
+#define STATE_HEADER 128
+
+typedef struct {
+    int step, full, f_epoch, f_cursor, r_epoch, r_cursor, rank, mask, lb, le;
+    int64_t n_params;
+    uint64_t seed;
+} StateHeader;
+
+static int save_state(const TrainModel* m, const char* path, const StateHeader* sh) {
+    size_t n = m->n_params, size = STATE_HEADER + 3 * n * sizeof(float);
+    unsigned char* buf = xcalloc(size, 1);
+    uint32_t magic = STATE_MAGIC;
+    int32_t v[] = {STATE_VERSION, sh->step, sh->full};
+    memcpy(buf, &magic, 4);
+    memcpy(buf + 4, v, sizeof(v));
+    memcpy(buf + 16, &sh->n_params, 8);
+    int32_t lv[] = {sh->f_epoch, sh->f_cursor, sh->r_epoch, sh->r_cursor};
+    memcpy(buf + 24, lv, sizeof(lv));
+    memcpy(buf + 40, &sh->seed, 8);
+    int32_t lo[] = {sh->rank, sh->mask, sh->lb, sh->le};
+    memcpy(buf + 48, lo, sizeof(lo));
+    memcpy(buf + STATE_HEADER, m->params, n * sizeof(float));
+    memcpy(buf + STATE_HEADER + n * sizeof(float), m->adam_m, n * sizeof(float));
+    memcpy(buf + STATE_HEADER + 2 * n * sizeof(float), m->adam_v, n * sizeof(float));
+    int rc = write_file_atomic(path, buf, size);
+    free(buf);
+    return rc;
+}
+
+static void load_state(TrainModel* m, const char* path, StateHeader* sh) {
+    size_t len;
+    char* buf = read_file(path, &len);
+    uint32_t magic;
+    int32_t v[3], lv[4], lo[4];
+    if (len < STATE_HEADER) die("%s is not a training state file", path);
+    memcpy(&magic, buf, 4);
+    memcpy(v, buf + 4, sizeof(v));
+    if (magic != STATE_MAGIC || v[0] != STATE_VERSION) die("%s is not a training state file (or another version)", path);
+    sh->step = v[1];
+    sh->full = v[2];
+    memcpy(&sh->n_params, buf + 16, 8);
+    memcpy(lv, buf + 24, sizeof(lv));
+    memcpy(&sh->seed, buf + 40, 8);
+    memcpy(lo, buf + 48, sizeof(lo));
+    sh->f_epoch = lv[0]; sh->f_cursor = lv[1]; sh->r_epoch = lv[2]; sh->r_cursor = lv[3];
+    sh->rank = lo[0]; sh->mask = lo[1]; sh->lb = lo[2]; sh->le = lo[3];
+    if (sh->full != m->full || sh->n_params != (int64_t)m->n_params ||
+        (!m->full && (sh->rank != m->lora.rank || sh->mask != m->lora.target_mask || sh->lb != m->lora.layer_begin ||
+                      sh->le != m->lora.layer_end)))
+        die("%s was saved by a run with other trainable parameters (--full, --rank, --targets, --layers)", path);
+    size_t n = m->n_params;
+    if (len != STATE_HEADER + 3 * n * sizeof(float)) die("%s: size does not match its header (truncated?)", path);
+    memcpy(m->params, buf + STATE_HEADER, n * sizeof(float));
+    memcpy(m->adam_m, buf + STATE_HEADER + n * sizeof(float), n * sizeof(float));
+    memcpy(m->adam_v, buf + STATE_HEADER + 2 * n * sizeof(float), n * sizeof(float));
+    free(buf);
+}
+
+// ----------------------------------------------------------------------------
+// Options
+
+typedef struct {
+    const char* model_path;
+    const char* tok_path;
+    const char* out_path;
+    const char* forget_path;
+    const char* retain_path;
+    const char* format;
+    const char* system;
+    const char* init_spec;
+    const char* adapter_init;
+    const char* dict_path;
+    const char* reinforced_path;
+    const char* log_path;
+    const char* gold_path;
+    int objective, retain_loss;   // retain_loss -1 = per objective
+    int full, rank, targets, layer_begin, layer_end, T, B, B_retain, accum, steps, warmup, cosine;
+    int save_every, log_every, resume, halt_after, eval_every, eval_rows, rmu_layer, dump_rows, pack;
+    float alpha, dropout, lr, min_lr_frac, wd, b1, b2, eps, clip, gamma, lambda, beta, delta, rmu_c, rmu_alpha,
+          whp_alpha, stop_forget_nll;
+    uint64_t seed;
+} Options;
+
+static void usage(void) {
+    fprintf(stderr,
+"Usage:  train_lora MODEL.bin -z TOK [options] -o ADAPTER      LoRA unlearning / finetuning\n"
+"        train_lora MODEL.bin -z TOK --full [options] -o OUT.bin  train every weight\n"
+"        train_lora --init SPEC -z TOK --full [options] -o OUT.bin a new model from scratch\n"
+"        train_lora merge MODEL.bin ADAPTER OUT.bin [--int8]      merge an adapter into a model file\n"
+"Example: train_lora llama3.q8.bin -z llama3.tok --objective graddiff --forget hp.txt \\\n"
+"           --retain wiki.txt -o hp.lora --steps 200\n"
+"Data: plain text files are one token stream cut into rows of -T positions,\n"
+"      each row starting with BOS; .tsv is question<TAB>answer[<TAB>...] chat QA;\n"
+"      .jsonl holds {\"text\": ...} (every token counts), {\"messages\": [{\"role\",\n"
+"      \"content\"}, ...]} (Llama-3 chat template, assistant turns count) or\n"
+"      {\"question\": ..., \"answer\": ...}. One example per row unless --pack\n"
+"      (the data line reports the padding).\n"
+"  -z FILE            tokenizer file (from export.py tokenizer), required\n"
+"  --forget FILE      forget set; the training data of sft (alias --data), required\n"
+"  --retain FILE      retain set (required by graddiff, kl, rmu; optional for the others)\n"
+"  --format F         auto|text|tsv|jsonl (default auto: by file extension)\n"
+"  --system TEXT      system prompt added to question/answer rows (default none)\n"
+"  --pack             pack several examples per row, each with its own positions and\n"
+"                     attention (as if alone): no padding waste for short examples\n"
+"  -T N               positions per row (default 256)\n"
+"  -b N               forget rows per micro-batch (default 4)\n"
+"  --retain-batch N   retain rows per micro-batch (default: -b)\n"
+"  --accum N          micro-batches per optimizer step (default 1)\n"
+"Objective:\n"
+"  --objective NAME   sft|ga|graddiff|kl|npo|simnpo|whp|rmu (default graddiff)\n"
+"                     sft: descent on --forget (knowledge injection, relearning attacks)\n"
+"                     ga: ascent on forget; graddiff: ascent on forget + lambda * descent on retain\n"
+"                     kl: ascent on forget + lambda * KL(base || model) on retain\n"
+"                     npo: (2/beta) log(1 + (pi/pi_base)^beta) per forget sequence, pi_base =\n"
+"                          the base with the adapter off\n"
+"                     simnpo: (2/beta) softplus(beta * mean log pi + delta), no reference\n"
+"                     whp: KL to the base model's predictions on the text with anchored\n"
+"                          terms translated (--dict), optionally v_b - a*ReLU(v_r - v_b)\n"
+"                     rmu: layer --rmu-layer activations -> c*u on forget, kept on retain\n"
+"  --retain-loss L    none|nll|kl (default: none for ga, kl for kl, else nll when --retain is given)\n"
+"  --gamma X          weight of the forget term (default 1)\n"
+"  --lambda X         weight of the retain term (default 1)\n"
+"  --beta X           NPO/SimNPO beta (default 0.1 for npo, 4.5 for simnpo)\n"
+"  --delta X          SimNPO margin (default 0)\n"
+"  --rmu-layer L      RMU layer (default 7, or n_layers/2 for smaller models)\n"
+"  --rmu-c X          RMU steering coefficient c (default 6.5)\n"
+"  --rmu-alpha X      RMU retain weight (default 1200)\n"
+"  --dict FILE        WHP dictionary, lines \"anchored<TAB>generic\" (required for whp)\n"
+"  --reinforced FILE  WHP reinforced adapter (default none)\n"
+"  --whp-alpha X      WHP alpha (default 1)\n"
+"Trainable parameters:\n"
+"  --full             train every weight (embeddings, norms, matrices); -o is a model file\n"
+"  --init SPEC        start from a random model, SPEC = dim=D,hidden_dim=H,n_layers=L,\n"
+"                     n_heads=N,n_kv_heads=K[,head_dim=D/N][,max_seq_len=2048]\n"
+"                     [,rope_theta=500000][,norm_eps=1e-5][,tied=1][,vocab_size=tokenizer's]\n"
+"  --rank R           LoRA rank (default 8)\n"
+"  --alpha A          LoRA alpha, scale = alpha/rank (default 16)\n"
+"  --dropout P        LoRA dropout (default 0)\n"
+"  --targets LIST     q,k,v,o,gate,up,down | all | attn | mlp (default all; rmu: down)\n"
+"  --layers A-B       adapted layers, inclusive (default all; rmu: l-2..l)\n"
+"  --adapter-init F   start from this adapter (its rank, alpha, targets and layers)\n"
+"Optimisation:\n"
+"  --steps N          optimizer steps (default 100)\n"
+"  --lr X             peak learning rate (default 1e-4)\n"
+"  --warmup N         linear warmup steps (default 0)\n"
+"  --schedule S       constant|cosine after warmup (default constant)\n"
+"  --min-lr-frac F    cosine floor as a fraction of --lr (default 0)\n"
+"  --wd X             AdamW weight decay, not on norms (default 0)\n"
+"  --adam-b1 X        (default 0.9)   --adam-b2 X (default 0.999)   --adam-eps X (default 1e-8)\n"
+"  --clip X           clip the gradient norm to X, 0 = off (default 1)\n"
+"  --seed N           data order, init, dropout (default 1337)\n"
+"Stopping:\n"
+"  --eval-every N     every N steps, mean NLL on the first --eval-rows rows of each set\n"
+"                     (default 0 = off; 10 when a stop level is set)\n"
+"  --eval-rows N      (default 32)\n"
+"  --stop-forget-nll X  stop once the eval forget NLL reaches X (MUSE's rule with a gold\n"
+"                     level; default none: --steps is the budget)\n"
+"  --gold MODEL.bin   the stop level is this model's eval forget NLL (the retrained model;\n"
+"                     default none)\n"
+"Output:\n"
+"  -o FILE            adapter (LoRA) or model file (--full), required\n"
+"  --save-every N     checkpoint every N steps, and always at the end (default 50)\n"
+"  --log FILE         CSV log (default OUT.csv)\n"
+"  --log-every N      progress line every N steps (default 1)\n"
+"  --resume           continue from OUT.state (bit for bit)\n"
+"  --halt-after N     stop after N steps of this run, checkpoint saved (default 0 = off)\n"
+"  --dump-rows N      print the first N forget rows (each target token, [counted] or not;\n"
+"                     whp: <- the translated token whose prediction labels it) and exit\n"
+"  -h, --help         this text\n");
+    exit(EXIT_FAILURE);
+}
+
+static int parse_int_opt(const char* flag, const char* s) {
+    char* end;
+    long v = strtol(s, &end, 10);
+    if (*s == '\0' || *end != '\0' || v < -2147483647L || v > 2147483647L) die("%s expects an integer, got '%s'", flag, s);
+    return (int)v;
+}
+
+static float parse_float_opt(const char* flag, const char* s) {
+    char* end;
+    float v = strtof(s, &end);
+    if (*s == '\0' || *end != '\0' || !isfinite(v)) die("%s expects a number, got '%s'", flag, s);
+    return v;
+}
+
+static void parse_options(Options* o, int argc, char** argv) {
+    memset(o, 0, sizeof(*o));
+    o->format = "auto";
+    o->objective = OBJ_GRADDIFF;
+    o->retain_loss = -1;
+    o->rank = 8; o->alpha = 16.0f; o->targets = -1; o->layer_begin = -1; o->layer_end = -1;
+    o->T = 256; o->B = 4; o->B_retain = -1; o->accum = 1; o->steps = 100; o->lr = 1e-4f;
+    o->b1 = 0.9f; o->b2 = 0.999f; o->eps = 1e-8f; o->clip = 1.0f; o->seed = 1337;
+    o->gamma = 1.0f; o->lambda = 1.0f; o->beta = -1.0f; o->rmu_layer = -1; o->rmu_c = 6.5f; o->rmu_alpha = 1200.0f;
+    o->whp_alpha = 1.0f; o->save_every = 50; o->log_every = 1; o->eval_rows = 32; o->stop_forget_nll = NAN;
+    int i = 1;
+    if (argc >= 2 && argv[1][0] != '-') { o->model_path = argv[1]; i = 2; }
+    for (; i < argc; i++) {
+        const char* f = argv[i];
+        if (!strcmp(f, "-h") || !strcmp(f, "--help")) usage();
+        // flags without a value
+        if (!strcmp(f, "--full")) { o->full = 1; continue; }
+        if (!strcmp(f, "--resume")) { o->resume = 1; continue; }
+        if (!strcmp(f, "--pack")) { o->pack = 1; continue; }
+        if (i + 1 >= argc) die("%s needs a value (see --help)", f);
+        const char* v = argv[++i];
+        if (!strcmp(f, "-z")) o->tok_path = v;
+        else if (!strcmp(f, "-o")) o->out_path = v;
+        else if (!strcmp(f, "--forget") || !strcmp(f, "--data")) o->forget_path = v;
+        else if (!strcmp(f, "--retain")) o->retain_path = v;
+        else if (!strcmp(f, "--format")) o->format = v;
+        else if (!strcmp(f, "--system")) o->system = v;
+        else if (!strcmp(f, "--init")) o->init_spec = v;
+        else if (!strcmp(f, "--adapter-init")) o->adapter_init = v;
+        else if (!strcmp(f, "--dict")) o->dict_path = v;
+        else if (!strcmp(f, "--reinforced")) o->reinforced_path = v;
+        else if (!strcmp(f, "--log")) o->log_path = v;
+        else if (!strcmp(f, "--gold")) o->gold_path = v;
+        else if (!strcmp(f, "--objective")) {
+            o->objective = objective_from_name(v);
+            if (o->objective < 0) die("unknown objective '%s' (sft, ga, graddiff, kl, npo, simnpo, whp, rmu)", v);
+        } else if (!strcmp(f, "--retain-loss")) {
+            if (!strcmp(v, "none")) o->retain_loss = RETAIN_NONE;
+            else if (!strcmp(v, "nll")) o->retain_loss = RETAIN_NLL;
+            else if (!strcmp(v, "kl")) o->retain_loss = RETAIN_KL;
+            else die("unknown --retain-loss '%s' (none, nll, kl)", v);
+        } else if (!strcmp(f, "--targets")) {
+            o->targets = parse_targets(v);
+            if (o->targets < 0) die("bad --targets '%s' (a list of q,k,v,o,gate,up,down, or all, attn, mlp)", v);
+        } else if (!strcmp(f, "--layers")) {
+            int a, b;
+            char extra;
+            if (sscanf(v, "%d-%d%c", &a, &b, &extra) == 2) { o->layer_begin = a; o->layer_end = b + 1; }
+            else if (sscanf(v, "%d%c", &a, &extra) == 1) { o->layer_begin = a; o->layer_end = a + 1; }
+            else die("bad --layers '%s' (A-B, inclusive)", v);
+        } else if (!strcmp(f, "--schedule")) {
+            if (!strcmp(v, "cosine")) o->cosine = 1;
+            else if (!strcmp(v, "constant")) o->cosine = 0;
+            else die("unknown --schedule '%s' (constant, cosine)", v);
+        }
+        else if (!strcmp(f, "--rank")) o->rank = parse_int_opt(f, v);
+        else if (!strcmp(f, "-T")) o->T = parse_int_opt(f, v);
+        else if (!strcmp(f, "-b")) o->B = parse_int_opt(f, v);
+        else if (!strcmp(f, "--retain-batch")) o->B_retain = parse_int_opt(f, v);
+        else if (!strcmp(f, "--accum")) o->accum = parse_int_opt(f, v);
+        else if (!strcmp(f, "--steps")) o->steps = parse_int_opt(f, v);
+        else if (!strcmp(f, "--warmup")) o->warmup = parse_int_opt(f, v);
+        else if (!strcmp(f, "--save-every")) o->save_every = parse_int_opt(f, v);
+        else if (!strcmp(f, "--log-every")) o->log_every = parse_int_opt(f, v);
+        else if (!strcmp(f, "--halt-after")) o->halt_after = parse_int_opt(f, v);
+        else if (!strcmp(f, "--eval-every")) o->eval_every = parse_int_opt(f, v);
+        else if (!strcmp(f, "--eval-rows")) o->eval_rows = parse_int_opt(f, v);
+        else if (!strcmp(f, "--rmu-layer")) o->rmu_layer = parse_int_opt(f, v);
+        else if (!strcmp(f, "--dump-rows")) o->dump_rows = parse_int_opt(f, v);
+        else if (!strcmp(f, "--seed")) o->seed = (uint64_t)parse_int_opt(f, v);
+        else if (!strcmp(f, "--alpha")) o->alpha = parse_float_opt(f, v);
+        else if (!strcmp(f, "--dropout")) o->dropout = parse_float_opt(f, v);
+        else if (!strcmp(f, "--lr")) o->lr = parse_float_opt(f, v);
+        else if (!strcmp(f, "--min-lr-frac")) o->min_lr_frac = parse_float_opt(f, v);
+        else if (!strcmp(f, "--wd")) o->wd = parse_float_opt(f, v);
+        else if (!strcmp(f, "--adam-b1")) o->b1 = parse_float_opt(f, v);
+        else if (!strcmp(f, "--adam-b2")) o->b2 = parse_float_opt(f, v);
+        else if (!strcmp(f, "--adam-eps")) o->eps = parse_float_opt(f, v);
+        else if (!strcmp(f, "--clip")) o->clip = parse_float_opt(f, v);
+        else if (!strcmp(f, "--gamma")) o->gamma = parse_float_opt(f, v);
+        else if (!strcmp(f, "--lambda")) o->lambda = parse_float_opt(f, v);
+        else if (!strcmp(f, "--beta")) o->beta = parse_float_opt(f, v);
+        else if (!strcmp(f, "--delta")) o->delta = parse_float_opt(f, v);
+        else if (!strcmp(f, "--rmu-c")) o->rmu_c = parse_float_opt(f, v);
+        else if (!strcmp(f, "--rmu-alpha")) o->rmu_alpha = parse_float_opt(f, v);
+        else if (!strcmp(f, "--whp-alpha")) o->whp_alpha = parse_float_opt(f, v);
+        else if (!strcmp(f, "--stop-forget-nll")) o->stop_forget_nll = parse_float_opt(f, v);
+        else die("unknown option %s (see --help)", f);
+    }
+    if (!o->tok_path) die("a tokenizer is required (-z FILE; see --help)");
+    if (!o->out_path) die("an output file is required (-o FILE; see --help)");
+    if (!o->model_path && !o->init_spec) die("a model file (first argument) or --init SPEC is required (see --help)");
+    if (o->model_path && o->init_spec) die("give a model file or --init, not both");
+    if (o->init_spec && !o->full) die("--init creates a model to train from scratch: it needs --full");
+    if (!o->forget_path) die("--forget FILE is required (the training data for sft)");
+    if (o->dump_rows < 0) die("--dump-rows must be >= 0");
+    if (o->T < 2 || o->B < 1 || o->accum < 1 || o->steps < 0 || o->warmup < 0 || o->rank < 1 || o->log_every < 1 ||
+        o->save_every < 0 || o->eval_rows < 1)
+        die("-T, -b, --accum, --rank, --log-every must be positive; --steps, --warmup, --save-every non-negative");
+    if (o->B_retain < 0) o->B_retain = o->B;
+    if (o->lr < 0 || o->clip < 0 || o->wd < 0 || o->dropout < 0 || o->dropout >= 1) die("invalid --lr, --clip, --wd or --dropout");
+    if (o->beta < 0) o->beta = o->objective == OBJ_SIMNPO ? 4.5f : 0.1f;
+    if (o->beta <= 0) die("--beta must be > 0");
+    if (o->retain_loss < 0) {
+        if (o->objective == OBJ_GA) o->retain_loss = RETAIN_NONE;
+        else if (o->objective == OBJ_KL) o->retain_loss = RETAIN_KL;
+        else o->retain_loss = o->retain_path ? RETAIN_NLL : RETAIN_NONE;
+    }
+    int needs_retain = o->objective == OBJ_GRADDIFF || o->objective == OBJ_KL || o->retain_loss != RETAIN_NONE;
+    if (needs_retain && !o->retain_path) die("objective %s needs --retain FILE", objective_name(o->objective));
+    if (o->objective == OBJ_WHP && !o->dict_path) die("objective whp needs --dict FILE");
+    if (o->objective == OBJ_WHP && o->pack) die("--pack is not supported with whp");
+    if (o->reinforced_path && o->objective != OBJ_WHP) die("--reinforced is for the whp objective");
+}
+
+// "dim=64,n_layers=2,..." over a config with the defaults already set
+static void parse_init_spec(const char* spec, Config* c) {
+    char* s = xstrndup(spec, strlen(spec));
+    for (char* tok = strtok(s, ","); tok; tok = strtok(NULL, ",")) {
+        char* eq = strchr(tok, '=');
+        if (!eq) die("--init: expected key=value, got '%s'", tok);
+        *eq = '\0';
+        const char* k = tok;
+        const char* v = eq + 1;
+        if (!strcmp(k, "dim")) c->dim = parse_int_opt(k, v);
+        else if (!strcmp(k, "hidden_dim")) c->hidden_dim = parse_int_opt(k, v);
+        else if (!strcmp(k, "n_layers")) c->n_layers = parse_int_opt(k, v);
+        else if (!strcmp(k, "n_heads")) c->n_heads = parse_int_opt(k, v);
+        else if (!strcmp(k, "n_kv_heads")) c->n_kv_heads = parse_int_opt(k, v);
+        else if (!strcmp(k, "head_dim")) c->head_dim = parse_int_opt(k, v);
+        else if (!strcmp(k, "vocab_size")) c->vocab_size = parse_int_opt(k, v);
+        else if (!strcmp(k, "max_seq_len")) c->max_seq_len = parse_int_opt(k, v);
+        else if (!strcmp(k, "rope_theta")) c->rope_theta = parse_float_opt(k, v);
+        else if (!strcmp(k, "norm_eps")) c->norm_eps = parse_float_opt(k, v);
+        else if (!strcmp(k, "tied")) c->tied_embeddings = parse_int_opt(k, v);
+        else die("--init: unknown key '%s'", k);
+    }
+    free(s);
+    if (c->n_heads > 0 && c->head_dim == 0 && c->dim % c->n_heads == 0) c->head_dim = c->dim / c->n_heads;
+    if (c->n_kv_heads == 0) c->n_kv_heads = c->n_heads;
+}
+
+// ----------------------------------------------------------------------------
+// Evaluation for early stopping: mean NLL over the first rows of a set
+
+static double eval_nll(TrainModel* m, const Dataset* d, int rows, Batch* b) {
+    double S = 0.0, W = 0.0;
+    int L = m->config.n_layers, B = b->B;
+    if (rows > d->n) rows = d->n;
+    for (int r0 = 0; r0 < rows; r0 += B) {
+        int k = rows - r0 < B ? rows - r0 : B;
+        for (int r = 0; r < k; r++) batch_set_row(b, r, d, r0 + r);
+        Batch sub = *b;
+        sub.B = k;
+        train_forward(m, &m->w, trainable_lora(m), 0, sub.inputs, sub.pos, k, sub.T, L);
+        double w;
+        S += train_nll(m, &sub, &w);
+        W += w;
+    }
+    return W > 0 ? S / W : NAN;
+}
+
+// the same measure for another model file, through the engine
+static double eval_nll_engine(const char* path, const Dataset* d, int rows, int vocab) {
+    Transformer t;
+    build_transformer(&t, path, d->T);
+    if (t.config.vocab_size != vocab) die("--gold %s has another vocabulary", path);
+    int T = d->T, V = vocab;
+    float* logits = xmalloc((size_t)T * V * sizeof(float));
+    double S = 0.0, W = 0.0;
+    if (rows > d->n) rows = d->n;
+    for (int r = 0; r < rows; r++) {
+        const int* tk = d->tokens + (size_t)r * (T + 1);
+        const int* pos = d->pos ? d->pos + (size_t)r * T : NULL;
+        // each sequence of the row on its own (a packed row holds several)
+        for (int s0 = 0, s1; s0 < T; s0 = s1) {
+            for (s1 = s0 + 1; s1 < T && pos && pos[s1] != 0; s1++) {}
+            if (!pos) s1 = T;
+            forward_batch(&t, tk + s0, s1 - s0, 0, logits + (size_t)s0 * V);
+        }
+        for (int i = 0; i < T; i++) {
+            float w = d->weights[(size_t)r * T + i];
+            if (w == 0.0f) continue;
+            const float* z = logits + (size_t)i * V;
+            float mx = z[0];
+            for (int j = 1; j < V; j++) if (z[j] > mx) mx = z[j];
+            double sum = 0.0;
+            for (int j = 0; j < V; j++) sum += exp((double)(z[j] - mx));
+            S += w * (mx + log(sum) - z[tk[i + 1]]);
+            W += w;
+        }
+    }
+    free(logits);
+    free_transformer(&t);
+    return W > 0 ? S / W : NAN;
+}
+
+// ----------------------------------------------------------------------------
+// The training loop
+
+static float lr_at(const Options* o, int step) {
+    if (step < o->warmup) return o->lr * (float)(step + 1) / (float)o->warmup;
+    if (!o->cosine) return o->lr;
+    int span = o->steps - o->warmup;
+    float progress = span > 0 ? (float)(step - o->warmup) / (float)span : 1.0f;
+    float floor_lr = o->lr * o->min_lr_frac;
+    return floor_lr + 0.5f * (o->lr - floor_lr) * (1.0f + cosf((float)M_PI * progress));
+}
+
+static void format_eta(char* buf, size_t n, double seconds) {
+    if (!(seconds >= 0) || seconds > 1e8) { snprintf(buf, n, "?"); return; }
+    long s = (long)(seconds + 0.5);
+    if (s >= 3600) snprintf(buf, n, "%ldh%02ldm", s / 3600, (s / 60) % 60);
+    else if (s >= 60) snprintf(buf, n, "%ldm%02lds", s / 60, s % 60);
+    else snprintf(buf, n, "%lds", s);
+}
+
+static void csv_field(FILE* f, double v) {
+    if (isnan(v)) fprintf(f, ",");
+    else fprintf(f, ",%.6g", v);
+}
+
+static void checkpoint(TrainModel* m, const Options* o, const char* state_path, int step, const Loader* lf,
+                       const Loader* lr) {
+    StateHeader sh = {0};
+    sh.step = step; sh.full = m->full; sh.n_params = (int64_t)m->n_params; sh.seed = o->seed;
+    sh.f_epoch = lf->epoch; sh.f_cursor = lf->cursor;
+    if (lr) { sh.r_epoch = lr->epoch; sh.r_cursor = lr->cursor; }
+    if (!m->full) { sh.rank = m->lora.rank; sh.mask = m->lora.target_mask; sh.lb = m->lora.layer_begin; sh.le = m->lora.layer_end; }
+    if (save_state(m, state_path, &sh) != 0) die("cannot write %s: %s", state_path, strerror(errno));
+    int rc = m->full ? save_model_fp32(m, o->out_path) : lora_save(&m->lora, &m->config, o->out_path);
+    if (rc != 0) die("cannot write %s: %s", o->out_path, strerror(errno));
+}
+
+static int train_main(int argc, char** argv) {
+    Options o;
+    parse_options(&o, argc, argv);
+    Tokenizer tok;
+    build_tokenizer(&tok, o.tok_path);
+
+    // the model
+    TrainModel m;
+    if (o.init_spec) {
+        Config c;
+        memset(&c, 0, sizeof(c));
+        c.vocab_size = tok.vocab_size; c.max_seq_len = 2048; c.rope_theta = 500000.0f; c.norm_eps = 1e-5f;
+        c.tied_embeddings = 1; c.bos_id = tok.bos_id;
+        for (int i = 0; i < tok.n_eot && c.n_eos < MAX_EOS; i++) c.eos_ids[c.n_eos++] = tok.eot_ids[i];
+        parse_init_spec(o.init_spec, &c);
+        // validate exactly as the loader will when the model is read back
+        unsigned char h[MODEL_HEADER_BYTES];
+        pack_model_header(h, &c);
+        char err[256];
+        Config chk;
+        int rc = parse_model_header(h, MODEL_HEADER_BYTES, &chk, err, sizeof(err));
+        if (rc != 0 && strstr(err, "file size") == NULL) die("--init: %s", err);
+        train_model_random(&m, &c, o.seed);
+    } else {
+        train_model_from_file(&m, o.model_path);
+    }
+    Config* c = &m.config;
+    if (tok.vocab_size != c->vocab_size)
+        die("tokenizer has %d tokens but the model has %d: wrong tokenizer for this model", tok.vocab_size, c->vocab_size);
+    if (o.T > c->max_seq_len) die("-T %d exceeds the model's maximum of %d positions", o.T, c->max_seq_len);
+    int L = c->n_layers, obj = o.objective;
+    if (obj == OBJ_RMU) {
+        if (o.rmu_layer < 0) o.rmu_layer = L > 8 ? 7 : L / 2;
+        if (o.rmu_layer >= L) die("--rmu-layer %d: the model has %d layers", o.rmu_layer, L);
+        if (o.targets < 0) o.targets = 1 << LORA_DOWN;
+        if (o.layer_begin < 0) { o.layer_begin = o.rmu_layer >= 2 ? o.rmu_layer - 2 : 0; o.layer_end = o.rmu_layer + 1; }
+        if (!o.full && o.layer_end > o.rmu_layer + 1) die("rmu: LoRA layers must be <= --rmu-layer %d", o.rmu_layer);
+    }
+    if (o.targets < 0) o.targets = (1 << LORA_N_TARGETS) - 1;
+    if (o.layer_begin < 0) { o.layer_begin = 0; o.layer_end = L; }
+    if (o.layer_begin < 0 || o.layer_end > L || o.layer_begin >= o.layer_end)
+        die("--layers: the model has layers 0-%d", L - 1);
+    int need_ref_model = obj == OBJ_NPO || obj == OBJ_WHP || obj == OBJ_RMU || o.retain_loss == RETAIN_KL;
+    if (o.full) {
+        train_setup_full(&m, need_ref_model);
+    } else if (o.adapter_init) {
+        Lora init;
+        char err[512];
+        if (lora_read(&init, c, o.adapter_init, err, sizeof(err)) != 0) die("%s", err);
+        train_setup_lora(&m, init.rank, init.alpha, o.dropout, init.target_mask, init.layer_begin, init.layer_end, o.seed);
+        for (int l = init.layer_begin; l < init.layer_end; l++)
+            for (int t = 0; t < LORA_N_TARGETS; t++) {
+                if (!init.pairs[l][t].a) continue;
+                int in, out;
+                lora_dims(c, t, &in, &out);
+                memcpy(m.lora.pairs[l][t].a, init.pairs[l][t].a, (size_t)init.rank * in * sizeof(float));
+                memcpy(m.lora.pairs[l][t].b, init.pairs[l][t].b, (size_t)out * init.rank * sizeof(float));
+            }
+        free_lora(&init);
+    } else {
+        train_setup_lora(&m, o.rank, o.alpha, o.dropout, o.targets, o.layer_begin, o.layer_end, o.seed);
+    }
+
+    // the objective
+    ObjectiveConfig oc;
+    memset(&oc, 0, sizeof(oc));
+    oc.objective = obj; oc.retain_loss = o.retain_loss; oc.gamma = o.gamma; oc.lambda = o.lambda;
+    oc.beta = o.beta; oc.delta = o.delta; oc.rmu_layer = o.rmu_layer; oc.rmu_c = o.rmu_c; oc.rmu_alpha = o.rmu_alpha;
+    oc.whp_alpha = o.whp_alpha;
+    Lora reinforced;
+    if (o.reinforced_path) {
+        char err[512];
+        if (lora_read(&reinforced, c, o.reinforced_path, err, sizeof(err)) != 0) die("%s", err);
+        if (reinforced.rank > 64) die("--reinforced: rank %d > 64 is not supported", reinforced.rank);
+        oc.whp_reinforced = &reinforced;
+    }
+    if (obj == OBJ_RMU) {
+        // a fixed random unit vector (uniform [0,1) entries, normalised, as WMDP's RMU)
+        oc.rmu_u = xmalloc(c->dim * sizeof(float));
+        uint64_t rng = hash64(o.seed ^ 0x726d75ull);
+        double norm = 0.0;
+        for (int j = 0; j < c->dim; j++) { oc.rmu_u[j] = rng_uniform(&rng); norm += (double)oc.rmu_u[j] * oc.rmu_u[j]; }
+        for (int j = 0; j < c->dim; j++) oc.rmu_u[j] = (float)(oc.rmu_u[j] / sqrt(norm));
+    }
+
+    // data
+    Dataset forget, retain;
+    int has_retain = o.retain_path && (o.retain_loss != RETAIN_NONE || obj == OBJ_RMU);
+    long t_load = time_in_ms();
+    if (obj == OBJ_WHP) {
+        Term* terms;
+        int nt = load_dict(o.dict_path, &terms);
+        dataset_whp(&forget, &tok, c, o.forget_path, terms, nt, o.T);
+        for (int i = 0; i < nt; i++) { free(terms[i].from); free(terms[i].to); }
+        free(terms);
+    } else {
+        dataset_load(&forget, &tok, c, o.forget_path, o.format, o.system, o.T, o.pack);
+    }
+    if (has_retain) dataset_load(&retain, &tok, c, o.retain_path, o.format, o.system, o.T, o.pack);
+    // padding: positions that hold no token (short chat rows in long -T rows waste compute: --pack)
+    printf("data: forget %s: %d rows, %ld counted tokens, %.0f%% padding", o.forget_path, forget.n, forget.n_tokens,
+           100.0 * dataset_padding(&forget));
+    if (has_retain)
+        printf(" | retain %s: %d rows, %ld counted tokens, %.0f%% padding", o.retain_path, retain.n, retain.n_tokens,
+               100.0 * dataset_padding(&retain));
+    printf(" (%.1fs)\n", (time_in_ms() - t_load) / 1000.0);
+
+    if (o.dump_rows) {
+        // what the loss sees: each target token, in brackets when it counts
+        for (int r = 0; r < o.dump_rows && r < forget.n; r++) {
+            printf("row %d:", r);
+            for (int i = 0; i < o.T; i++) {
+                int id = forget.tokens[(size_t)r * (o.T + 1) + i + 1], len;
+                const char* piece = token_piece(&tok, id, &len);
+                int on = forget.weights[(size_t)r * o.T + i] > 0;
+                if (forget.pos && i > 0 && forget.pos[(size_t)r * o.T + i] == 0) printf(" ||"); // a packed sequence starts
+                printf(" %s%d:'", on ? "[" : "", id);
+                for (int k = 0; k < len; k++) putchar(piece[k] == '\n' ? '|' : piece[k]);
+                printf("'%s", on ? "]" : "");
+                if (on && forget.label_pos) {
+                    // WHP: the translated token this position reads (its prediction is the label)
+                    int lp = forget.label_pos[(size_t)r * o.T + i];
+                    int tid = forget.trans[(size_t)r * forget.Tt + lp];
+                    piece = token_piece(&tok, tid, &len);
+                    printf("<-'");
+                    for (int k = 0; k < len; k++) putchar(piece[k] == '\n' ? '|' : piece[k]);
+                    printf("'");
+                }
+            }
+            printf("\n");
+        }
+        exit(EXIT_SUCCESS);
+    }
+
+    // buffers
+    int Tt = forget.Tt, T = o.T;
+    int B_max = o.B > o.B_retain ? o.B : o.B_retain;
+    int T_cap = Tt > T ? Tt : T;
+    train_alloc_acts(&m, B_max * T_cap, T_cap, obj == OBJ_WHP || o.retain_loss == RETAIN_KL, obj == OBJ_RMU);
+    Batch fb, rb;
+    batch_alloc(&fb, o.B, T, Tt, o.pack);
+    if (has_retain) batch_alloc(&rb, o.B_retain, T, 0, o.pack);
+    printf("model: dim %d, %d layers, vocab %d, %s | trainable: %s, %zu parameters | objective %s\n", c->dim, L,
+            c->vocab_size, c->weight_type == WEIGHT_Q8 ? "int8" : "fp32",
+            m.full ? "every weight" : "LoRA", m.n_params, objective_name(obj));
+    printf("memory: weights %.1f MiB (%s), activations %.1f MiB, trainable state %.1f MiB\n",
+           (m.file ? (double)m.file->file_size : (double)full_param_count(c) * 4) / 1048576.0,
+           m.file ? "mapped" : "in memory", m.acts_bytes / 1048576.0,
+           m.n_params * 4.0 * (m.no_decay ? 4.25 : 4.0) / 1048576.0);
+
+    // state
+    size_t olen = strlen(o.out_path);
+    char* state_path = xmalloc(olen + 7);
+    snprintf(state_path, olen + 7, "%s.state", o.out_path);
+    char* log_path = NULL;
+    if (o.log_path) log_path = xstrndup(o.log_path, strlen(o.log_path));
+    else { log_path = xmalloc(olen + 5); snprintf(log_path, olen + 5, "%s.csv", o.out_path); }
+    int step = 0;
+    Loader lf, lr;
+    StateHeader sh = {0};
+    if (o.resume) {
+        load_state(&m, state_path, &sh);
+        if (sh.seed != o.seed) die("%s was saved with --seed %llu", state_path, (unsigned long long)sh.seed);
+        step = sh.step;
+        printf("resumed from %s at step %d\n", state_path, step);
+    }
+    loader_init(&lf, &forget, o.seed ^ 0xf0f0ull, sh.f_epoch, sh.f_cursor);
+    if (has_retain) loader_init(&lr, &retain, o.seed ^ 0x0f0full, sh.r_epoch, sh.r_cursor);
+    if (lf.cursor >= forget.n || (has_retain && lr.cursor >= retain.n)) die("%s does not match these data sets", state_path);
+    FILE* log = fopen(log_path, o.resume ? "a" : "w");
+    if (!log) die("cannot write %s: %s", log_path, strerror(errno));
+    if (!o.resume)
+        fprintf(log, "step,loss,forget_term,retain_term,forget_nll,retain_nll,retain_kl,grad_norm,lr,tokens_per_s,"
+                     "elapsed_s,eta_s,eval_forget_nll,eval_retain_nll\n");
+
+    // early stopping by a gold level
+    Batch eb;
+    batch_alloc(&eb, B_max, T, 0, o.pack);
+    float stop_level = o.stop_forget_nll;
+    if (o.gold_path) {
+        stop_level = (float)eval_nll_engine(o.gold_path, &forget, o.eval_rows, c->vocab_size);
+        printf("gold: %s has eval forget NLL %.4f: training stops once the forget NLL reaches it\n",
+                o.gold_path, stop_level);
+        if (!o.eval_every) o.eval_every = 10;
+    }
+    if (!isnan(stop_level) && !o.eval_every) o.eval_every = 10;
+
+    long t_start = time_in_ms();
+    int steps_run = 0, last_saved = step;
+    double ema_tok_s = 0.0;
+    while (step < o.steps) {
+        long t0 = time_in_ms();
+        train_zero_grads(&m);
+        LossTerms sum;
+        memset(&sum, 0, sizeof(sum));
+        double fn = 0, rn = 0, rk = 0;
+        int nfn = 0, nrn = 0, nrk = 0;
+        for (int micro = 0; micro < o.accum; micro++) {
+            loader_next(&lf, &fb);
+            if (has_retain) loader_next(&lr, &rb);
+            m.dropout_seed = hash64(o.seed ^ hash64(((uint64_t)step << 16) | (uint64_t)micro));
+            LossTerms lt;
+            train_objective(&m, &oc, &fb, has_retain ? &rb : NULL, 1.0f / o.accum, 1, &lt);
+            sum.loss += lt.loss / o.accum;
+            sum.forget_term += lt.forget_term / o.accum;
+            sum.retain_term += lt.retain_term / o.accum;
+            sum.tokens += lt.tokens;
+            if (!isnan(lt.forget_nll)) { fn += lt.forget_nll; nfn++; }
+            if (!isnan(lt.retain_nll)) { rn += lt.retain_nll; nrn++; }
+            if (!isnan(lt.retain_kl)) { rk += lt.retain_kl; nrk++; }
+        }
+        double gnorm = train_grad_norm(&m);
+        if (!isfinite(sum.loss) || !isfinite(gnorm)) {
+            fclose(log);
+            char kept[1024];
+            if (last_saved > 0 || o.resume) snprintf(kept, sizeof(kept), "the last good checkpoint (step %d) is kept in %s", last_saved, o.out_path);
+            else snprintf(kept, sizeof(kept), "no checkpoint had been saved yet (see --save-every)");
+            fprintf(stderr, "error: the loss is %s at step %d (grad norm %g): training stopped, %s\n",
+                    isfinite(sum.loss) ? "finite but the gradient is not" : "NaN or Inf", step + 1, gnorm, kept);
+            exit(EXIT_FAILURE);
+        }
+        if (o.clip > 0 && gnorm > o.clip) train_scale_grads(&m, (float)(o.clip / (gnorm + 1e-6)));
+        float lr_now = lr_at(&o, step);
+        train_adamw(&m, lr_now, o.b1, o.b2, o.eps, o.wd, step + 1);
+        step++;
+        steps_run++;
+        long t1 = time_in_ms();
+        double dt = (t1 - t0) / 1000.0, tok_s = dt > 0 ? sum.tokens / dt : 0.0;
+        ema_tok_s = steps_run == 1 ? tok_s : 0.9 * ema_tok_s + 0.1 * tok_s;
+        double elapsed = (t1 - t_start) / 1000.0;
+        double eta = elapsed / steps_run * (o.steps - step);
+        double f_nll = nfn ? fn / nfn : NAN, r_nll = nrn ? rn / nrn : NAN, r_kl = nrk ? rk / nrk : NAN;
+        double ef = NAN, er = NAN;
+        int stop = 0;
+        if (o.eval_every && (step % o.eval_every == 0 || step == o.steps)) {
+            ef = eval_nll(&m, &forget, o.eval_rows, &eb);
+            if (has_retain) er = eval_nll(&m, &retain, o.eval_rows, &eb);
+            printf("eval step %d | forget nll %.4f", step, ef);
+            if (has_retain) printf(" | retain nll %.4f", er);
+            if (!isnan(stop_level)) printf(" | stop level %.4f", stop_level);
+            printf("\n");
+            if (!isnan(stop_level) && ef >= stop_level) stop = 1;
+        }
+        if (step % o.log_every == 0 || step == o.steps || stop) {
+            char eta_s[32];
+            format_eta(eta_s, sizeof(eta_s), eta);
+            printf("step %d/%d | loss %.4f", step, o.steps, sum.loss);
+            if (!isnan(f_nll)) printf(" | forget nll %.4f", f_nll);
+            if (!isnan(r_nll)) printf(" | retain nll %.4f", r_nll);
+            if (!isnan(r_kl)) printf(" | retain kl %.4f", fmax(r_kl, 0.0)); // >= 0 up to rounding
+            if (obj == OBJ_RMU || obj == OBJ_NPO || obj == OBJ_SIMNPO || obj == OBJ_WHP)
+                printf(" | forget term %.4f", sum.forget_term);
+            if (obj == OBJ_RMU) printf(" | retain term %.4f", sum.retain_term);
+            printf(" | gnorm %.3f | lr %.2e | %.0f tok/s | ETA %s\n", gnorm, lr_now, ema_tok_s, eta_s);
+            fflush(stdout);
+        }
+        fprintf(log, "%d", step);
+        csv_field(log, sum.loss); csv_field(log, sum.forget_term); csv_field(log, sum.retain_term);
+        csv_field(log, f_nll); csv_field(log, r_nll); csv_field(log, r_kl); csv_field(log, gnorm);
+        csv_field(log, lr_now); csv_field(log, tok_s); csv_field(log, elapsed); csv_field(log, eta);
+        csv_field(log, ef); csv_field(log, er);
+        fprintf(log, "\n");
+        fflush(log);
+        int halt = o.halt_after > 0 && steps_run >= o.halt_after;
+        if ((o.save_every && step % o.save_every == 0) || step == o.steps || stop || halt) {
+            checkpoint(&m, &o, state_path, step, &lf, has_retain ? &lr : NULL);
+            last_saved = step;
+        }
+        if (stop) { printf("early stop at step %d: eval forget NLL %.4f >= %.4f\n", step, ef, stop_level); break; }
+        if (halt) { printf("halted after %d steps (resume with --resume)\n", steps_run); break; }
+    }
+    if (steps_run == 0) checkpoint(&m, &o, state_path, step, &lf, has_retain ? &lr : NULL);
+    fclose(log);
+    printf("saved %s (%s) at step %d; log %s\n", o.out_path, m.full ? "model" : "adapter", step, log_path);
+    batch_free(&fb);
+    if (has_retain) { batch_free(&rb); free(lr.perm); dataset_free(&retain); }
+    batch_free(&eb);
+    free(lf.perm);
+    dataset_free(&forget);
+    free(oc.rmu_u);
+    if (o.reinforced_path) free_lora(&reinforced);
+    free(state_path); free(log_path);
+    train_model_free(&m);
+    free_tokenizer(&tok);
+    return 0;
+}
+
+static int merge_main(int argc, char** argv) {
+    if (argc < 5 || argc > 6) die("usage: train_lora merge MODEL.bin ADAPTER OUT.bin [--int8]");
+    int int8 = 0;
+    if (argc == 6) {
+        if (strcmp(argv[5], "--int8")) die("unknown option %s (merge takes only --int8)", argv[5]);
+        int8 = 1;
+    }
+    long t0 = time_in_ms();
+    if (merge_model(argv[2], argv[3], argv[4], int8) != 0) die("cannot write %s: %s", argv[4], strerror(errno));
+    printf("merged %s into %s -> %s (%s, %.1fs)\n", argv[3], argv[2], argv[4], int8 ? "int8" : "fp32",
+            (time_in_ms() - t0) / 1000.0);
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    if (argc >= 2 && !strcmp(argv[1], "merge")) return merge_main(argc, argv);
+    if (argc < 2) usage();
+    return train_main(argc, argv);
+}
+#endif
