@@ -714,6 +714,144 @@ def refdiff(args):
 
 # ----------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------
+# LoRA adapters <-> Hugging Face PEFT (the adapter format is in run.h)
+
+LORA_MAGIC = 0x414C4C55        # "ULLA"
+LORA_VERSION = 1
+LORA_HEADER_BYTES = 128
+LORA_HEADER_FMT = "<Iiif10iq"   # magic .. vocab_size, int64 n_floats
+LORA_TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
+PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+                "down": "mlp.down_proj"}
+
+
+def lora_io_dims(c, target):
+    """(in, out) of the base matrix a target adapts, as run.c's lora_dims."""
+    q_dim, kv_dim = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
+    return {"q": (c["dim"], q_dim), "k": (c["dim"], kv_dim), "v": (c["dim"], kv_dim),
+            "o": (q_dim, c["dim"]), "gate": (c["dim"], c["hidden_dim"]),
+            "up": (c["dim"], c["hidden_dim"]), "down": (c["hidden_dim"], c["dim"])}[target]
+
+
+def lora_blocks(c, rank, mask, begin, end):
+    """(layer, target, A shape, B shape) in the adapter payload's order."""
+    for l in range(begin, end):
+        for t, name in enumerate(LORA_TARGETS):
+            if mask >> t & 1:
+                i, o = lora_io_dims(c, name)
+                yield l, name, (rank, i), (o, rank)
+
+
+def peft_export(args):
+    """adapter file -> adapter_model.safetensors (F32) + adapter_config.json.
+    q_proj/k_proj rows are in Hugging Face's layout on both sides, so the
+    tensors are copied as they are."""
+    with open(args.adapter, "rb") as f:
+        data = f.read()
+    if len(data) < LORA_HEADER_BYTES:
+        die("%s: too small to be an adapter" % args.adapter)
+    (magic, version, rank, alpha, mask, begin, end, dim, hidden, n_layers, n_heads, n_kv, head_dim,
+     vocab, n_floats) = struct.unpack(LORA_HEADER_FMT, data[:struct.calcsize(LORA_HEADER_FMT)])
+    if magic != LORA_MAGIC or version != LORA_VERSION:
+        die("%s: not an unlearn.c adapter (bad magic or version)" % args.adapter)
+    if len(data) != LORA_HEADER_BYTES + 4 * n_floats:
+        die("%s: size does not match its header" % args.adapter)
+    c = dict(dim=dim, hidden_dim=hidden, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim)
+    payload = np.frombuffer(data, dtype="<f4", offset=LORA_HEADER_BYTES)
+    tensors, at = [], 0
+    for l, name, a_shape, b_shape in lora_blocks(c, rank, mask, begin, end):
+        prefix = "base_model.model.model.layers.%d.%s" % (l, PEFT_MODULES[name])
+        for suffix, shape in (("lora_A.weight", a_shape), ("lora_B.weight", b_shape)):
+            n = shape[0] * shape[1]
+            tensors.append((prefix + "." + suffix, shape, payload[at:at + n]))
+            at += n
+    if at != n_floats:
+        die("%s: payload size does not match its header" % args.adapter)
+    os.makedirs(args.out_dir, exist_ok=True)
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, _ in tensors:
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [off, off + 4 * shape[0] * shape[1]]}
+        off += 4 * shape[0] * shape[1]
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    out = os.path.join(args.out_dir, "adapter_model.safetensors")
+    with open(out + ".tmp", "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for _, _, w in tensors:
+            f.write(w.astype("<f4").tobytes())
+    os.replace(out + ".tmp", out)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+              "target_modules": [PEFT_MODULES[n].split(".")[1] for t, n in enumerate(LORA_TARGETS) if mask >> t & 1],
+              "layers_to_transform": list(range(begin, end)), "base_model_name_or_path": args.base or ""}
+    cfg_path = os.path.join(args.out_dir, "adapter_config.json")
+    with open(cfg_path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(cfg_path + ".tmp", cfg_path)
+    print("wrote %s: rank %d, alpha %g, %s, layers %d-%d" % (args.out_dir, rank, alpha,
+          ",".join(config["target_modules"]), begin, end - 1), file=sys.stderr)
+
+
+def peft_import(args):
+    """adapter_model.safetensors + adapter_config.json -> adapter file, for
+    the model file given with --model (whose dims go into the header)."""
+    cfg = load_json(os.path.join(args.peft_dir, "adapter_config.json"), required=True)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        die("%s: peft_type %s is not LORA" % (args.peft_dir, cfg.get("peft_type")))
+    if cfg.get("use_rslora") or cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        die("%s: rsLoRA, DoRA and per-module ranks are not supported" % args.peft_dir)
+    if cfg.get("bias", "none") != "none" or cfg.get("fan_in_fan_out"):
+        die("%s: LoRA biases and fan_in_fan_out are not supported" % args.peft_dir)
+    with open(args.model, "rb") as f:
+        c = unpack_header(f.read(HEADER_BYTES))
+    if c["magic"] != MODEL_MAGIC:
+        die("%s: not an unlearn.c model file" % args.model)
+    st = os.path.join(args.peft_dir, "adapter_model.safetensors")
+    found = read_safetensors_header(st)
+    # layer -> {target: (A name, B name)}; keys look like
+    # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
+    per_layer = {}
+    for key in found:
+        parts = key.split(".")
+        if "layers" not in parts or not key.endswith(".weight") or parts[-2] not in ("lora_A", "lora_B"):
+            die("%s: unexpected tensor %s" % (st, key))
+        layer = int(parts[parts.index("layers") + 1])
+        module = ".".join(parts[parts.index("layers") + 2:-2])
+        names = [n for n, m in PEFT_MODULES.items() if m == module]
+        if not names:
+            die("%s: LoRA on %s is not one of q/k/v/o/gate/up/down" % (st, module))
+        per_layer.setdefault(layer, {}).setdefault(names[0], {})[parts[-2]] = key
+    layers = sorted(per_layer)
+    targets = set(per_layer[layers[0]])
+    if layers != list(range(layers[0], layers[-1] + 1)) or any(set(per_layer[l]) != targets for l in layers):
+        die("%s: adapted layers must be a contiguous range with the same targets in each" % st)
+    mask = sum(1 << t for t, n in enumerate(LORA_TARGETS) if n in targets)
+    rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    out, n_floats = [], 0
+    for l, name, a_shape, b_shape in lora_blocks(c, rank, mask, layers[0], layers[-1] + 1):
+        for which, shape in (("lora_A", a_shape), ("lora_B", b_shape)):
+            key = per_layer[l][name].get(which)
+            if key is None or found[key][1] != shape:
+                die("%s: %s of layer %d %s missing or not %s" % (st, which, l, name, shape))
+            dt, _, off = found[key]
+            mm = np.memmap(st, dtype=np.dtype(ST_DTYPES[dt]), mode="r", offset=off, shape=shape)
+            w = bf16_to_f32(mm) if dt == "BF16" else mm.astype(np.float32)
+            out.append(w.astype("<f4").tobytes())
+            n_floats += shape[0] * shape[1]
+    header = struct.pack(LORA_HEADER_FMT, LORA_MAGIC, LORA_VERSION, rank, alpha, mask, layers[0], layers[-1] + 1,
+                         c["dim"], c["hidden_dim"], c["n_layers"], c["n_heads"], c["n_kv_heads"], c["head_dim"],
+                         c["vocab_size"], n_floats)
+    with open(args.out + ".tmp", "wb") as f:
+        f.write(header + bytes(LORA_HEADER_BYTES - len(header)))
+        for b in out:
+            f.write(b)
+    os.replace(args.out + ".tmp", args.out)
+    print("wrote %s: rank %d, alpha %g, mask %s, layers %d-%d" % (args.out, rank, alpha,
+          ",".join(sorted(targets, key=LORA_TARGETS.index)), layers[0], layers[-1]), file=sys.stderr)
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "sae":
         # python3 export.py sae sparsify|saelens|synth-sparsify|synth-saelens|info ...
@@ -745,6 +883,10 @@ def main():
     p = command("inspect", inspect_model, "check a model file", "file")
     p.add_argument("--hf", help="checkpoint to compare every tensor with")
     command("tokenizer", export_tok, "tokenizer.json -> tokenizer file", "tokenizer", "out")
+    p = command("peft", peft_export, "adapter file -> Hugging Face PEFT directory", "adapter", "out_dir")
+    p.add_argument("--base", help="base_model_name_or_path to record in adapter_config.json")
+    p = command("lora", peft_import, "Hugging Face PEFT directory -> adapter file", "peft_dir", "out")
+    p.add_argument("--model", required=True, help="the model file the adapter is for (its dims go in the header)")
     # listed for --help only: `sae` is dispatched to sae_export.py above
     sub.add_parser("sae", help="SAE checkpoints (sparsify, SAELens) -> SAE file; see sae_export.py")
     args = ap.parse_args()

@@ -31,6 +31,11 @@ static void check(int ok, const char* fmt, ...) {
 }
 
 static const char* TOK_PATH = "build/llama3.tok";
+// A shell prefix that sets $PY to a python3 with numpy ($PYTHON first, as
+// the Makefile finds it) and fails when there is none.
+static const char* FIND_PYTHON =
+    "PY=''; for p in \"$PYTHON\" python3 /usr/bin/python3 /usr/local/bin/python3; do "
+    "[ -n \"$p\" ] && $p -c 'import numpy' 2>/dev/null && PY=$p && break; done; [ -n \"$PY\" ] && ";
 static const char* CASES_INP = "../shared/llama3-tokenizer/llama-bpe-cases.inp";
 static const char* CASES_OUT = "../shared/llama3-tokenizer/llama-bpe-cases.out";
 
@@ -882,14 +887,10 @@ static void sae_t_compare_reference(const char* what, const char* sae_path, cons
 }
 
 static void test_sae_export(void) {
-    // python3 with numpy: $PYTHON, else the first python3 that imports numpy
-    const char* find_py =
-        "PY=''; for p in \"$PYTHON\" python3 /usr/bin/python3 /usr/local/bin/python3; do "
-        "[ -n \"$p\" ] && $p -c 'import numpy' 2>/dev/null && PY=$p && break; done; [ -n \"$PY\" ] && ";
     char cmd[4096];
     snprintf(cmd, sizeof(cmd),
              "%s $PY sae_export.py synth-sparsify build/sae_synth/layers.5 --d 64 --n 256 --k 8 --dtype bf16 >/dev/null && "
-             "$PY sae_export.py sparsify build/sae_synth/layers.5 build/sae_synth/sparsify.bin >/dev/null", find_py);
+             "$PY sae_export.py sparsify build/sae_synth/layers.5 build/sae_synth/sparsify.bin >/dev/null", FIND_PYTHON);
     int rc = system(cmd);
     check(rc == 0, "sae: sae_export.py writes a synthetic sparsify checkpoint (bf16) and converts it");
     if (rc == 0) {
@@ -908,7 +909,7 @@ static void test_sae_export(void) {
         snprintf(cmd, sizeof(cmd),
                  "%s $PY sae_export.py synth-saelens build/sae_synth/saelens_%s --arch %s >/dev/null && "
                  "$PY sae_export.py saelens build/sae_synth/saelens_%s build/sae_synth/saelens_%s.bin >/dev/null",
-                 find_py, archs[a], archs[a], archs[a], archs[a]);
+                 FIND_PYTHON, archs[a], archs[a], archs[a], archs[a]);
         if (system(cmd) != 0) { check(0, "sae: SAELens %s checkpoint converts", archs[a]); continue; }
         char what[64], path[256], ref[256];
         snprintf(what, sizeof(what), "SAELens %s round trip", archs[a]);
@@ -2612,6 +2613,23 @@ static void test_train_cli(void) {
     free_transformer(&t);
 }
 
+// An adapter written by train_lora goes out to Hugging Face PEFT format and
+// back, byte for byte; the PEFT side has PEFT's tensor names and shapes.
+static void test_peft_roundtrip(void) {
+    char cmd[4096];
+    snprintf(cmd, sizeof(cmd),
+             "%s rm -rf build/peft_rt && $PY export.py peft build/test_train_engine.lora build/peft_rt 2>/dev/null && "
+             "$PY export.py lora build/peft_rt build/peft_rt.lora --model build/models/tiny-3.2.f32.bin 2>/dev/null && "
+             "cmp -s build/peft_rt.lora build/test_train_engine.lora && "
+             "grep -q 'base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight\":{\"dtype\":\"F32\",\"shape\":\\[64,4\\]' "
+             "build/peft_rt/adapter_model.safetensors && grep -q '\"lora_alpha\"' build/peft_rt/adapter_config.json",
+             FIND_PYTHON);
+    check(system(cmd) == 0, "peft: adapter -> PEFT (HF names, k_proj lora_B [kv_dim, rank]) -> adapter is byte-identical");
+    snprintf(cmd, sizeof(cmd), "%s $PY export.py lora build/peft_rt build/peft_bad.lora --model build/models/tiny-3.0.f32.bin "
+             ">/dev/null 2>&1", FIND_PYTHON);
+    check(system(cmd) != 0, "peft: importing for a model of other dims is refused");
+}
+
 int main(void) {
     printf("engine: %s\n", engine_build_info());
     Tokenizer tok;
@@ -2644,6 +2662,7 @@ int main(void) {
     test_train_matches_engine();
     test_train_adapter_file();
     test_train_merge();
+    test_peft_roundtrip();
     test_train_int8_backward();
     test_train_graddiff_tiny();
     test_train_memory_8b();
