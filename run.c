@@ -421,12 +421,22 @@ void gemm_portable(int trans_a, int trans_b, int M, int N, int K, float alpha, c
 
 #ifdef USE_BLAS
 char* openblas_get_corename(void); // OpenBLAS's own API, not in cblas.h
+int openblas_get_parallel(void);   // 0 sequential, 1 pthreads, 2 OpenMP
 #endif
 
 const char* engine_build_info(void) {
 #ifdef USE_BLAS
-    static char info[128];
-    snprintf(info, sizeof(info), "OpenBLAS (core %s), %d threads", openblas_get_corename(), n_threads_available());
+    static char info[256];
+    int par = openblas_get_parallel();
+    const char* core = openblas_get_corename();
+    snprintf(info, sizeof(info), "OpenBLAS (core %s, %s threads), %d threads%s%s", core,
+             par == 2 ? "OpenMP" : par == 1 ? "pthreads" : "no",
+             n_threads_available(),
+             // a pthreads OpenBLAS spins beside our OpenMP threads
+             par == 1 ? "; slow: install libopenblas0-openmp or set OMP_WAIT_POLICY=passive" : "",
+             // Debian 12's 0.3.21 mis-detects some recent CPUs as Prescott and
+             // then runs ~6x slower GEMMs
+             !strcmp(core, "Prescott") ? "; slow core: set OPENBLAS_CORETYPE=SkylakeX (AVX-512) or Haswell (AVX2)" : "");
     return info;
 #else
     static char info[64];
