@@ -34,9 +34,7 @@ int answer_greedy(void* ctx, const ChatMessage* msgs, int n_msgs, char* out, siz
     for (int step = 0; step < max_new && n + step < ctx_len; step++) {
         int next = 0;
         for (int j = 1; j < V; j++) if (logits[j] > logits[next]) next = j;
-        int stop = is_eot(g->tok, next);
-        for (int e = 0; e < t->config.n_eos; e++) stop |= next == t->config.eos_ids[e];
-        if (stop) break;
+        if (is_stop_token(&t->config, g->tok, next)) break;
         if (!g->tok->is_special[next]) {
             int plen;
             const char* piece = token_piece(g->tok, next, &plen);

@@ -1747,26 +1747,6 @@ static void error_usage(void) {
     exit(EXIT_FAILURE);
 }
 
-static int parse_int(const char* flag, const char* s) {
-    char* end;
-    long v = strtol(s, &end, 10);
-    if (*s == '\0' || *end != '\0' || v < -2147483647L || v > 2147483647L) {
-        fprintf(stderr, "error: %s expects an integer, got '%s'\n", flag, s);
-        exit(EXIT_FAILURE);
-    }
-    return (int)v;
-}
-
-static float parse_float(const char* flag, const char* s) {
-    char* end;
-    float v = strtof(s, &end);
-    if (*s == '\0' || *end != '\0' || !isfinite(v)) {
-        fprintf(stderr, "error: %s expects a number, got '%s'\n", flag, s);
-        exit(EXIT_FAILURE);
-    }
-    return v;
-}
-
 static void check_text(const char* what, const char* s) {
     if (!utf8_valid(s, strlen(s))) { fprintf(stderr, "error: %s is not valid UTF-8\n", what); exit(EXIT_FAILURE); }
 }
@@ -1854,11 +1834,11 @@ int main(int argc, char** argv) {
         const char* val = argv[++i];
         if (!strcmp(flag, "-z")) tok_path = val;
         else if (!strcmp(flag, "-i")) prompt = val;
-        else if (!strcmp(flag, "-n")) steps = parse_int(flag, val);
-        else if (!strcmp(flag, "-t")) temperature = parse_float(flag, val);
-        else if (!strcmp(flag, "-p")) topp = parse_float(flag, val);
-        else if (!strcmp(flag, "-s")) seed = (unsigned long long)parse_int(flag, val);
-        else if (!strcmp(flag, "-c")) ctx = parse_int(flag, val);
+        else if (!strcmp(flag, "-n")) steps = parse_int_arg(flag, val);
+        else if (!strcmp(flag, "-t")) temperature = parse_float_arg(flag, val);
+        else if (!strcmp(flag, "-p")) topp = parse_float_arg(flag, val);
+        else if (!strcmp(flag, "-s")) seed = (unsigned long long)parse_int_arg(flag, val);
+        else if (!strcmp(flag, "-c")) ctx = parse_int_arg(flag, val);
         else if (!strcmp(flag, "--keywords")) keywords = val;
         else if (!strcmp(flag, "--allow")) allow = val;
         else if (!strcmp(flag, "--refusal")) refusal = val;
@@ -1866,7 +1846,7 @@ int main(int argc, char** argv) {
         else if (!strcmp(flag, "--judge-tok")) judge_tok = val;
         else if (!strcmp(flag, "--judge-category")) judge_category = val;
         else if (!strcmp(flag, "--judge-policy")) judge_policy = val;
-        else if (!strcmp(flag, "--judge-threshold")) threshold = parse_float(flag, val);
+        else if (!strcmp(flag, "--judge-threshold")) threshold = parse_float_arg(flag, val);
         else if (!strcmp(flag, "--judge-format")) {
             if (!strcmp(val, "lg3")) judge_format = JUDGE_LG3;
             else if (!strcmp(val, "lg2")) judge_format = JUDGE_LG2;
@@ -1884,7 +1864,7 @@ int main(int argc, char** argv) {
         else if (!strcmp(flag, "--forget")) forget = val;
         else if (!strcmp(flag, "--retain")) retain = val;
         else if (!strcmp(flag, "--jailbreak")) jailbreak = val;
-        else if (!strcmp(flag, "--limit")) limit = parse_int(flag, val);
+        else if (!strcmp(flag, "--limit")) limit = parse_int_arg(flag, val);
         else if (!strcmp(flag, "-o")) csv_path = val;
         else if (!strcmp(flag, "--md")) md_path = val;
         else { fprintf(stderr, "error: unknown option %s (see --help)\n", flag); exit(EXIT_FAILURE); }

@@ -17,6 +17,7 @@
 #include <math.h>
 #include <time.h>
 #include <errno.h>
+#include <stdarg.h>
 #include <fcntl.h>
 #include <unistd.h>
 #include <sys/mman.h>
@@ -87,7 +88,7 @@ int write_file_atomic(const char* path, const void* data, size_t len) {
     return 0;
 }
 
-static int n_threads_available(void) {
+int engine_threads(void) {
 #ifdef _OPENMP
     return omp_get_max_threads();
 #else
@@ -95,13 +96,66 @@ static int n_threads_available(void) {
 #endif
 }
 
-static int thread_id(void) {
+int engine_thread_id(void) {
 #ifdef _OPENMP
     return omp_get_thread_num();
 #else
     return 0;
 #endif
 }
+
+void die(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "error: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(EXIT_FAILURE);
+}
+
+uint64_t splitmix64(uint64_t* state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+int parse_int_arg(const char* flag, const char* s) {
+    char* end;
+    long v = strtol(s, &end, 10);
+    if (*s == '\0' || *end != '\0' || v < -2147483647L || v > 2147483647L) die("%s expects an integer, got '%s'", flag, s);
+    return (int)v;
+}
+
+float parse_float_arg(const char* flag, const char* s) {
+    char* end;
+    float v = strtof(s, &end);
+    if (*s == '\0' || *end != '\0' || !isfinite(v)) die("%s expects a number, got '%s'", flag, s);
+    return v;
+}
+
+void put_i32(unsigned char* p, int32_t v) { memcpy(p, &v, 4); }
+void put_f32(unsigned char* p, float v) { memcpy(p, &v, 4); }
+int32_t get_i32(const unsigned char* p) { int32_t v; memcpy(&v, p, 4); return v; }
+float get_f32(const unsigned char* p) { float v; memcpy(&v, p, 4); return v; }
+
+int is_stop_token(const Config* c, const Tokenizer* tok, int id) {
+    for (int i = 0; i < c->n_eos; i++) if (c->eos_ids[i] == id) return 1;
+    return is_eot(tok, id);
+}
+
+// Prints a token's bytes. Special tokens are not printed: they are markup.
+// Bytes are written as they come, so a UTF-8 character split over two
+// tokens is reassembled by the terminal.
+void print_token(const Tokenizer* tok, int id) {
+    if (tok->is_special[id]) return;
+    int len;
+    const char* piece = token_piece(tok, id, &len);
+    fwrite(piece, 1, len, stdout);
+    fflush(stdout);
+}
+
 
 // ----------------------------------------------------------------------------
 // Model file: header parsing and the tensor layout
@@ -135,36 +189,34 @@ size_t model_file_size(const Config* c) {
     return size;
 }
 
-static int32_t read_i32(const unsigned char* p) { int32_t v; memcpy(&v, p, 4); return v; }
-static float read_f32(const unsigned char* p) { float v; memcpy(&v, p, 4); return v; }
 
 int parse_model_header(const void* data, size_t size, Config* c, char* err, size_t errlen) {
     const unsigned char* h = data;
     if (size < MODEL_HEADER_BYTES) { snprintf(err, errlen, "file too small for a header (%zu bytes)", size); return -1; }
-    if ((uint32_t)read_i32(h) != MODEL_MAGIC) { snprintf(err, errlen, "bad magic (not an unlearn.c model file)"); return -1; }
-    int version = read_i32(h + 4);
+    if ((uint32_t)get_i32(h) != MODEL_MAGIC) { snprintf(err, errlen, "bad magic (not an unlearn.c model file)"); return -1; }
+    int version = get_i32(h + 4);
     if (version != MODEL_VERSION) { snprintf(err, errlen, "unsupported version %d (expected %d)", version, MODEL_VERSION); return -1; }
     memset(c, 0, sizeof(*c));
-    c->dim = read_i32(h + 8);
-    c->hidden_dim = read_i32(h + 12);
-    c->n_layers = read_i32(h + 16);
-    c->n_heads = read_i32(h + 20);
-    c->n_kv_heads = read_i32(h + 24);
-    c->head_dim = read_i32(h + 28);
-    c->vocab_size = read_i32(h + 32);
-    c->max_seq_len = read_i32(h + 36);
-    c->rope_theta = read_f32(h + 40);
-    c->rope_scaling = read_i32(h + 44);
-    c->rope_factor = read_f32(h + 48);
-    c->rope_low_freq_factor = read_f32(h + 52);
-    c->rope_high_freq_factor = read_f32(h + 56);
-    c->rope_original_max_pos = read_i32(h + 60);
-    c->norm_eps = read_f32(h + 64);
-    c->tied_embeddings = read_i32(h + 68);
-    c->weight_type = read_i32(h + 72);
-    c->group_size = read_i32(h + 76);
-    c->bos_id = read_i32(h + 80);
-    c->n_eos = read_i32(h + 84);
+    c->dim = get_i32(h + 8);
+    c->hidden_dim = get_i32(h + 12);
+    c->n_layers = get_i32(h + 16);
+    c->n_heads = get_i32(h + 20);
+    c->n_kv_heads = get_i32(h + 24);
+    c->head_dim = get_i32(h + 28);
+    c->vocab_size = get_i32(h + 32);
+    c->max_seq_len = get_i32(h + 36);
+    c->rope_theta = get_f32(h + 40);
+    c->rope_scaling = get_i32(h + 44);
+    c->rope_factor = get_f32(h + 48);
+    c->rope_low_freq_factor = get_f32(h + 52);
+    c->rope_high_freq_factor = get_f32(h + 56);
+    c->rope_original_max_pos = get_i32(h + 60);
+    c->norm_eps = get_f32(h + 64);
+    c->tied_embeddings = get_i32(h + 68);
+    c->weight_type = get_i32(h + 72);
+    c->group_size = get_i32(h + 76);
+    c->bos_id = get_i32(h + 80);
+    c->n_eos = get_i32(h + 84);
     // every field checked before any size arithmetic, so lying headers
     // (negative or huge dims) cannot overflow the size computation below
     if (c->dim <= 0 || c->dim > 65536 || c->hidden_dim <= 0 || c->hidden_dim > 262144 ||
@@ -198,7 +250,7 @@ int parse_model_header(const void* data, size_t size, Config* c, char* err, size
     }
     if (c->n_eos < 0 || c->n_eos > MAX_EOS) { snprintf(err, errlen, "invalid eos count %d", c->n_eos); return -1; }
     for (int i = 0; i < c->n_eos; i++) {
-        c->eos_ids[i] = read_i32(h + 88 + 4 * i);
+        c->eos_ids[i] = get_i32(h + 88 + 4 * i);
         if (c->eos_ids[i] < 0 || c->eos_ids[i] >= c->vocab_size) { snprintf(err, errlen, "eos id out of range"); return -1; }
     }
     if (c->bos_id < -1 || c->bos_id >= c->vocab_size) { snprintf(err, errlen, "bos id out of range"); return -1; }
@@ -280,7 +332,7 @@ static void malloc_run_state(RunState* s, const Config* c, int seq_len) {
     int q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
     s->seq_len = seq_len;
     s->batch_cap = seq_len < 128 ? seq_len : 128;
-    s->n_threads = n_threads_available();
+    s->n_threads = engine_threads();
     size_t B = s->batch_cap;
     int max_in = dim > hid ? dim : hid;
     if (q_dim > max_in) max_in = q_dim;
@@ -431,7 +483,7 @@ const char* engine_build_info(void) {
     const char* core = openblas_get_corename();
     snprintf(info, sizeof(info), "OpenBLAS (core %s, %s threads), %d threads%s%s", core,
              par == 2 ? "OpenMP" : par == 1 ? "pthreads" : "no",
-             n_threads_available(),
+             engine_threads(),
              // a pthreads OpenBLAS spins beside our OpenMP threads
              par == 1 ? "; slow: install libopenblas0-openmp or set OMP_WAIT_POLICY=passive" : "",
              // Debian 12's 0.3.21 mis-detects some recent CPUs as Prescott and
@@ -440,7 +492,7 @@ const char* engine_build_info(void) {
     return info;
 #else
     static char info[64];
-    snprintf(info, sizeof(info), "plain C GEMM, %d threads", n_threads_available());
+    snprintf(info, sizeof(info), "plain C GEMM, %d threads", engine_threads());
     return info;
 #endif
 }
@@ -675,10 +727,6 @@ void lora_layout(Lora* lora, const Config* c, int rank, float alpha, int target_
             }
 }
 
-static void put_i32(unsigned char* p, int32_t v) { memcpy(p, &v, 4); }
-static void put_f32(unsigned char* p, float v) { memcpy(p, &v, 4); }
-static int32_t get_i32(const unsigned char* p) { int32_t v; memcpy(&v, p, 4); return v; }
-static float get_f32(const unsigned char* p) { float v; memcpy(&v, p, 4); return v; }
 
 // Writes the adapter atomically (path.tmp + rename). The payload is taken
 // pair by pair, so the a/b buffers need not be contiguous. Returns 0 on success.
@@ -819,7 +867,7 @@ static void attention(Transformer* t, int layer, int n, int pos0) {
         int i = ih / c->n_heads, h = ih % c->n_heads;
         int pos = pos0 + i;
         const float* q = s->q + (size_t)i * q_dim + (size_t)h * hd;
-        float* att = s->att + (size_t)thread_id() * s->seq_len;
+        float* att = s->att + (size_t)engine_thread_id() * s->seq_len;
         int kv_off = (h / kv_mul) * hd;
         for (int tp = 0; tp <= pos; tp++) {
             const float* k = key_layer + (size_t)tp * kv_dim + kv_off;
@@ -1023,7 +1071,7 @@ typedef struct {
     const char* path;
 } TokReader;
 
-static int32_t tok_read_i32(TokReader* r, const char* what) {
+static int32_t tok_get_i32(TokReader* r, const char* what) {
     if (r->left < 4) {
         fprintf(stderr, "error: tokenizer file %s: truncated (reading %s)\n", r->path, what);
         exit(EXIT_FAILURE);
@@ -1053,17 +1101,17 @@ void build_tokenizer(Tokenizer* tok, const char* path) {
     char* data = read_file(path, &size);
     TokReader r = { (const unsigned char*)data, size, path };
 
-    uint32_t magic = (uint32_t)tok_read_i32(&r, "magic");
+    uint32_t magic = (uint32_t)tok_get_i32(&r, "magic");
     if (magic != TOK_MAGIC) tok_bad(path, "bad magic, not a tokenizer file", (long)magic);
-    int version = tok_read_i32(&r, "version");
+    int version = tok_get_i32(&r, "version");
     if (version != TOK_VERSION) tok_bad(path, "unsupported version", version);
-    int vocab_size = tok_read_i32(&r, "vocab_size");
+    int vocab_size = tok_get_i32(&r, "vocab_size");
     if (vocab_size < 256 || vocab_size > (1 << 24)) tok_bad(path, "bad vocab_size", vocab_size);
-    int n_merges = tok_read_i32(&r, "n_merges");
+    int n_merges = tok_get_i32(&r, "n_merges");
     if (n_merges < 0 || n_merges > (1 << 26)) tok_bad(path, "bad n_merges", n_merges);
-    int bos_id = tok_read_i32(&r, "bos_id");
+    int bos_id = tok_get_i32(&r, "bos_id");
     if (bos_id < -1 || bos_id >= vocab_size) tok_bad(path, "bad bos_id", bos_id);
-    int n_eot = tok_read_i32(&r, "n_eot");
+    int n_eot = tok_get_i32(&r, "n_eot");
     if (n_eot < 0 || n_eot > 256) tok_bad(path, "bad n_eot", n_eot);
     tok->vocab_size = vocab_size;
     tok->n_merges = n_merges;
@@ -1071,10 +1119,10 @@ void build_tokenizer(Tokenizer* tok, const char* path) {
     tok->n_eot = n_eot;
     tok->eot_ids = (int*)xcalloc((size_t)n_eot + 1, sizeof(int));
     for (int i = 0; i < n_eot; i++) {
-        tok->eot_ids[i] = tok_read_i32(&r, "eot_ids");
+        tok->eot_ids[i] = tok_get_i32(&r, "eot_ids");
         if (tok->eot_ids[i] < 0 || tok->eot_ids[i] >= vocab_size) tok_bad(path, "bad eot id", tok->eot_ids[i]);
     }
-    int ignore_merges = tok_read_i32(&r, "ignore_merges");
+    int ignore_merges = tok_get_i32(&r, "ignore_merges");
     if (ignore_merges != 0 && ignore_merges != 1) tok_bad(path, "bad ignore_merges", ignore_merges);
     tok->ignore_merges = ignore_merges;
 
@@ -1089,7 +1137,7 @@ void build_tokenizer(Tokenizer* tok, const char* path) {
         if (r.left < 5) tok_bad(path, "truncated in token", i);
         unsigned char flags = r.p[0];
         r.p += 1; r.left -= 1;
-        int len = tok_read_i32(&r, "token length");
+        int len = tok_get_i32(&r, "token length");
         if (flags > 1) tok_bad(path, "bad token flags", i);
         if (len < 0 || (size_t)len > r.left) tok_bad(path, "bad token length", i);
         r.p += len; r.left -= (size_t)len;
@@ -1101,7 +1149,7 @@ void build_tokenizer(Tokenizer* tok, const char* path) {
     for (int i = 0; i < vocab_size; i++) { // second pass: copy (already validated)
         tok->is_special[i] = t.p[0];
         t.p += 1;
-        int len = tok_read_i32(&t, "token length");
+        int len = tok_get_i32(&t, "token length");
         memcpy(blob + at, t.p, (size_t)len);
         blob[at + (size_t)len] = '\0';
         tok->token_bytes[i] = blob + at;
@@ -1150,7 +1198,7 @@ void build_tokenizer(Tokenizer* tok, const char* path) {
     r.p = t.p; r.left = size - (size_t)(t.p - (const unsigned char*)data);
     uint32_t mmask = (uint32_t)mi->cap - 1;
     for (int k = 0; k < n_merges; k++) {
-        int a = tok_read_i32(&r, "merge"), b = tok_read_i32(&r, "merge"), m = tok_read_i32(&r, "merge");
+        int a = tok_get_i32(&r, "merge"), b = tok_get_i32(&r, "merge"), m = tok_get_i32(&r, "merge");
         if (a < 0 || a >= vocab_size || b < 0 || b >= vocab_size || m < 0 || m >= vocab_size)
             tok_bad(path, "merge id out of range at rank", k);
         if (tok->is_special[a] || tok->is_special[b] || tok->is_special[m])
@@ -1688,22 +1736,6 @@ static void error_usage(void) {
     exit(EXIT_FAILURE);
 }
 
-static int is_eos(const Config* c, int token) {
-    for (int i = 0; i < c->n_eos; i++) if (c->eos_ids[i] == token) return 1;
-    return 0;
-}
-
-// Prints a token's bytes. Special tokens are not printed: they are markup.
-// Bytes are written as they come, so a UTF-8 character split over two
-// tokens is reassembled by the terminal.
-static void print_token(const Tokenizer* tok, int id) {
-    if (tok->is_special[id]) return;
-    int len;
-    const char* piece = token_piece(tok, id, &len);
-    fwrite(piece, 1, len, stdout);
-    fflush(stdout);
-}
-
 static void check_prompt_text(const char* what, const char* s) {
     if (!utf8_valid(s, strlen(s))) {
         fprintf(stderr, "error: %s is not valid UTF-8\n", what);
@@ -1747,7 +1779,7 @@ static int decode_loop(Transformer* t, const Tokenizer* tok, Sampler* sampler, f
     while (*n_generated < max_new) {
         int next = sample(sampler, logits);
         (*n_generated)++;
-        if (is_eos(&t->config, next) || is_eot(tok, next)) { history[n_hist++] = next; break; }
+        if (is_stop_token(&t->config, tok, next)) { history[n_hist++] = next; break; }
         print_token(tok, next);
         history[n_hist++] = next;
         if (n_hist >= ctx) { fprintf(stderr, "\n[context of %d positions full]\n", ctx); break; }
@@ -1831,7 +1863,7 @@ static void chat(Transformer* t, const Tokenizer* tok, Sampler* sampler, const c
             // never fed); an answer cut by -n gets one. Feeding it closes the
             // assistant message so the next turn continues a valid dialogue.
             int last = history[n_hist - 1];
-            if (!is_eos(&t->config, last) && !is_eot(tok, last) && tok->n_eot > 0) history[n_hist++] = tok->eot_ids[0];
+            if (!is_stop_token(&t->config, tok, last) && tok->n_eot > 0) history[n_hist++] = tok->eot_ids[0];
             if (n_hist >= ctx) { fprintf(stderr, "[context of %d positions full]\n", ctx); break; }
             forward(t, history[n_hist - 1], n_hist - 1);
         }
@@ -1926,26 +1958,6 @@ static void qa_mode(Transformer* t, Tokenizer* tok, const char* path, const char
     fprintf(stderr, "%.1f s, %.1f prompt tokens per question\n", r.seconds, r.total ? (double)r.prompt_tokens / r.total : 0.0);
 }
 
-static int parse_int(const char* flag, const char* s) {
-    char* end;
-    long v = strtol(s, &end, 10);
-    if (*s == '\0' || *end != '\0' || v < -2147483647L || v > 2147483647L) {
-        fprintf(stderr, "error: %s expects an integer, got '%s'\n", flag, s);
-        exit(EXIT_FAILURE);
-    }
-    return (int)v;
-}
-
-static float parse_float(const char* flag, const char* s) {
-    char* end;
-    float v = strtof(s, &end);
-    if (*s == '\0' || *end != '\0' || !isfinite(v)) {
-        fprintf(stderr, "error: %s expects a number, got '%s'\n", flag, s);
-        exit(EXIT_FAILURE);
-    }
-    return v;
-}
-
 int main(int argc, char** argv) {
     const char* model_path = NULL;
     const char* tok_path = NULL;
@@ -1973,11 +1985,11 @@ int main(int argc, char** argv) {
         else if (!strcmp(flag, "-f")) in_file = val;
         else if (!strcmp(flag, "-o")) out_file = val;
         else if (!strcmp(flag, "-m")) mode = val;
-        else if (!strcmp(flag, "-n")) steps = parse_int(flag, val);
-        else if (!strcmp(flag, "-c")) ctx = parse_int(flag, val);
-        else if (!strcmp(flag, "-t")) temperature = parse_float(flag, val);
-        else if (!strcmp(flag, "-p")) topp = parse_float(flag, val);
-        else if (!strcmp(flag, "-s")) seed = (unsigned long long)parse_int(flag, val);
+        else if (!strcmp(flag, "-n")) steps = parse_int_arg(flag, val);
+        else if (!strcmp(flag, "-c")) ctx = parse_int_arg(flag, val);
+        else if (!strcmp(flag, "-t")) temperature = parse_float_arg(flag, val);
+        else if (!strcmp(flag, "-p")) topp = parse_float_arg(flag, val);
+        else if (!strcmp(flag, "-s")) seed = (unsigned long long)parse_int_arg(flag, val);
         else if (!strcmp(flag, "--lora")) lora_path = val;
         else { fprintf(stderr, "error: unknown option %s (see --help)\n", flag); exit(EXIT_FAILURE); }
     }

@@ -386,6 +386,24 @@ int chat_encode(const Tokenizer* tok, const ChatMessage* msgs, int n_msgs, int a
 long time_in_ms(void);
 void* xmalloc(size_t n);   // malloc that exits with a message on failure
 void* xcalloc(size_t n, size_t size);
+int engine_threads(void);    // OpenMP threads in use (1 without OpenMP)
+int engine_thread_id(void);  // this thread's index, inside a parallel region
+// fprintf(stderr, "error: " fmt "\n") and exit(EXIT_FAILURE): the one way
+// programs report bad input
+void die(const char* fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+uint64_t splitmix64(uint64_t* state); // the seeded RNG of training and SAEs
+// Command-line numbers; a malformed one is a one-line error naming the flag.
+int parse_int_arg(const char* flag, const char* s);
+float parse_float_arg(const char* flag, const char* s);
+// Little-endian int32/fp32 fields of file headers (unaligned-safe).
+void put_i32(unsigned char* p, int32_t v);
+void put_f32(unsigned char* p, float v);
+int32_t get_i32(const unsigned char* p);
+float get_f32(const unsigned char* p);
+// An id that ends generation: one of the model's eos ids or the tokenizer's eot ids.
+int is_stop_token(const Config* c, const Tokenizer* tok, int id);
+// Writes a token's bytes to stdout (special tokens are markup: not printed).
+void print_token(const Tokenizer* tok, int id);
 // Reads a whole file; exits with a message on failure. *len gets the size.
 char* read_file(const char* path, size_t* len);
 // Writes data to path via path.tmp + rename; returns 0 on success.

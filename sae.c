@@ -37,40 +37,6 @@
 // ----------------------------------------------------------------------------
 // Small utilities
 
-static void die(const char* fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-static void die(const char* fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "error: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
-    va_end(ap);
-    exit(EXIT_FAILURE);
-}
-
-static int max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-static int thread_num(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
-// splitmix64: the one random number generator (seeded, reproducible)
-static uint64_t splitmix64(uint64_t* state) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
 static double rand_uniform(uint64_t* s) { return (splitmix64(s) >> 11) * (1.0 / 9007199254740992.0); }
 static float rand_normal(uint64_t* s) {
     double u1 = rand_uniform(s), u2 = rand_uniform(s);
@@ -151,10 +117,6 @@ void sae_free(Sae* s) {
     memset(s, 0, sizeof(*s));
 }
 
-static void put_i32(unsigned char* p, int32_t v) { memcpy(p, &v, 4); }
-static void put_f32(unsigned char* p, float v) { memcpy(p, &v, 4); }
-static int32_t get_i32(const unsigned char* p) { int32_t v; memcpy(&v, p, 4); return v; }
-static float get_f32(const unsigned char* p) { float v; memcpy(&v, p, 4); return v; }
 
 int sae_engine_layer(const Sae* s) { return s->hook == SAE_HOOK_RESID_PRE ? s->layer - 1 : s->layer; }
 
@@ -544,7 +506,7 @@ SaeTrainStats sae_train_grad(SaeTrainer* tr, const float* x, int B) {
     int* lat_count = xmalloc((size_t)(n + 1) * sizeof(int));
     int* lat_entry = xmalloc((size_t)R * cap * sizeof(int));
     unsigned char* fired = xcalloc(n, 1);
-    int nt = max_threads();
+    int nt = engine_threads();
     double* db_thread = xcalloc((size_t)nt * d, sizeof(double));
     double sse = 0.0, aux_sse = 0.0, l1_sum = 0.0, l0_sum = 0.0;
 
@@ -557,7 +519,7 @@ SaeTrainStats sae_train_grad(SaeTrainer* tr, const float* x, int B) {
             int* sel = xmalloc((size_t)(cap > 1 ? cap : 1) * sizeof(int));
             float* xh = xmalloc((size_t)d * sizeof(float));
             float* dxc = xmalloc((size_t)d * sizeof(float));
-            double* db = db_thread + (size_t)thread_num() * d;
+            double* db = db_thread + (size_t)engine_thread_id() * d;
             #pragma omp for schedule(static)
             for (int r = 0; r < m; r++) {
                 int b = r0 + r;
@@ -1350,13 +1312,6 @@ typedef struct {
     int planted_d, planted_true, planted_s;
 } Opts;
 
-static int parse_int(const char* flag, const char* s) {
-    char* end;
-    long v = strtol(s, &end, 10);
-    if (*s == '\0' || *end != '\0' || v < -2147483647L || v > 2147483647L) die("%s expects an integer, got '%s'", flag, s);
-    return (int)v;
-}
-
 static int64_t parse_count(const char* flag, const char* s) {
     // integers with an optional k/M/G suffix: 2M = 2000000
     char* end;
@@ -1366,13 +1321,6 @@ static int64_t parse_count(const char* flag, const char* s) {
     else if (*end == 'G') { v *= 1e9; end++; }
     if (*s == '\0' || *end != '\0' || !(v >= 0) || v > 9e18) die("%s expects a count such as 500000 or 2M, got '%s'", flag, s);
     return (int64_t)v;
-}
-
-static float parse_float(const char* flag, const char* s) {
-    char* end;
-    float v = strtof(s, &end);
-    if (*s == '\0' || *end != '\0' || !isfinite(v)) die("%s expects a number, got '%s'", flag, s);
-    return v;
 }
 
 static void usage(void) {
@@ -1491,67 +1439,67 @@ static void parse_options(Opts* o, int argc, char** argv) {
         else if (!strcmp(f, "-i")) o->prompt = v;
         else if (!strcmp(f, "--system")) o->system = v;
         else if (!strcmp(f, "--rule")) o->rule = v;
-        else if (!strcmp(f, "--layer")) o->layer = parse_int(f, v);
+        else if (!strcmp(f, "--layer")) o->layer = parse_int_arg(f, v);
         else if (!strcmp(f, "--hook")) {
             if (!strcmp(v, "post")) o->hook = SAE_HOOK_RESID_POST;
             else if (!strcmp(v, "pre")) o->hook = SAE_HOOK_RESID_PRE;
             else die("--hook must be post or pre, got '%s'", v);
         }
         else if (!strcmp(f, "--n-latents") || !strcmp(f, "-n") ) {
-            if (!strcmp(o->cmd, "train") || !strcmp(o->cmd, "planted")) o->n_latents = parse_int(f, v);
-            else o->steps = parse_int(f, v);
+            if (!strcmp(o->cmd, "train") || !strcmp(o->cmd, "planted")) o->n_latents = parse_int_arg(f, v);
+            else o->steps = parse_int_arg(f, v);
         }
-        else if (!strcmp(f, "--expansion")) o->expansion = parse_int(f, v);
-        else if (!strcmp(f, "-k")) o->k = parse_int(f, v);
+        else if (!strcmp(f, "--expansion")) o->expansion = parse_int_arg(f, v);
+        else if (!strcmp(f, "-k")) o->k = parse_int_arg(f, v);
         else if (!strcmp(f, "--arch")) {
             if (!strcmp(v, "topk")) o->arch = SAE_TOPK;
             else if (!strcmp(v, "relu")) o->arch = SAE_RELU;
             else die("--arch must be topk or relu, got '%s'", v);
         }
         else if (!strcmp(f, "--tokens")) o->tokens = parse_count(f, v);
-        else if (!strcmp(f, "-b")) o->batch = parse_int(f, v);
-        else if (!strcmp(f, "--lr")) o->lr = parse_float(f, v);
-        else if (!strcmp(f, "--warmup")) o->warmup = parse_int(f, v);
-        else if (!strcmp(f, "--decay-frac")) o->decay_frac = parse_float(f, v);
-        else if (!strcmp(f, "--auxk-alpha")) o->auxk_alpha = parse_float(f, v);
-        else if (!strcmp(f, "--k-aux")) o->k_aux = parse_int(f, v);
+        else if (!strcmp(f, "-b")) o->batch = parse_int_arg(f, v);
+        else if (!strcmp(f, "--lr")) o->lr = parse_float_arg(f, v);
+        else if (!strcmp(f, "--warmup")) o->warmup = parse_int_arg(f, v);
+        else if (!strcmp(f, "--decay-frac")) o->decay_frac = parse_float_arg(f, v);
+        else if (!strcmp(f, "--auxk-alpha")) o->auxk_alpha = parse_float_arg(f, v);
+        else if (!strcmp(f, "--k-aux")) o->k_aux = parse_int_arg(f, v);
         else if (!strcmp(f, "--dead-tokens")) o->dead_tokens = parse_count(f, v);
-        else if (!strcmp(f, "--l1")) o->l1 = parse_float(f, v);
+        else if (!strcmp(f, "--l1")) o->l1 = parse_float_arg(f, v);
         else if (!strcmp(f, "--bdec")) {
             if (!strcmp(v, "median")) o->median = 1;
             else if (!strcmp(v, "mean")) o->median = 0;
             else die("--bdec must be median or mean, got '%s'", v);
         }
-        else if (!strcmp(f, "--buffer")) o->buffer = parse_int(f, v);
-        else if (!strcmp(f, "--max-norm")) o->max_norm_ratio = parse_float(f, v);
-        else if (!strcmp(f, "--seed")) o->seed = parse_int(f, v);
-        else if (!strcmp(f, "--log-every")) o->log_every = parse_int(f, v);
-        else if (!strcmp(f, "--save-every")) o->save_every = parse_int(f, v);
-        else if (!strcmp(f, "-T")) o->T = parse_int(f, v);
-        else if (!strcmp(f, "--ctx")) o->ctx = parse_int(f, v);
-        else if (!strcmp(f, "--tau")) o->tau = parse_float(f, v);
-        else if (!strcmp(f, "-N")) o->N = parse_int(f, v);
-        else if (!strcmp(f, "--contexts")) o->contexts = parse_int(f, v);
+        else if (!strcmp(f, "--buffer")) o->buffer = parse_int_arg(f, v);
+        else if (!strcmp(f, "--max-norm")) o->max_norm_ratio = parse_float_arg(f, v);
+        else if (!strcmp(f, "--seed")) o->seed = parse_int_arg(f, v);
+        else if (!strcmp(f, "--log-every")) o->log_every = parse_int_arg(f, v);
+        else if (!strcmp(f, "--save-every")) o->save_every = parse_int_arg(f, v);
+        else if (!strcmp(f, "-T")) o->T = parse_int_arg(f, v);
+        else if (!strcmp(f, "--ctx")) o->ctx = parse_int_arg(f, v);
+        else if (!strcmp(f, "--tau")) o->tau = parse_float_arg(f, v);
+        else if (!strcmp(f, "-N")) o->N = parse_int_arg(f, v);
+        else if (!strcmp(f, "--contexts")) o->contexts = parse_int_arg(f, v);
         else if (!strcmp(f, "--mode")) {
             if (!strcmp(v, "clamp")) o->mode = SAE_MODE_CLAMP;
             else if (!strcmp(v, "zero")) o->mode = SAE_MODE_ZERO;
             else if (!strcmp(v, "scale")) o->mode = SAE_MODE_SCALE;
             else die("--mode must be clamp, zero or scale, got '%s'", v);
         }
-        else if (!strcmp(f, "-c")) o->clamp_c = parse_float(f, v);
-        else if (!strcmp(f, "-m")) o->scale_m = parse_float(f, v);
-        else if (!strcmp(f, "--gate")) o->gate = parse_int(f, v);
-        else if (!strcmp(f, "--gate-alpha")) o->gate_alpha = parse_float(f, v);
-        else if (!strcmp(f, "-t")) o->temperature = parse_float(f, v);
-        else if (!strcmp(f, "-p")) o->topp = parse_float(f, v);
-        else if (!strcmp(f, "-s")) o->seed = parse_int(f, v);
-        else if (!strcmp(f, "--max-new")) o->max_new = parse_int(f, v);
-        else if (!strcmp(f, "--no-selftest")) o->selftest = !parse_int(f, v);
-        else if (!strcmp(f, "--baseline")) o->baseline = parse_int(f, v);
-        else if (!strcmp(f, "--verbose")) o->verbose = parse_int(f, v);
-        else if (!strcmp(f, "--d")) o->planted_d = parse_int(f, v);
-        else if (!strcmp(f, "--true")) o->planted_true = parse_int(f, v);
-        else if (!strcmp(f, "--s")) o->planted_s = parse_int(f, v);
+        else if (!strcmp(f, "-c")) o->clamp_c = parse_float_arg(f, v);
+        else if (!strcmp(f, "-m")) o->scale_m = parse_float_arg(f, v);
+        else if (!strcmp(f, "--gate")) o->gate = parse_int_arg(f, v);
+        else if (!strcmp(f, "--gate-alpha")) o->gate_alpha = parse_float_arg(f, v);
+        else if (!strcmp(f, "-t")) o->temperature = parse_float_arg(f, v);
+        else if (!strcmp(f, "-p")) o->topp = parse_float_arg(f, v);
+        else if (!strcmp(f, "-s")) o->seed = parse_int_arg(f, v);
+        else if (!strcmp(f, "--max-new")) o->max_new = parse_int_arg(f, v);
+        else if (!strcmp(f, "--no-selftest")) o->selftest = !parse_int_arg(f, v);
+        else if (!strcmp(f, "--baseline")) o->baseline = parse_int_arg(f, v);
+        else if (!strcmp(f, "--verbose")) o->verbose = parse_int_arg(f, v);
+        else if (!strcmp(f, "--d")) o->planted_d = parse_int_arg(f, v);
+        else if (!strcmp(f, "--true")) o->planted_true = parse_int_arg(f, v);
+        else if (!strcmp(f, "--s")) o->planted_s = parse_int_arg(f, v);
         else die("unknown option %s (see --help)", f);
     }
     if (o->T < 2) die("-T must be >= 2");
@@ -2287,19 +2235,6 @@ static int score_main(Opts* o) {
 // ----------------------------------------------------------------------------
 // Generation with the intervention: generate, chat, eval.
 
-static int is_stop(const Transformer* t, const Tokenizer* tok, int id) {
-    for (int i = 0; i < t->config.n_eos; i++) if (t->config.eos_ids[i] == id) return 1;
-    return is_eot(tok, id);
-}
-
-static void print_token(const Tokenizer* tok, int id) {
-    if (tok->is_special[id]) return;
-    int len;
-    const char* piece = token_piece(tok, id, &len);
-    fwrite(piece, 1, len, stdout);
-    fflush(stdout);
-}
-
 // Prompt tokens at pos0.. With the per-sequence gate, a gate that opens
 // inside the prompt means the prompt runs again with the intervention from
 // its first position (the hook's counters are rewound first).
@@ -2326,7 +2261,7 @@ static int decode_tokens(Transformer* t, const Tokenizer* tok, Sampler* sm, floa
         int next = sample(sm, logits);
         (*n_gen)++;
         hist[n_hist++] = next;
-        if (is_stop(t, tok, next)) break;
+        if (is_stop_token(&t->config, tok, next)) break;
         if (print) print_token(tok, next);
         if (out && !tok->is_special[next]) {
             int len;
@@ -2454,7 +2389,7 @@ static int chat_main(Opts* o) {
         if (o->prompt) break;
         // close the assistant turn in the cache (the sampled eot was never fed)
         int last = hist[n_hist - 1];
-        if (!is_stop(&ss.t, &ss.tok, last) && ss.tok.n_eot > 0) hist[n_hist++] = ss.tok.eot_ids[0];
+        if (!is_stop_token(&ss.t.config, &ss.tok, last) && ss.tok.n_eot > 0) hist[n_hist++] = ss.tok.eot_ids[0];
         if (n_hist >= ctx) { fprintf(stderr, "[context of %d positions full]\n", ctx); break; }
         forward(&ss.t, hist[n_hist - 1], n_hist - 1);
     }

@@ -71,30 +71,6 @@
 // OpenBLAS's own threads slow both down (2x on a 2-core machine).
 #define PAR(work) ((double)(work) > 1048576.0)
 
-static int max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-static int thread_num(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
-// splitmix64: the one random number generator (seeded, reproducible)
-static uint64_t splitmix64(uint64_t* state) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 static uint64_t hash64(uint64_t x) { return splitmix64(&x); }
 
 static float rng_uniform(uint64_t* state) { return (float)((splitmix64(state) >> 40) * (1.0 / 16777216.0)); } // [0, 1)
@@ -117,18 +93,7 @@ int lora_dropout_keep(uint64_t layer_seed, size_t index, float p) {
 
 static void zero(float* p, size_t n) { memset(p, 0, n * sizeof(float)); }
 
-static void die(const char* fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 #include <stdarg.h>
-static void die(const char* fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "error: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
-    va_end(ap);
-    exit(EXIT_FAILURE);
-}
-
 // ----------------------------------------------------------------------------
 // The tensors of a model, in file order (run.h), and fp32 views onto a block
 
@@ -596,7 +561,7 @@ static size_t acts_setup(TrainModel* m, int N_cap, int T_cap, int need_ref, int 
     if (rank_max < 64) rank_max = 64; // room for a reinforced (WHP) adapter of another rank
     a->u_tmp = acts_buf(&bytes, dry, N * rank_max, sizeof(float));
     a->du = acts_buf(&bytes, dry, N * rank_max, sizeof(float));
-    a->dp = acts_buf(&bytes, dry, (size_t)max_threads() * T_cap, sizeof(float));
+    a->dp = acts_buf(&bytes, dry, (size_t)engine_threads() * T_cap, sizeof(float));
     // an int8 base: the engine's matmul needs quantized-activation scratch,
     // and dx = dy W dequantizes W a tile of rows at a time
     if (c->weight_type == WEIGHT_Q8) {
@@ -858,7 +823,7 @@ static void attention_backward(float* dq, float* dk, float* dv, const float* dou
     #pragma omp parallel for schedule(dynamic) if (PAR((size_t)B * nh * T * T * hd))
     for (int bh = 0; bh < B * nh; bh++) {
         int b = bh / nh, h = bh % nh, kv_off = (h / kv_mul) * hd;
-        float* dp = a->dp + (size_t)thread_num() * a->T_cap;
+        float* dp = a->dp + (size_t)engine_thread_id() * a->T_cap;
         for (int i = 0; i < T; i++) {
             const float* row = att + ((size_t)(b * nh + h) * T + i) * T;
             const float* gi = dout + (size_t)(b * T + i) * qd + (size_t)h * hd;
