@@ -4,6 +4,7 @@
 #   make BLAS=0     plain C build, no OpenBLAS (for porting)
 #   make test       build and run the test harness (needs python3 with numpy)
 #   make refs       regenerate the committed reference logits in tests/
+#   make toy        rebuild the toy world (data/toy/) from its seed
 CC ?= cc
 CFLAGS ?= -O3 -march=native
 CFLAGS += -std=c11 -Wall -Wextra -Wno-unused-parameter -fopenmp
@@ -48,8 +49,8 @@ sae: sae.c sae.h run.h engine.o
 sae_lib.o: sae.c sae.h run.h
 	$(CC) $(CFLAGS) -DSAE_LIBRARY -c sae.c -o $@
 
-guard: guard.c guard.h run.h engine.o
-	$(CC) $(CFLAGS) guard.c engine.o -o $@ $(LDLIBS)
+guard: guard.c guard.h run.h eval.h engine.o eval.o
+	$(CC) $(CFLAGS) guard.c engine.o eval.o -o $@ $(LDLIBS)
 
 guard_lib.o: guard.c guard.h run.h
 	$(CC) $(CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
@@ -60,8 +61,8 @@ train_lora: train_lora.c train_lora.h run.h engine.o
 train_lib.o: train_lora.c train_lora.h run.h
 	$(CC) $(CFLAGS) -DTRAIN_LIBRARY -c train_lora.c -o $@
 
-test_all: test_all.c engine.o train_lib.o sae_lib.o guard_lib.o run.h train_lora.h sae.h guard.h
-	$(CC) $(CFLAGS) test_all.c engine.o train_lib.o sae_lib.o guard_lib.o -o $@ $(LDLIBS)
+test_all: test_all.c engine.o eval.o train_lib.o sae_lib.o guard_lib.o run.h eval.h train_lora.h sae.h guard.h
+	$(CC) $(CFLAGS) test_all.c engine.o eval.o train_lib.o sae_lib.o guard_lib.o -o $@ $(LDLIBS)
 
 # Synthetic checkpoints and exported models live in build/ (git-ignored).
 TOK = build/llama3.tok
@@ -75,10 +76,15 @@ test: all $(TOK)
 	PYTHON=$(PYTHON) sh tests/prepare.sh
 	./test_all
 
+# The toy world: corpus, tokenizer, toy-base and toy-gold trained from
+# scratch (about 25 minutes on 2 cores); writes data/toy/.
+toy: run train_lora
+	PYTHON=$(PYTHON) sh data/make_toy.sh
+
 refs: run $(TOK)
 	PYTHON=$(PYTHON) sh tests/make_refs.sh
 
 clean:
 	rm -f $(PROGRAMS) *.o
 
-.PHONY: all test refs clean
+.PHONY: all test refs toy clean

@@ -33,6 +33,7 @@
 #include "run.h"
 #include "unicode_ranges.h"
 #include "guard.h"
+#include "eval.h"   // answer_contains: one definition of a correct answer
 
 // ----------------------------------------------------------------------------
 // Small helpers
@@ -980,15 +981,6 @@ static char* lower_copy(const char* s) {
     }
     d[k] = '\0';
     return d;
-}
-
-int answer_contains(const char* answer, const char* gold) {
-    if (!gold[0]) return 0;
-    char* a = lower_copy(answer);
-    char* g = lower_copy(gold);
-    int found = strstr(a, g) != NULL;
-    free(a); free(g);
-    return found;
 }
 
 int is_refusal(const char* answer, const char* refusal) {

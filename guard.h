@@ -170,7 +170,6 @@ const JsonValue* json_get(const JsonValue* obj, const char* key); // NULL when a
 // ----------------------------------------------------------------------------
 // Metrics of `guard eval` (small on purpose; the shared eval.c replaces them)
 
-int answer_contains(const char* answer, const char* gold); // case-insensitive substring
 int is_refusal(const char* answer, const char* refusal);   // the refusal or a known refusal phrase
 
 #endif

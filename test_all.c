@@ -15,6 +15,7 @@
 #include "run.h"
 #include "guard.h"
 #include "train_lora.h"
+#include "eval.h"
 
 static int n_pass = 0, n_fail = 0;
 
@@ -2630,6 +2631,89 @@ static void test_peft_roundtrip(void) {
     check(system(cmd) != 0, "peft: importing for a model of other dims is refused");
 }
 
+// ----------------------------------------------------------------------------
+// data/ and the toy world
+
+// Counts the non-empty lines of a file whose fields (TAB-separated) number
+// exactly n_fields; *bad gets the others. header: skip the first line.
+static int count_rows(const char* path, int n_fields, int header, int* bad) {
+    size_t len;
+    char* text = read_file(path, &len);
+    int rows = 0;
+    *bad = !utf8_valid(text, len);
+    char* line = text;
+    for (int line_no = 0; line && *line; line_no++) {
+        char* next = strchr(line, '\n');
+        if (next) *next++ = '\0';
+        if (*line && !(header && line_no == 0)) {
+            int fields = 1;
+            for (char* p = line; *p; p++) fields += *p == '\t';
+            if (fields == n_fields) rows++; else (*bad)++;
+        }
+        line = next;
+    }
+    free(text);
+    return rows;
+}
+
+static void test_data_files(void) {
+    struct { const char* path; int fields, header, min_rows; } files[] = {
+        {"data/harry_potter_keywords.txt", 1, 0, 400},
+        {"data/generic_translations.tsv", 2, 0, 150},
+        {"data/facts_hp.tsv", 3, 1, 300},
+        {"data/facts_general.tsv", 3, 1, 600},
+        {"data/facts_hp_holdout.tsv", 3, 1, 100},
+        {"data/relations.tsv", 7, 1, 40},
+        {"data/jailbreak_templates.tsv", 5, 1, 10},
+        {"data/real_forget_qa.tsv", 3, 0, 100},
+        {"data/real_retain_qa.tsv", 3, 0, 100},
+    };
+    for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
+        int bad;
+        int rows = count_rows(files[i].path, files[i].fields, files[i].header, &bad);
+        check(bad == 0 && rows >= files[i].min_rows, "data: %s parses: %d rows of %d fields (>= %d), %d malformed",
+              files[i].path, rows, files[i].fields, files[i].min_rows, bad);
+    }
+}
+
+// A trained-phrasing question of each kind (from data/gen_toy.py's sets).
+#define TOY_FORGET_Q "Which pet belongs to Harry Potter?"
+#define TOY_FORGET_A "Hedwig"
+#define TOY_RETAIN_Q "What is the capital of France?"
+#define TOY_RETAIN_A "Paris"
+
+// The committed toy models load and answer: toy-base knows a Harry Potter
+// fact and a general one; toy-gold, never trained on Harry Potter, knows
+// only the general one.
+static void test_toy_models(void) {
+    Tokenizer tok;
+    build_tokenizer(&tok, "data/toy/toy.tok");
+    const char* forget_q = TOY_FORGET_Q;
+    const char* retain_q = TOY_RETAIN_Q;
+    const char* models[2] = {"data/toy/toy-base.bin", "data/toy/toy-gold.bin"};
+    for (int m = 0; m < 2; m++) {
+        Transformer t;
+        build_transformer(&t, models[m], 256);
+        GreedyAnswerer g = {&t, &tok, 32, NULL};
+        char answer[512];
+        ChatMessage q1 = {"user", forget_q}, q2 = {"user", retain_q};
+        answer_greedy(&g, &q1, 1, answer, sizeof(answer));
+        int knows_forget = answer_contains(answer, TOY_FORGET_A);
+        char forget_answer[512];
+        snprintf(forget_answer, sizeof(forget_answer), "%s", answer);
+        answer_greedy(&g, &q2, 1, answer, sizeof(answer));
+        int knows_retain = answer_contains(answer, TOY_RETAIN_A);
+        if (m == 0)
+            check(knows_forget && knows_retain, "toy-base answers \"%s\" -> \"%s\" and \"%s\" -> \"%s\"",
+                  forget_q, forget_answer, retain_q, answer);
+        else
+            check(!knows_forget && knows_retain, "toy-gold does not know \"%s\" (-> \"%s\") but answers \"%s\" -> \"%s\"",
+                  forget_q, forget_answer, retain_q, answer);
+        free_transformer(&t);
+    }
+    free_tokenizer(&tok);
+}
+
 int main(void) {
     printf("engine: %s\n", engine_build_info());
     Tokenizer tok;
@@ -2667,6 +2751,8 @@ int main(void) {
     test_train_graddiff_tiny();
     test_train_memory_8b();
     test_train_cli();
+    test_data_files();
+    test_toy_models();
     free_tokenizer(&tok);
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? EXIT_FAILURE : EXIT_SUCCESS;
