@@ -513,8 +513,8 @@ static void test_bad_input(void) {
 // sae: gradients, planted dictionary, AuxK, SAE files, interventions, the
 // identity test on the engine, and the sparsify/SAELens converters.
 //
-// (tests/test_sae_part.c: pasted into test_all.c; uses its check(). Needs
-// sae.c compiled with -DSAE_LIBRARY linked in, and build/models/tiny-3.2.f32.bin.)
+// (Needs sae.c compiled with -DSAE_LIBRARY linked in, and
+// build/models/tiny-3.2.f32.bin.)
 #include "sae.h"
 
 // A small TopK/ReLU SAE initialised from planted data, for the gradient checks.
@@ -1443,8 +1443,6 @@ static void test_guard_cli(void) {
 // ----------------------------------------------------------------------------
 // train_lora: gradient checks, forward == engine, adapters, merge, training
 //
-// (tests/test_train_part.c: pasted into test_all.c; uses its check().)
-//
 // Gradient checks compare train_lora.c's hand-written float backward with
 // central finite differences of an independent double-precision forward
 // written below from the Hugging Face semantics (tt_ref_*), on tiny models
@@ -1476,7 +1474,7 @@ static Config tt_tiny_config(int tied, int scaled) {
 typedef struct {
     Config c;
     double* w;        // the full parameter block (file order, as train_tensor_offset)
-    double* lora;     // the adapter payload (lora_part.c order), or NULL
+    double* lora;     // the adapter payload (the adapter file's order), or NULL
     int rank, mask, lb, le;
     double scale;
     float dropout;

@@ -43,7 +43,7 @@
 //       rmu       gamma * mean |h_l - c u|^2 / dim (forget) + alpha * mean |h_l - h_l,base|^2 / dim
 //     with log p(row) = -sum of the row's weighted NLL. npo, simnpo and whp
 //     add lambda * mean NLL(retain) when --retain is given (--retain-loss).
-//   - Gradient checks (tests/test_train_part.c): every parameter group,
+//   - Gradient checks (test_all.c): every parameter group,
 //     LoRA and --full, and every objective, against central differences of
 //     an independent double-precision forward; max error ~1e-6 relative.
 //   - Determinism: data order, dropout masks and init come from the seed;
