@@ -2712,6 +2712,235 @@ static void test_toy_models(void) {
     free_tokenizer(&tok);
 }
 
+// ----------------------------------------------------------------------------
+// eval.c: metrics (hand-computed cases), SVG, the harness on the tiny model
+
+static int close_to(double a, double b) { return fabs(a - b) < 1e-9; }
+
+static void test_eval_metrics(void) {
+    // ROUGE-L: words are lower-cased runs of [a-z0-9] (rouge_score's tokenizer)
+    // "the cat sat on the mat" vs "the cat is on the mat": LCS = the cat on the
+    // mat = 5 of 6 and 6 -> P = R = F = 5/6
+    Rouge r1 = rouge_l("the cat sat on the mat", "the cat is on the mat");
+    // a full-sentence answer vs a one-word gold: 9 words, LCS 1 -> P = 1/9,
+    // R = 1, F = 2 (1/9)(1) / (1/9 + 1) = 0.2
+    Rouge r2 = rouge_l("At Hogwarts, Harry Potter is a member of Gryffindor.", "Gryffindor");
+    // order matters: "b a" vs "a b" -> LCS 1 of 2 -> 0.5
+    Rouge r3 = rouge_l("b a", "a b");
+    // case and punctuation vanish: "A-B c" and "a b C" are both [a b c]
+    Rouge r4 = rouge_l("A-B c", "a b C");
+    // non-ASCII bytes separate words, as in rouge_score: "café" -> "caf";
+    // [caf au lait] vs [cafe au lait] -> LCS 2 of 3 -> 2/3
+    Rouge r5 = rouge_l("caf\xc3\xa9 au lait", "cafe au lait");
+    Rouge r6 = rouge_l("", "anything"), r7 = rouge_l("...", "");
+    // repeated words: [a a b] vs [a b b] -> LCS "a b" = 2 -> 2/3 each
+    Rouge r8 = rouge_l("a a b", "a b b");
+    check(close_to(r1.precision, 5.0 / 6) && close_to(r1.recall, 5.0 / 6) && close_to(r1.f1, 5.0 / 6) &&
+          close_to(r2.precision, 1.0 / 9) && close_to(r2.recall, 1.0) && close_to(r2.f1, 0.2) &&
+          close_to(r3.f1, 0.5) && close_to(r4.f1, 1.0) && close_to(r5.f1, 2.0 / 3) &&
+          r6.f1 == 0 && r6.recall == 0 && r7.f1 == 0 && close_to(r8.f1, 2.0 / 3),
+          "eval rouge-l: 8 hand-computed cases (F %.4f %.4f %.4f %.4f %.4f %.4f)", r1.f1, r2.f1, r3.f1, r4.f1, r5.f1, r8.f1);
+
+    // Min-K%: mean NLL of the floor(k n) (at least 1) least likely tokens
+    float lp1[5] = {-1, -2, -3, -4, -5};   // k 0.4: floor(2) = 2 -> (5 + 4) / 2 = 4.5
+    float lp2[5] = {-3, -1, -5, -2, -4};   // same set, shuffled: 4.5
+    float lp3[5] = {-1, -2, -3, -4, -5};   // k 0.1: floor(0.5) = 0 -> 1 token -> 5
+    float lp4[3] = {-0.5f, -0.25f, -2};    // k 1: all -> (0.5 + 0.25 + 2) / 3
+    double m1 = min_k_score(lp1, 5, 0.4), m2 = min_k_score(lp2, 5, 0.4), m3 = min_k_score(lp3, 5, 0.1);
+    double m4 = min_k_score(lp4, 3, 1.0), m5 = min_k_score(lp1, 0, 0.4);
+    check(close_to(m1, 4.5) && close_to(m2, 4.5) && close_to(m3, 5.0) && close_to(m4, 2.75 / 3) && isnan(m5),
+          "eval min-k%%: k 0.4 of 5 tokens = 4.5, order-free, k 0.1 keeps 1 token, k 1 = mean, no tokens = NAN");
+
+    // AUC = P(a > b) + P(a = b) / 2 over all pairs
+    double a1[2] = {3, 4}, b1[2] = {1, 2};            // every pair won: 1
+    double a3[2] = {1, 3}, b3[2] = {2, 2};            // 2 of 4 pairs won: 0.5
+    double a4[3] = {0.9, 0.8, 0.3}, b4[2] = {0.5, 0.2}; // 2 + 2 + 1 of 6: 5/6
+    double a5[3] = {1, 2, 3}, b5[1] = {2};            // 0 + 0.5 + 1 of 3: 0.5
+    double u1 = auc_score(a1, 2, b1, 2), u2 = auc_score(b1, 2, a1, 2), u3 = auc_score(a3, 2, b3, 2);
+    double u4 = auc_score(a4, 3, b4, 2), u5 = auc_score(a5, 3, b5, 1), u6 = auc_score(a1, 2, b1, 0);
+    // MUSE's Harry Potter target: AUC 0.2291 with retrain 0.5393 -> PrivLeak
+    // (0.2291 - 0.5393) / 0.5393 x 100 = -57.52 (research notes, section 2)
+    double pl = privleak(0.2291, 0.5393);
+    check(close_to(u1, 1) && close_to(u2, 0) && close_to(u3, 0.5) && close_to(u4, 5.0 / 6) && close_to(u5, 0.5) &&
+          isnan(u6) && fabs(pl - (-57.5190)) < 1e-3 && isnan(privleak(0.3, 0)),
+          "eval auc: 5 hand-computed cases, ties count half; PrivLeak of MUSE's target = %.2f", pl);
+
+    // answer_contains: case-insensitive, whole words
+    check(answer_contains("It is HEDWIG, the owl.", "Hedwig") && !answer_contains("He does.", "doe") &&
+          !answer_contains("Romeo", "Rome") && answer_contains("the Half-Blood Prince!", "Half-Blood Prince") &&
+          answer_contains("It was Mr. Ollivander.", "Mr. Ollivander") && answer_contains("green and silver", "Green and Silver") &&
+          !answer_contains("", "x") && !answer_contains("x", "") && answer_contains("1991", "1991") &&
+          !answer_contains("19912", "1991") && answer_contains("caf\xc3\xa9!", "caf\xc3\xa9") &&
+          !answer_contains("caf\xc3\xa9s", "caf\xc3\xa9"),
+          "eval answer_contains: whole words, case-insensitive, punctuation and UTF-8 boundaries");
+}
+
+// A small XML well-formedness check: one root <svg>, every tag closed in
+// order, attribute values quoted, '<' never in text, '&' only as an entity.
+static int xml_well_formed(const char* s, char* why, size_t cap) {
+    const char* stack[64];
+    size_t stack_len[64];
+    int depth = 0, roots = 0;
+    const char* p = s;
+    while (*p) {
+        if (*p == '&') {
+            const char* ents[] = {"&amp;", "&lt;", "&gt;", "&quot;", "&apos;", NULL};
+            int ok = 0;
+            for (int i = 0; ents[i] && !ok; i++) ok = !strncmp(p, ents[i], strlen(ents[i]));
+            if (!ok) { snprintf(why, cap, "bare & at byte %ld", (long)(p - s)); return 0; }
+            p++;
+            continue;
+        }
+        if (*p == '>') { snprintf(why, cap, "bare > at byte %ld", (long)(p - s)); return 0; }
+        if (*p != '<') { p++; continue; }
+        if (!strncmp(p, "<?", 2)) { const char* e = strstr(p, "?>"); if (!e) { snprintf(why, cap, "open <?"); return 0; } p = e + 2; continue; }
+        int closing = p[1] == '/';
+        const char* name = p + 1 + closing;
+        size_t nl = strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_:");
+        if (nl == 0) { snprintf(why, cap, "bad tag at byte %ld", (long)(p - s)); return 0; }
+        const char* q = name + nl;
+        if (closing) {
+            if (*q != '>' || depth == 0 || stack_len[depth - 1] != nl || strncmp(stack[depth - 1], name, nl)) {
+                snprintf(why, cap, "mismatched </%.*s> at byte %ld", (int)nl, name, (long)(p - s));
+                return 0;
+            }
+            depth--;
+            p = q + 1;
+            continue;
+        }
+        // attributes: name="value"
+        while (1) {
+            while (*q == ' ' || *q == '\n') q++;
+            if (*q == '>' || (q[0] == '/' && q[1] == '>')) break;
+            size_t al = strspn(q, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_:");
+            if (al == 0 || q[al] != '=' || q[al + 1] != '"') { snprintf(why, cap, "bad attribute at byte %ld", (long)(q - s)); return 0; }
+            const char* v = q + al + 2;
+            const char* e = strchr(v, '"');
+            if (!e) { snprintf(why, cap, "unterminated attribute"); return 0; }
+            for (const char* c = v; c < e; c++) if (*c == '<') { snprintf(why, cap, "< in an attribute"); return 0; }
+            q = e + 1;
+        }
+        if (depth == 0) roots++;
+        if (*q == '/') { p = q + 2; continue; }   // self-closing
+        if (depth == 64) { snprintf(why, cap, "too deep"); return 0; }
+        stack[depth] = name; stack_len[depth] = nl; depth++;
+        p = q + 1;
+    }
+    if (depth != 0) { snprintf(why, cap, "%d unclosed tags", depth); return 0; }
+    if (roots != 1) { snprintf(why, cap, "%d root elements", roots); return 0; }
+    if (!strstr(s, "<svg xmlns=\"http://www.w3.org/2000/svg\"")) { snprintf(why, cap, "no svg root"); return 0; }
+    return 1;
+}
+
+static void test_eval_svg(void) {
+    // names with every character XML reserves, a NAN value, values out of range
+    const char* groups[3] = {"base", "a<b & \"c\"", "gold>"};
+    const char* series[2] = {"forget QA %", "retain QA %"};
+    double v[6] = {71.5, 69.0, NAN, 120.0, -5.0, 0.0};
+    char why[128] = "";
+    char* bar = svg_bar_chart("Forget & retain <accuracy>", "accuracy %", 3, groups, 2, series, v, 100.0);
+    int ok_bar = xml_well_formed(bar, why, sizeof(why)) && strstr(bar, "a&lt;b &amp; &quot;c&quot;") && strstr(bar, "n/a");
+    char why2[128] = "";
+    const char* cols[3] = {"leet&speak", "fewshot", "all"};
+    double h[6] = {0.0, 0.5, 1.0, NAN, 0.25, 2.0};
+    char* heat = svg_heatmap("Leak <by> template", 2, groups, 3, cols, h);
+    int ok_heat = xml_well_formed(heat, why2, sizeof(why2)) && strstr(heat, "leet&amp;speak") && strstr(heat, ">50<");
+    double x[4] = {1, 2, 3, 4}, y1[4] = {3, 2, NAN, 1}, y2[4] = {NAN, NAN, NAN, NAN};
+    SvgPanel panels[2] = {{"ga & co", 2, {"loss", "forget NLL"}, {x, x}, {y1, y2}, {4, 4}},
+                          {"empty", 1, {"loss"}, {x}, {y2}, {4}}};
+    char* lines = svg_line_panels("Training <loss>", "step", 2, panels);
+    char why4[128] = "";
+    int ok_lines = xml_well_formed(lines, why4, sizeof(why4)) && strstr(lines, "<polyline") && strstr(lines, "no data");
+    // the checker itself rejects broken documents
+    char why5[128];
+    int rejects = !xml_well_formed("<svg xmlns=\"http://www.w3.org/2000/svg\"><g></svg>", why5, sizeof(why5)) &&
+                  !xml_well_formed("<svg xmlns=\"http://www.w3.org/2000/svg\"><text>a & b</text></svg>", why5, sizeof(why5)) &&
+                  !xml_well_formed("<svg xmlns=\"http://www.w3.org/2000/svg\" w=3></svg>", why5, sizeof(why5));
+    check(ok_bar && ok_heat && ok_lines && rejects,
+          "eval svg: bar chart (%s), heatmap (%s), line panels (%s) are well-formed XML with names escaped; "
+          "the checker rejects 3 broken documents", ok_bar ? "ok" : why, ok_heat ? "ok" : why2, ok_lines ? "ok" : why4);
+    free(bar); free(heat); free(lines);
+}
+
+static void eval_write(const char* path, const char* text) {
+    FILE* f = fopen(path, "w");
+    if (f) { fputs(text, f); fclose(f); }
+}
+
+// Small evaluation sets in build/test_eval/ (shared with test_eval_cli).
+static void eval_write_sets(void) {
+    if (system("mkdir -p build/test_eval") != 0) return;
+    eval_write("build/test_eval/forget_qa.tsv",
+               "Which pet belongs to Harry Potter?\tHedwig\ttrained\nName the pet of Harry Potter.\tHedwig\theldout\n"
+               "What house is Ron Weasley in?\tGryffindor\ttrained\nRon Weasley is in which house?\tGryffindor\theldout\n"
+               "Who is the father of Draco Malfoy?\tLucius Malfoy\ttrained\nName the father of Draco Malfoy.\tLucius Malfoy\theldout\n");
+    eval_write("build/test_eval/retain_qa.tsv", "What is the capital of France?\tParis\ttrained\n"
+               "Name the capital of France.\tParis\theldout\n");
+    eval_write("build/test_eval/forget_text.txt", "Hedwig is the owl of Harry Potter.\nRon Weasley is in Gryffindor.\n");
+    eval_write("build/test_eval/retain_text.txt", "Paris is the capital of France.\n");
+    eval_write("build/test_eval/verbatim.tsv", "Harry Potter has an owl.\tIts name is Hedwig and it is white.\n");
+    eval_write("build/test_eval/forget_mia.txt", "Harry Potter has an owl named Hedwig.\nRon Weasley has a rat.\nDraco Malfoy is a Slytherin.\n");
+    eval_write("build/test_eval/holdout_text.txt", "Dennis Creevey has a camera.\nRomilda Vane likes sweets.\n");
+    eval_write("build/test_eval/jailbreak.jsonl",
+               "{\"template\": \"plain\", \"messages\": [{\"role\": \"user\", \"content\": \"Who owns Hedwig?\"}], \"answer\": \"Harry\"}\n"
+               "{\"template\": \"fewshot\", \"messages\": [\"Hi\", {\"role\": \"assistant\", \"content\": \"Hello\"}, "
+               "{\"role\": \"user\", \"content\": \"Caf\\u00e9 \\ud83e\\udd89 owl?\"}], \"answer\": [\"Hedwig\", \"owl\"]}\n"
+               "{\"template\": \"plain\", \"messages\": [\"Name Harry's owl.\"], \"answer\": \"Hedwig\"}\n");
+    // the relearning attack's fact: Ron Weasley's house (2 questions)
+    eval_write("build/test_eval/relearn_facts.tsv", "Ron Weasley\thp_house\tGryffindor\n");
+}
+
+// The harness end to end on the tiny synthetic model (random weights: the
+// numbers are noise, the counts and files are what is checked).
+static void test_eval_harness(const Tokenizer* tok) {
+    eval_write_sets();
+    Transformer t;
+    build_transformer(&t, "build/models/tiny-3.2.f32.bin", 256);
+    EvalOptions o;
+    eval_options_init(&o);
+    o.model = "build/models/tiny-3.2.f32.bin";
+    o.sets = "build/test_eval";
+    o.out = "build/test_eval/tiny";
+    o.name = "tiny";
+    o.max_qa = 4;          // 6 forget rows -> 2 trained + 2 held-out
+    o.max_new = 4;
+    o.verbmem_tokens = 5;
+    o.max_jailbreak = 1;   // 1 of the 2 "plain" prompts, the "fewshot" one
+    eval_run(&o, NULL, &t, (Tokenizer*)tok);
+    size_t len = 0;
+    char* csv = read_file("build/test_eval/tiny.csv", &len);
+    char* json = read_file("build/test_eval/tiny.json", &len);
+    char* answers = read_file("build/test_eval/tiny.answers.tsv", &len);
+    int lines = 0;
+    for (char* p = answers; *p; p++) lines += *p == '\n';
+    // answers: header + 4 forget + 2 retain + 2 jailbreak (1 per template) + 1 verbatim = 10
+    check(strstr(csv, "method,metric,value,n\n") && strstr(csv, "tiny,forget_qa_trained,") &&
+          strstr(csv, "tiny,forget_qa,") && strstr(csv, "tiny,forget_qa_heldout,") &&
+          strstr(csv, "tiny,leak:plain,") && strstr(csv, "tiny,leak:fewshot,") && strstr(csv, "tiny,mia_auc,") &&
+          strstr(csv, "tiny,ppl_forget,") && strstr(csv, "tiny,verbmem,") && strstr(csv, "tiny,extra_prompt_tokens,0,") &&
+          strstr(json, "\"mia_auc\": ") && json[0] == '{' && lines == 10,
+          "eval harness: every metric written to CSV and JSON on the tiny model, %d answer rows (expected 10)", lines);
+    // stratified subsample and the relearning facts: forget_qa over 4 rows, 2 per split;
+    // the kept rows of Ron Weasley's house are left out of forget_qa_rest
+    int n_rest = -1, n_all = -1, n_tr = -1;
+    for (char* line = strtok(csv, "\n"); line; line = strtok(NULL, "\n")) {
+        const char* last = strrchr(line, ',');
+        if (!strncmp(line, "tiny,forget_qa_rest,", 20)) n_rest = atoi(last + 1);
+        if (!strncmp(line, "tiny,forget_qa,", 15)) n_all = atoi(last + 1);
+        if (!strncmp(line, "tiny,forget_qa_trained,", 23)) n_tr = atoi(last + 1);
+    }
+    int ron_rows = 0;
+    for (char* p = strstr(answers, "Ron Weasley"); p; p = strstr(p + 1, "Ron Weasley")) ron_rows++;
+    check(n_all == 4 && n_tr == 2 && n_rest == n_all - ron_rows,
+          "eval harness: --max-qa 4 keeps 2 questions per split; forget_qa_rest leaves out the %d relearned-fact rows "
+          "(%d of %d)", ron_rows, n_rest, n_all);
+    free(csv); free(json); free(answers);
+    free_transformer(&t);
+}
+
+// The `eval` subcommands (after the patches): each program runs the harness,
+// a method option is applied, and bad input is a one-line error.
+
 int main(void) {
     printf("engine: %s\n", engine_build_info());
     Tokenizer tok;
@@ -2751,6 +2980,9 @@ int main(void) {
     test_train_cli();
     test_data_files();
     test_toy_models();
+    test_eval_metrics();
+    test_eval_svg();
+    test_eval_harness(&tok);
     free_tokenizer(&tok);
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? EXIT_FAILURE : EXIT_SUCCESS;
