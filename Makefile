@@ -3,8 +3,14 @@
 #   make            build every program (OpenMP; OpenBLAS when its header is found)
 #   make BLAS=0     plain C build, no OpenBLAS (for porting)
 #   make test       build and run the test harness (needs python3 with numpy)
+#   make test-asan  the test harness built with ASan + UBSan (build/asan/)
+#   make fuzz       libFuzzer targets of fuzz.c, FUZZ_SECONDS each (needs clang)
 #   make refs       regenerate the committed reference logits in tests/
 #   make toy        rebuild the toy world (data/toy/) from its seed
+#   make demo       every method on the toy world, one report (results/toy/)
+#   make demo-real MODEL=m.bin TOKENIZER=t.tok [REAL=data/real]   the same on a real model
+#   make bench [BENCH_REPS=5]   speed suite: decode/prefill tok/s, bandwidth, sgemm, roofline,
+#                   LoRA and SAE training (build/bench/results.{csv,json,md}; ~15 min, 2 cores)
 CC ?= cc
 CFLAGS ?= -O3 -march=native
 CFLAGS += -std=c11 -Wall -Wextra -Wno-unused-parameter -fopenmp
@@ -43,8 +49,8 @@ eval.o: eval.c eval.h run.h
 run: run.c run.h unicode_ranges.h eval.o
 	$(CC) $(CFLAGS) run.c eval.o -o $@ $(LDLIBS)
 
-sae: sae.c sae.h run.h engine.o
-	$(CC) $(CFLAGS) sae.c engine.o -o $@ $(LDLIBS)
+sae: sae.c sae.h run.h eval.h engine.o eval.o
+	$(CC) $(CFLAGS) sae.c engine.o eval.o -o $@ $(LDLIBS)
 
 sae_lib.o: sae.c sae.h run.h
 	$(CC) $(CFLAGS) -DSAE_LIBRARY -c sae.c -o $@
@@ -55,8 +61,8 @@ guard: guard.c guard.h run.h eval.h engine.o eval.o
 guard_lib.o: guard.c guard.h run.h
 	$(CC) $(CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
 
-train_lora: train_lora.c train_lora.h run.h engine.o
-	$(CC) $(CFLAGS) train_lora.c engine.o -o $@ $(LDLIBS)
+train_lora: train_lora.c train_lora.h run.h eval.h engine.o eval.o
+	$(CC) $(CFLAGS) train_lora.c engine.o eval.o -o $@ $(LDLIBS)
 
 train_lib.o: train_lora.c train_lora.h run.h
 	$(CC) $(CFLAGS) -DTRAIN_LIBRARY -c train_lora.c -o $@
@@ -81,10 +87,143 @@ test: all $(TOK)
 toy: run train_lora
 	PYTHON=$(PYTHON) sh data/make_toy.sh
 
+demo: all
+	sh demo.sh
+
+demo-real: all
+	@test -n "$(MODEL)" -a -n "$(TOKENIZER)" || { echo "usage: make demo-real MODEL=model.bin TOKENIZER=model.tok [REAL=data/real]"; exit 1; }
+	sh demo.sh --real $(MODEL) $(TOKENIZER) $(REAL)
+
 refs: run $(TOK)
 	PYTHON=$(PYTHON) sh tests/make_refs.sh
+
+# The benchmark suite (README "Performance"; tests/bench.sh says what it
+# runs). Every value is the median of BENCH_REPS repetitions (the reference
+# numbers in README use 15). Its synthetic models (random weights) are made
+# once and kept in build/bench/: the 1.04B comparison shape (Llama-3.2-1B
+# dims, 32000 vocab) for decode and prefill, the full Llama-3.2-1B shape
+# (128256 vocab) for training. Deliberately no dependency on export.py:
+# regenerating takes minutes and 11 GB of files. The bf16 HF checkpoint is
+# deleted once both exports exist.
+BENCH_REPS ?= 5
+BENCH_DIR = build/bench
+BENCH_MODELS = $(BENCH_DIR)/1b-32k.f32.bin $(BENCH_DIR)/1b-32k.q8.bin $(BENCH_DIR)/1b.f32.bin $(BENCH_DIR)/1b.q8.bin
+
+bench: run train_lora sae $(TOK) $(BENCH_MODELS)
+	BENCH_REPS=$(BENCH_REPS) BENCH_DIR=$(BENCH_DIR) PYTHON=$(PYTHON) TOK=$(TOK) sh tests/bench.sh
+
+bench_preset_1b-32k = llama-3.2-1b-32k
+bench_preset_1b = llama-3.2-1b
+$(BENCH_DIR)/%.f32.bin:
+	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }
+	test -f $(BENCH_DIR)/hf-$*/config.json || $(PYTHON) export.py synth $(BENCH_DIR)/hf-$* --preset $(bench_preset_$*)
+	$(PYTHON) export.py model $(BENCH_DIR)/hf-$* $@
+# after the fp32 file (order-only), so the two never synthesize at once
+$(BENCH_DIR)/%.q8.bin: | $(BENCH_DIR)/%.f32.bin
+	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }
+	test -f $(BENCH_DIR)/hf-$*/config.json || $(PYTHON) export.py synth $(BENCH_DIR)/hf-$* --preset $(bench_preset_$*)
+	$(PYTHON) export.py model $(BENCH_DIR)/hf-$* $@ --int8
+	rm -rf $(BENCH_DIR)/hf-$*
 
 clean:
 	rm -f $(PROGRAMS) *.o
 
-.PHONY: all test refs toy clean
+.PHONY: all test refs toy demo demo-real bench clean
+
+# ----------------------------------------------------------------------------
+# Robustness (README "Robustness"): libFuzzer targets and the sanitizer build.
+#
+#   make fuzz [FUZZ_SECONDS=60] [FUZZ_TARGETS="tokenize chat ..."]
+#                   build every fuzz target of fuzz.c (clang) and run each for
+#                   FUZZ_SECONDS on its corpus, one after another, at nice 19
+#   make fuzz-build just the binaries, build/fuzz/fuzz_NAME
+#   make test-asan  test_all and the programs it runs, built with
+#                   -fsanitize=address,undefined in build/asan/, run clean
+FUZZ_CC ?= clang
+FUZZ_TARGETS ?= tokenize chat model tokfile lora sae traindata evaldata
+FUZZ_SECONDS ?= 60
+FUZZ_DIR = build/fuzz
+FUZZ_CFLAGS = -g -O1 -march=native -std=c11 -Wall -Wextra -Wno-unused-parameter -Wno-unknown-pragmas \
+              -Wno-source-uses-openmp -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+# exit() and the allocator go through fuzz.c's wrappers (see the top of fuzz.c)
+FUZZ_WRAP = -Wl,--wrap=exit,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=posix_memalign,--wrap=free
+FUZZ_OPTS = -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=256 -print_final_stats=1
+
+$(FUZZ_DIR)/engine.o: run.c run.h unicode_ranges.h eval.h
+	@mkdir -p $(FUZZ_DIR)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -DRUN_LIBRARY -c run.c -o $@
+
+$(FUZZ_DIR)/eval.o: eval.c eval.h run.h
+	@mkdir -p $(FUZZ_DIR)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c eval.c -o $@
+
+$(FUZZ_DIR)/sae.o: sae.c sae.h run.h eval.h
+	@mkdir -p $(FUZZ_DIR)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -DSAE_LIBRARY -c sae.c -o $@
+
+# an archive: a target that includes eval.c itself does not pull eval.o
+$(FUZZ_DIR)/libunlearn.a: $(FUZZ_DIR)/engine.o $(FUZZ_DIR)/eval.o $(FUZZ_DIR)/sae.o
+	rm -f $@
+	ar rcs $@ $^
+
+$(FUZZ_DIR)/fuzz_%: fuzz.c $(FUZZ_DIR)/libunlearn.a run.h eval.h sae.h train_lora.h train_lora.c eval.c
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -DFUZZ_TARGET=$* fuzz.c $(FUZZ_DIR)/libunlearn.a -o $@ -lm $(FUZZ_WRAP)
+
+fuzz-build: $(addprefix $(FUZZ_DIR)/fuzz_,$(FUZZ_TARGETS))
+
+# One target at a time, one process each (libFuzzer's default: no -jobs,
+# no forks); new inputs go to build/fuzz/corpus/NAME, crashes to
+# build/fuzz/crash-NAME-*. Stops at the first target that fails.
+fuzz: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	    mkdir -p $(FUZZ_DIR)/corpus/$$t; \
+	    regress=; [ -d tests/fuzz/regress/$$t ] && regress=tests/fuzz/regress/$$t; \
+	    echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+	    nice -n 19 $(FUZZ_DIR)/fuzz_$$t $(FUZZ_DIR)/corpus/$$t tests/fuzz/$$t $$regress $(FUZZ_OPTS) \
+	        -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=$(FUZZ_DIR)/crash-$$t- >$(FUZZ_DIR)/$$t.log 2>&1; \
+	    rc=$$?; grep -E '^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss_mb)' $(FUZZ_DIR)/$$t.log; \
+	    [ $$rc -eq 0 ] || { tail -n 60 $(FUZZ_DIR)/$$t.log; echo "fuzz $$t: FAILED (log $(FUZZ_DIR)/$$t.log)"; exit 1; }; \
+	done
+
+.PHONY: fuzz fuzz-build test-asan
+
+# The sanitizer build: every program and test_all with ASan + UBSan (gcc is
+# fine), objects and binaries in build/asan/ (the normal build is not
+# touched). tests/asan.sh runs test_all in build/asan/root, a copy of the
+# checkout made of links whose ./run, ./train_lora, ./sae and ./guard are
+# the sanitized binaries and whose build/ has its own fixtures, so it can
+# run beside `make test`. Any sanitizer report (also from a program a test
+# runs and expects to fail) fails it.
+ASAN_DIR = build/asan
+ASAN_CFLAGS = $(CFLAGS) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+ASAN_OBJS = $(ASAN_DIR)/engine.o $(ASAN_DIR)/eval.o
+ASAN_PROGRAMS = $(addprefix $(ASAN_DIR)/root/,run train_lora sae guard test_all)
+
+$(ASAN_DIR)/root:
+	mkdir -p $@
+$(ASAN_DIR)/engine.o: run.c run.h unicode_ranges.h eval.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -DRUN_LIBRARY -c run.c -o $@
+$(ASAN_DIR)/eval.o: eval.c eval.h run.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -c eval.c -o $@
+$(ASAN_DIR)/sae_lib.o: sae.c sae.h run.h eval.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -DSAE_LIBRARY -c sae.c -o $@
+$(ASAN_DIR)/guard_lib.o: guard.c guard.h run.h eval.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
+$(ASAN_DIR)/train_lib.o: train_lora.c train_lora.h run.h eval.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -DTRAIN_LIBRARY -c train_lora.c -o $@
+$(ASAN_DIR)/root/run: run.c run.h unicode_ranges.h $(ASAN_DIR)/eval.o | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) run.c $(ASAN_DIR)/eval.o -o $@ $(LDLIBS)
+$(ASAN_DIR)/root/sae: sae.c sae.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) sae.c $(ASAN_OBJS) -o $@ $(LDLIBS)
+$(ASAN_DIR)/root/guard: guard.c guard.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) guard.c $(ASAN_OBJS) -o $@ $(LDLIBS)
+$(ASAN_DIR)/root/train_lora: train_lora.c train_lora.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) train_lora.c $(ASAN_OBJS) -o $@ $(LDLIBS)
+$(ASAN_DIR)/root/test_all: test_all.c run.h eval.h train_lora.h sae.h guard.h $(ASAN_OBJS) \
+                           $(ASAN_DIR)/train_lib.o $(ASAN_DIR)/sae_lib.o $(ASAN_DIR)/guard_lib.o | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) test_all.c $(ASAN_OBJS) $(ASAN_DIR)/train_lib.o $(ASAN_DIR)/sae_lib.o \
+	    $(ASAN_DIR)/guard_lib.o -o $@ $(LDLIBS)
+
+test-asan: $(ASAN_PROGRAMS) $(TOK)
+	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }
+	PYTHON=$(PYTHON) sh tests/asan.sh

@@ -213,4 +213,8 @@ typedef struct {
 } SvgPanel;
 char* svg_line_panels(const char* title, const char* x_label, int n_panels, const SvgPanel* panels);
 
+// `run report DIR --methods A,B,...`: the comparison table, results.csv and
+// the charts from the harness's outputs (argv[0] is "report").
+int eval_report_main(int argc, char** argv);
+
 #endif

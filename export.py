@@ -11,7 +11,8 @@ Subcommands:
   synth OUT_DIR --preset NAME [--seed 0] [--tokenizer tokenizer.json]
       Write a deterministic random checkpoint in exact HF layout (two bf16
       shards + index, config.json, generation_config.json, tokenizer.json).
-      Presets: tiny-3.2, tiny-3.0, llama-3.2-1b, llama-3-8b.
+      Presets: tiny-3.2, tiny-3.0, llama-3.2-1b, llama-3.2-1b-32k (the
+      benchmark's 32000-vocab shape), llama-3-8b.
   ref HF_DIR OUT.ref --ids 128000,791,... [--no-rope-scaling]
       An independent numpy forward pass that follows Hugging Face's
       modeling_llama.py (full-sequence matrices, no KV cache), fp32 throughout.
@@ -439,6 +440,16 @@ PRESETS = {
                          rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                            original_max_position_embeddings=8192,
                                            rope_type="llama3")),
+    # the benchmark's comparison shape (make bench): Llama-3.2-1B's dims
+    # with a Llama-2-sized 32000 vocab, 1.04B parameters. No Llama-3
+    # tokenizer fits it, so its special ids are Llama-2's (bos 1, eos 2).
+    "llama-3.2-1b-32k": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                             tie_word_embeddings=True, max_position_embeddings=131072,
+                             rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                               original_max_position_embeddings=8192,
+                                               rope_type="llama3"),
+                             vocab_size=32000, bos_token_id=1, eos_token_id=[2]),
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                        tie_word_embeddings=False, max_position_embeddings=8192, rope_scaling=None),
@@ -461,9 +472,10 @@ def synth_config(preset):
                eos_token_id=128001 if v30 else LLAMA3_EOS, hidden_act="silu",
                initializer_range=0.02, mlp_bias=False, pretraining_tp=1, rms_norm_eps=1e-5,
                rope_theta=500000.0, torch_dtype="bfloat16", transformers_version="4.45.0",
-               use_cache=True, vocab_size=128256, **p)
-    gen = dict(bos_token_id=128000, eos_token_id=LLAMA3_EOS, do_sample=True, temperature=0.6,
-               top_p=0.9, transformers_version="4.45.0")
+               use_cache=True, vocab_size=128256)
+    cfg.update(p)   # a preset may override the vocab and its special ids
+    gen = dict(bos_token_id=cfg["bos_token_id"], eos_token_id=p.get("eos_token_id", LLAMA3_EOS),
+               do_sample=True, temperature=0.6, top_p=0.9, transformers_version="4.45.0")
     return cfg, gen
 
 

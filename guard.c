@@ -1758,13 +1758,16 @@ static void chat_mode(Guard* g, const char* user) {
     ChatMessage* conv = xmalloc((size_t)cap * sizeof(ChatMessage));
     Session s = {0};
     s.reuse = 1;
-    char line[8192];
+    // one user turn per line of stdin, of any length: a long line cut in
+    // pieces would be filtered piece by piece (a keyword across a cut)
+    char* line = NULL;
+    size_t line_cap = 0;
     while (1) {
         const char* text = user;
         if (!user) {
             printf("User: ");
             fflush(stdout);
-            if (!fgets(line, sizeof(line), stdin)) break;
+            if (getline(&line, &line_cap, stdin) < 0) break;
             line[strcspn(line, "\n")] = '\0';
             if (!line[0]) continue;
             if (!utf8_valid(line, strlen(line))) { fprintf(stderr, "[guard] that line is not valid UTF-8; type it again\n"); continue; }
@@ -1786,6 +1789,156 @@ static void chat_mode(Guard* g, const char* user) {
     for (int i = 0; i < n; i++) free((char*)conv[i].content);
     free(conv);
     free(s.ids);
+    free(line);
+}
+
+// The guard's layers and their settings: shared by main and the harness method.
+typedef struct {
+    const char *system_path, *keywords, *allow, *refusal, *judge_path, *judge_tok, *judge_category, *judge_policy;
+    int use_system, input_filter, output_filter, judge_format, judge_mode, judge_input, judge_output;
+    float threshold;
+} GuardOpts;
+
+static void guard_opts_init(GuardOpts* go) {
+    memset(go, 0, sizeof(*go));
+    go->keywords = GUARD_KEYWORDS;
+    go->refusal = GUARD_REFUSAL;
+    go->judge_format = JUDGE_LG3;
+    go->judge_mode = JUDGE_PROB;
+    go->judge_input = 1;
+    go->judge_output = 1;
+    go->threshold = 0.5f;
+}
+
+// argv[i] if it is a layer option: returns how many entries it took (0 = not one).
+static int guard_parse_layer(GuardOpts* go, int argc, char** argv, int i) {
+    const char* flag = argv[i];
+    if (!strcmp(flag, "--system")) {
+        go->use_system = 1;
+        if (i + 1 < argc && argv[i + 1][0] != '-') { go->system_path = argv[i + 1]; return 2; }
+        return 1;
+    }
+    if (!strcmp(flag, "--input-filter")) { go->input_filter = 1; return 1; }
+    if (!strcmp(flag, "--output-filter")) { go->output_filter = 1; return 1; }
+    static const char* valued[] = {"--keywords", "--allow", "--refusal", "--judge", "--judge-tok", "--judge-category",
+                                   "--judge-policy", "--judge-threshold", "--judge-format", "--judge-mode", "--judge-on", NULL};
+    int known = 0;
+    for (int k = 0; valued[k] && !known; k++) known = !strcmp(flag, valued[k]);
+    if (!known) return 0;
+    if (i + 1 >= argc) { fprintf(stderr, "error: %s needs a value (see --help)\n", flag); exit(EXIT_FAILURE); }
+    const char* val = argv[i + 1];
+    if (!strcmp(flag, "--keywords")) go->keywords = val;
+    else if (!strcmp(flag, "--allow")) go->allow = val;
+    else if (!strcmp(flag, "--refusal")) go->refusal = val;
+    else if (!strcmp(flag, "--judge")) go->judge_path = val;
+    else if (!strcmp(flag, "--judge-tok")) go->judge_tok = val;
+    else if (!strcmp(flag, "--judge-category")) go->judge_category = val;
+    else if (!strcmp(flag, "--judge-policy")) go->judge_policy = val;
+    else if (!strcmp(flag, "--judge-threshold")) go->threshold = parse_float_arg(flag, val);
+    else if (!strcmp(flag, "--judge-format")) {
+        if (!strcmp(val, "lg3")) go->judge_format = JUDGE_LG3;
+        else if (!strcmp(val, "lg2")) go->judge_format = JUDGE_LG2;
+        else { fprintf(stderr, "error: --judge-format must be lg3 or lg2, got '%s'\n", val); exit(EXIT_FAILURE); }
+    } else if (!strcmp(flag, "--judge-mode")) {
+        if (!strcmp(val, "prob")) go->judge_mode = JUDGE_PROB;
+        else if (!strcmp(val, "token")) go->judge_mode = JUDGE_TOKEN;
+        else { fprintf(stderr, "error: --judge-mode must be prob or token, got '%s'\n", val); exit(EXIT_FAILURE); }
+    } else {
+        if (!strcmp(val, "both")) { go->judge_input = 1; go->judge_output = 1; }
+        else if (!strcmp(val, "input")) { go->judge_input = 1; go->judge_output = 0; }
+        else if (!strcmp(val, "output")) { go->judge_input = 0; go->judge_output = 1; }
+        else { fprintf(stderr, "error: --judge-on must be input, output or both, got '%s'\n", val); exit(EXIT_FAILURE); }
+    }
+    return 2;
+}
+
+static void guard_check_layers(const GuardOpts* go) {
+    if (go->judge_path && !go->judge_tok) { fprintf(stderr, "error: --judge needs --judge-tok FILE\n"); exit(EXIT_FAILURE); }
+    if (!go->judge_path && (go->judge_tok || go->judge_category || go->judge_policy)) { fprintf(stderr, "error: judge options need --judge FILE\n"); exit(EXIT_FAILURE); }
+    if (go->threshold < 0.0f || go->threshold >= 1.0f) { fprintf(stderr, "error: --judge-threshold must be in [0, 1)\n"); exit(EXIT_FAILURE); }
+    check_text("--refusal", go->refusal);
+    if (go->judge_category) check_text("--judge-category", go->judge_category);
+}
+
+// ----------------------------------------------------------------------------
+// The shared harness (eval.c) with the guard on: `guard eval ... --sets DIR`.
+// Chat answers go through every enabled layer (respond); raw text (perplexity,
+// membership, VerbMem) reaches the bare weights, as it would for an attacker
+// who has them; a VerbMem continuation the output filter would stop counts
+// as withheld.
+typedef struct {
+    GuardOpts go;
+    char* system;
+    KeywordFilter kw;
+    Judge judge;
+    Sampler sampler;
+    Guard g;
+} GuardMethod;
+
+static int guard_method_parse(EvalMethod* m, int argc, char** argv, int i) {
+    return guard_parse_layer(&((GuardMethod*)m->user)->go, argc, argv, i);
+}
+
+static void guard_method_setup(EvalMethod* m, Transformer* t, Tokenizer* tok, int max_new) {
+    GuardMethod* gm = m->user;
+    GuardOpts* go = &gm->go;
+    guard_check_layers(go);
+    gm->system = go->use_system ? read_text_file(go->system_path ? go->system_path : GUARD_SYSTEM_PROMPT) : NULL;
+    int filters = go->input_filter || go->output_filter;
+    if (filters) kw_load(&gm->kw, go->keywords, go->allow);
+    build_sampler(&gm->sampler, t->config.vocab_size, 0.0f, 1.0f, 1);
+    if (go->judge_path)
+        judge_init(&gm->judge, go->judge_path, go->judge_tok, go->judge_format, go->judge_category, go->judge_policy,
+                   go->judge_mode, go->threshold, 0);
+    Guard g = {t, tok, &gm->sampler, gm->system, filters ? &gm->kw : NULL, go->input_filter, go->output_filter,
+               go->judge_path ? &gm->judge : NULL, go->judge_input, go->judge_output, go->refusal, max_new};
+    gm->g = g;
+    m->answer_ctx = gm;
+}
+
+static int guard_method_answer(void* ctx, const ChatMessage* msgs, int n_msgs, char* out, size_t cap) {
+    GuardMethod* gm = ctx;
+    Session s = {0};
+    char* answer = respond(&gm->g, &s, msgs, n_msgs, 0, 1, NULL, 0);
+    snprintf(out, cap, "%s", answer);
+    free(answer);
+    free(s.ids);
+    // the cost column: what the main model's prompt holds (system prompt included)
+    int* ids;
+    int n = eval_chat_tokens(gm->g.tok, gm->system, msgs, n_msgs, &ids);
+    free(ids);
+    return n;
+}
+
+static int guard_method_blocks(EvalMethod* m, const char* text) {
+    GuardMethod* gm = m->user;
+    KeywordHit h;
+    return gm->go.output_filter && kw_check(&gm->kw, text, strlen(text), &h);
+}
+
+static void guard_method_teardown(EvalMethod* m) {
+    GuardMethod* gm = m->user;
+    if (gm->go.judge_path) free_judge(&gm->judge);
+    if (gm->go.input_filter || gm->go.output_filter) free_kw(&gm->kw);
+    free_sampler(&gm->sampler);
+    free(gm->system);
+}
+
+static int eval_harness_main(int argc, char** argv) {
+    GuardMethod gm;
+    memset(&gm, 0, sizeof(gm));
+    guard_opts_init(&gm.go);
+    EvalMethod m = {
+        .prog = "guard", .kind = "guard",
+        .usage = "  --system [FILE]      refusal system prompt (default " GUARD_SYSTEM_PROMPT ")\n"
+                 "  --input-filter       keyword filter on the user's messages\n"
+                 "  --output-filter      keyword filter on the answer\n"
+                 "  --judge FILE --judge-tok FILE   a Llama Guard judge (options as in guard --help)\n"
+                 "  --keywords FILE --allow FILE --refusal TEXT   filter settings (guard --help)\n",
+        .parse = guard_method_parse, .setup = guard_method_setup, .teardown = guard_method_teardown,
+        .blocks = guard_method_blocks, .answer = guard_method_answer, .user = &gm,
+    };
+    return eval_main(argc, argv, &m);
 }
 
 int main(int argc, char** argv) {
@@ -1800,26 +1953,23 @@ int main(int argc, char** argv) {
         fprintf(stderr, "error: %s needs a model file after the mode (see --help)\n", mode);
         exit(EXIT_FAILURE);
     }
+    // the shared harness: every metric of eval.c with the guard's layers on
+    if (!strcmp(mode, "eval") && eval_is_harness(argc - 1, argv + 1)) return eval_harness_main(argc - 1, argv + 1);
     const char* model_path = argv[2];
-    const char *tok_path = NULL, *prompt = NULL, *system_path = NULL, *keywords = GUARD_KEYWORDS, *allow = NULL;
-    const char *refusal = GUARD_REFUSAL, *judge_path = NULL, *judge_tok = NULL, *judge_category = NULL;
-    const char *judge_policy = NULL, *forget = NULL, *retain = NULL, *jailbreak = NULL, *csv_path = NULL, *md_path = NULL;
-    int use_system = 0, input_filter = 0, output_filter = 0, judge_format = JUDGE_LG3, judge_mode = JUDGE_PROB;
-    int judge_input = 1, judge_output = 1, steps = -1, ctx = 0, limit = 0, baseline = 0, verbose = 0;
-    float temperature = 0.6f, topp = 0.9f, threshold = 0.5f;
+    const char *tok_path = NULL, *prompt = NULL;
+    const char *forget = NULL, *retain = NULL, *jailbreak = NULL, *csv_path = NULL, *md_path = NULL;
+    int steps = -1, ctx = 0, limit = 0, baseline = 0, verbose = 0;
+    float temperature = 0.6f, topp = 0.9f;
     unsigned long long seed = 1234;
+    GuardOpts go;
+    guard_opts_init(&go);
 
     // poor man's argparse: switches, flag/value pairs, and --system [FILE]
     for (int i = 3; i < argc; i++) {
         const char* flag = argv[i];
         if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) error_usage();
-        if (!strcmp(flag, "--system")) {
-            use_system = 1;
-            if (i + 1 < argc && argv[i + 1][0] != '-') system_path = argv[++i];
-            continue;
-        }
-        if (!strcmp(flag, "--input-filter")) { input_filter = 1; continue; }
-        if (!strcmp(flag, "--output-filter")) { output_filter = 1; continue; }
+        int took = guard_parse_layer(&go, argc, argv, i);
+        if (took) { i += took - 1; continue; }
         if (!strcmp(flag, "--baseline")) { baseline = 1; continue; }
         if (!strcmp(flag, "-v")) { verbose = 1; continue; }
         if (i + 1 >= argc) { fprintf(stderr, "error: %s needs a value (see --help)\n", flag); exit(EXIT_FAILURE); }
@@ -1831,28 +1981,6 @@ int main(int argc, char** argv) {
         else if (!strcmp(flag, "-p")) topp = parse_float_arg(flag, val);
         else if (!strcmp(flag, "-s")) seed = (unsigned long long)parse_int_arg(flag, val);
         else if (!strcmp(flag, "-c")) ctx = parse_int_arg(flag, val);
-        else if (!strcmp(flag, "--keywords")) keywords = val;
-        else if (!strcmp(flag, "--allow")) allow = val;
-        else if (!strcmp(flag, "--refusal")) refusal = val;
-        else if (!strcmp(flag, "--judge")) judge_path = val;
-        else if (!strcmp(flag, "--judge-tok")) judge_tok = val;
-        else if (!strcmp(flag, "--judge-category")) judge_category = val;
-        else if (!strcmp(flag, "--judge-policy")) judge_policy = val;
-        else if (!strcmp(flag, "--judge-threshold")) threshold = parse_float_arg(flag, val);
-        else if (!strcmp(flag, "--judge-format")) {
-            if (!strcmp(val, "lg3")) judge_format = JUDGE_LG3;
-            else if (!strcmp(val, "lg2")) judge_format = JUDGE_LG2;
-            else { fprintf(stderr, "error: --judge-format must be lg3 or lg2, got '%s'\n", val); exit(EXIT_FAILURE); }
-        } else if (!strcmp(flag, "--judge-mode")) {
-            if (!strcmp(val, "prob")) judge_mode = JUDGE_PROB;
-            else if (!strcmp(val, "token")) judge_mode = JUDGE_TOKEN;
-            else { fprintf(stderr, "error: --judge-mode must be prob or token, got '%s'\n", val); exit(EXIT_FAILURE); }
-        } else if (!strcmp(flag, "--judge-on")) {
-            if (!strcmp(val, "both")) { judge_input = 1; judge_output = 1; }
-            else if (!strcmp(val, "input")) { judge_input = 1; judge_output = 0; }
-            else if (!strcmp(val, "output")) { judge_input = 0; judge_output = 1; }
-            else { fprintf(stderr, "error: --judge-on must be input, output or both, got '%s'\n", val); exit(EXIT_FAILURE); }
-        }
         else if (!strcmp(flag, "--forget")) forget = val;
         else if (!strcmp(flag, "--retain")) retain = val;
         else if (!strcmp(flag, "--jailbreak")) jailbreak = val;
@@ -1865,24 +1993,24 @@ int main(int argc, char** argv) {
     if (!tok_path) { fprintf(stderr, "error: a tokenizer is required (-z FILE; see --help)\n"); exit(EXIT_FAILURE); }
     if (!strcmp(mode, "generate") && !prompt) { fprintf(stderr, "error: generate needs a user message (-i TEXT)\n"); exit(EXIT_FAILURE); }
     if (eval && !forget && !retain && !jailbreak) { fprintf(stderr, "error: eval needs --forget, --retain or --jailbreak FILE\n"); exit(EXIT_FAILURE); }
-    if (judge_path && !judge_tok) { fprintf(stderr, "error: --judge needs --judge-tok FILE\n"); exit(EXIT_FAILURE); }
-    if (!judge_path && (judge_tok || judge_category || judge_policy)) { fprintf(stderr, "error: judge options need --judge FILE\n"); exit(EXIT_FAILURE); }
     if (temperature < 0.0f) { fprintf(stderr, "error: -t must be >= 0\n"); exit(EXIT_FAILURE); }
     if (topp <= 0.0f || topp > 1.0f) { fprintf(stderr, "error: -p must be in (0, 1]\n"); exit(EXIT_FAILURE); }
     if (ctx < 0) { fprintf(stderr, "error: -c must be > 0\n"); exit(EXIT_FAILURE); }
     if (limit < 0) { fprintf(stderr, "error: --limit must be >= 0\n"); exit(EXIT_FAILURE); }
-    if (threshold < 0.0f || threshold >= 1.0f) { fprintf(stderr, "error: --judge-threshold must be in [0, 1)\n"); exit(EXIT_FAILURE); }
     if (steps < -1 || steps == 0) { fprintf(stderr, "error: -n must be > 0\n"); exit(EXIT_FAILURE); }
     if (steps < 0) steps = eval ? 48 : 256;
     if (eval) temperature = 0.0f;
     if (prompt) check_text("the user message", prompt);
-    check_text("--refusal", refusal);
-    if (judge_category) check_text("--judge-category", judge_category);
+    guard_check_layers(&go);
+    const char* judge_path = go.judge_path;
+    int use_system = go.use_system, input_filter = go.input_filter, output_filter = go.output_filter;
+    int judge_input = go.judge_input, judge_output = go.judge_output, judge_format = go.judge_format;
+    int judge_mode = go.judge_mode;
 
     // everything that reads a file is read before the model loads: errors come fast
-    char* system = use_system ? read_text_file(system_path ? system_path : GUARD_SYSTEM_PROMPT) : NULL;
+    char* system = use_system ? read_text_file(go.system_path ? go.system_path : GUARD_SYSTEM_PROMPT) : NULL;
     KeywordFilter kw;
-    if (input_filter || output_filter) kw_load(&kw, keywords, allow);
+    if (input_filter || output_filter) kw_load(&kw, go.keywords, go.allow);
     EvalSet sets[3] = {{0}};
     if (forget) load_qa(&sets[0], forget, limit);
     if (retain) load_qa(&sets[1], retain, limit);
@@ -1901,9 +2029,10 @@ int main(int argc, char** argv) {
     build_sampler(&sampler, t.config.vocab_size, temperature, topp, seed);
     Judge judge;
     if (judge_path)
-        judge_init(&judge, judge_path, judge_tok, judge_format, judge_category, judge_policy, judge_mode, threshold, ctx);
+        judge_init(&judge, judge_path, go.judge_tok, judge_format, go.judge_category, go.judge_policy, judge_mode,
+                   go.threshold, ctx);
     Guard g = {&t, &tok, &sampler, system, (input_filter || output_filter) ? &kw : NULL, input_filter, output_filter,
-               judge_path ? &judge : NULL, judge_input, judge_output, refusal, steps};
+               judge_path ? &judge : NULL, judge_input, judge_output, go.refusal, steps};
 
     if (!strcmp(mode, "generate")) {
         Session s = {0};

@@ -30,6 +30,7 @@
 #endif
 #include <limits.h>
 #include "run.h"
+#include "eval.h"
 #include "unicode_ranges.h"
 
 // ----------------------------------------------------------------------------
@@ -436,12 +437,64 @@ void softmax(float* x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-// The portable reference: C[i][j] = beta C[i][j] + alpha sum_p op(A)[i][p] op(B)[p][j]
-// with op(A)[i][p] = trans_a ? A[p*lda+i] : A[i*lda+p], likewise B. Rows of
-// C are independent, so threads split them; the common layouts get an inner
-// loop that runs along contiguous memory.
-void gemm_portable(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
-                   const float* B, int ldb, float beta, float* C, int ldc) {
+// ---- Portable GEMM --------------------------------------------------------
+// C (M,N) = alpha * op(A) @ op(B) + beta * C, row-major, exactly cblas_sgemm's
+// contract, with op(A)[i][p] = trans_a ? A[p*lda+i] : A[i*lda+p] (likewise B).
+//
+// The naive loop (gemm_reference) does 2 flops per 2 loads and streams B
+// through the cache once per row of C, so it runs at cache/memory speed
+// (1-25 GFLOP/s per core here, depending on the transposes). gemm_portable
+// is the classic Goto/BLIS scheme instead, in plain C (80-100 GFLOP/s per
+// core here on large shapes, OpenBLAS 85-100):
+//
+//   for jc in N step NC:                  (bounds the packed B block)
+//     for pc in K step KC:
+//       pack op(B)[pc:pc+kc, jc:jc+nc] -> Bp      all threads together (L3)
+//       for each tile (ti, tj) of C (<= MC x NB), split among the threads:
+//         pack op(A)[rows of ti, pc:pc+kc] -> Ap   this thread only (L2)
+//         for jr in tj step NR:           B micro-panel (kc, NR): 16 KiB, stays in L1
+//           for ir in ti step MR:         A micro-panel (kc, MR): streamed from L2
+//             micro-kernel: C[ir:ir+MR, jr:jr+NR] (+)= Ap[ir] @ Bp[jr]
+//
+// Two special cases: with M <= MC (one tile row) each thread packs the B of
+// its own tiles instead of sharing Bp (see gemm_portable), and M < MR reads
+// B in place (gemm_small_m).
+//
+// Packing copies each micro-panel into the exact order the micro-kernel reads
+// it (contiguous, zero-padded to MR/NR), so the kernel never sees strides,
+// transposes or edges. The micro-kernel keeps an MR x NR block of C in
+// registers for the whole K loop: per step p it loads NR floats of B and MR
+// of A and does MR*NR multiply-adds, which is what makes it compute bound.
+//
+// GEMM_MR x GEMM_NR = 6 x 16 was picked by measurement on Zen 4 (AVX-512):
+// 8x16, 12x16, 4x32, 6x32, 12x32 ran within noise of it, and 6x16 is also
+// the tile that fits the 16 vector registers of an AVX2-only machine (12
+// accumulators of 8 floats). The kernel relies on the compiler vectorizing
+// the j loop (`omp simd`; without it GCC fully unrolls the 16-wide loop into
+// scalar code) and on fmaf being a single instruction (FP_FAST_FMAF, i.e.
+// -mfma or -march=native); elsewhere a plain multiply-add is used, since a
+// library fmaf call would be far slower than the rounding it saves.
+#define GEMM_MR 6     // rows of C per micro-kernel call
+#define GEMM_NR 16    // columns of C per micro-kernel call
+#define GEMM_KC 256   // depth of one packed panel: Bp micro-panel = KC*NR*4 = 16 KiB (L1)
+#define GEMM_MC 120   // max rows of a C tile (multiple of MR): Ap = MC*KC*4 = 120 KiB (L2)
+#define GEMM_NB 256   // max columns of a C tile (multiple of NR): the unit of work
+#define GEMM_NC 4096  // max columns of packed B: Bp = KC*NC*4 = 4 MiB (L3)
+#define GEMM_PACK_COLS 64   // columns of B per packing work item (multiple of NR)
+#ifdef FP_FAST_FMAF
+#define GEMM_FMA(a, b, c) fmaf(a, b, c)
+#else
+#define GEMM_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+// gemm work below this many flops stays on one thread (waking the team
+// costs more than it saves)
+#define GEMM_PAR_FLOPS 2e6
+
+// The old naive loop, kept as the simplest statement of the contract and as
+// the fallback when the packing buffers cannot be allocated. Rows of C are
+// independent, so threads split them.
+static void gemm_reference(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+                           const float* B, int ldb, float beta, float* C, int ldc) {
     #pragma omp parallel for schedule(static)
     for (int i = 0; i < M; i++) {
         float* c_row = C + (size_t)i * ldc;
@@ -469,6 +522,285 @@ void gemm_portable(int trans_a, int trans_b, int M, int N, int K, float alpha, c
             }
         }
     }
+}
+
+// C block (mr, nr) at c = alpha * acc + beta * C. beta == 0 writes without
+// reading C, so NaN garbage in an output buffer is overwritten, as in BLAS.
+// (acc is not const: C before C23 will not pass float[][NR] as const float[][NR] silently)
+static void gemm_store(float* c, int ldc, float acc[GEMM_MR][GEMM_NR], int mr, int nr, float alpha, float beta) {
+    if (mr == GEMM_MR && nr == GEMM_NR) {   // full block: constant bounds, vector code
+        for (int i = 0; i < GEMM_MR; i++) {
+            float* ci = c + (size_t)i * ldc;
+            if (beta == 0.0f) {
+                #pragma omp simd
+                for (int j = 0; j < GEMM_NR; j++) ci[j] = alpha * acc[i][j];
+            } else {
+                #pragma omp simd
+                for (int j = 0; j < GEMM_NR; j++) ci[j] = alpha * acc[i][j] + beta * ci[j];
+            }
+        }
+    } else {                                 // edge block of C: only the valid part
+        for (int i = 0; i < mr; i++) {
+            float* ci = c + (size_t)i * ldc;
+            for (int j = 0; j < nr; j++) ci[j] = beta == 0.0f ? alpha * acc[i][j] : alpha * acc[i][j] + beta * ci[j];
+        }
+    }
+}
+
+// The micro-kernel: C[0:mr, 0:nr] (at c, row stride ldc) = alpha * a @ b + beta * C
+// a: (kc, MR) packed A micro-panel, a[p*MR + i] = op(A)[i][p]
+// b: (kc, NR) packed B micro-panel, b[p*NR + j] = op(B)[p][j]
+// Always computes the full MR x NR block (padding is zeros); stores mr x nr.
+static void gemm_micro(int kc, const float* restrict a, const float* restrict b, float* c, int ldc, int mr, int nr,
+                       float alpha, float beta) {
+    float acc[GEMM_MR][GEMM_NR] = {{0.0f}};   // (MR, NR) block of C: lives in registers
+#if defined(__GNUC__)
+    // ask for the C rows now: with K > KC they were evicted since the last
+    // panel, and the miss would otherwise stall the store at the end
+    for (int i = 0; i < mr; i++) __builtin_prefetch(c + (size_t)i * ldc, 1);
+#endif
+    for (int p = 0; p < kc; p++, a += GEMM_MR, b += GEMM_NR) {
+        for (int i = 0; i < GEMM_MR; i++) {
+            #pragma omp simd
+            for (int j = 0; j < GEMM_NR; j++) acc[i][j] = GEMM_FMA(a[i], b[j], acc[i][j]);
+        }
+    }
+    gemm_store(c, ldc, acc, mr, nr, alpha, beta);
+}
+
+// Pack op(A)[i0:i0+m, p0:p0+kc] into ceil(m/MR) micro-panels, each (kc, MR):
+// dst[(q*kc + p)*MR + i] = op(A)[i0 + q*MR + i][p0+p], zero past row m.
+static void gemm_pack_a(float* restrict dst, const float* A, int lda, int trans_a, int i0, int m, int p0, int kc) {
+    int np = (m + GEMM_MR - 1) / GEMM_MR;
+    if (!trans_a) {
+        // op(A) rows are contiguous: a transpose, done in blocks of 16 values
+        // of p (one cache line of each of the MR rows), like gemm_pack_b
+        for (int q = 0; q < np; q++) {
+            float* d = dst + (size_t)q * kc * GEMM_MR;
+            int mr = m - q * GEMM_MR < GEMM_MR ? m - q * GEMM_MR : GEMM_MR;
+            const float* src = A + (size_t)(i0 + q * GEMM_MR) * lda + p0;
+            for (int pb = 0; pb < kc; pb += 16) {
+                int pe = kc - pb < 16 ? kc : pb + 16;
+                for (int i = 0; i < mr; i++)
+                    for (int p = pb; p < pe; p++) d[p * GEMM_MR + i] = src[(size_t)i * lda + p];
+            }
+            for (int i = mr; i < GEMM_MR; i++)
+                for (int p = 0; p < kc; p++) d[p * GEMM_MR + i] = 0.0f;
+        }
+    } else {
+        // op(A) columns are contiguous (A is (K, M)): p outermost reads row p
+        // of A as one run of m floats, split into the panels
+        for (int p = 0; p < kc; p++) {
+            const float* src = A + (size_t)(p0 + p) * lda + i0;
+            for (int q = 0; q < np; q++) {
+                float* d = dst + ((size_t)q * kc + p) * GEMM_MR;
+                int mr = m - q * GEMM_MR < GEMM_MR ? m - q * GEMM_MR : GEMM_MR;
+                for (int i = 0; i < mr; i++) d[i] = src[q * GEMM_MR + i];
+                for (int i = mr; i < GEMM_MR; i++) d[i] = 0.0f;
+            }
+        }
+    }
+}
+
+// Pack op(B)[p0:p0+kc, j0:j0+n] into ceil(n/NR) micro-panels, each (kc, NR):
+// dst[(q*kc + p)*NR + j] = op(B)[p0+p][j0 + q*NR + j], zero past column n.
+static void gemm_pack_b(float* restrict dst, const float* B, int ldb, int trans_b, int j0, int n, int p0, int kc) {
+    int np = (n + GEMM_NR - 1) / GEMM_NR;
+    if (!trans_b) {
+        // op(B) rows are contiguous: p outermost reads row p as one run of n
+        // floats, split into the panels. (One panel at a time would read 64
+        // bytes per row, a row apart: a pattern the prefetcher does not follow.)
+        for (int p = 0; p < kc; p++) {
+            const float* src = B + (size_t)(p0 + p) * ldb + j0;
+            for (int q = 0; q < np; q++) {
+                float* d = dst + ((size_t)q * kc + p) * GEMM_NR;
+                int nr = n - q * GEMM_NR < GEMM_NR ? n - q * GEMM_NR : GEMM_NR;
+                if (nr == GEMM_NR) {
+                    for (int j = 0; j < GEMM_NR; j++) d[j] = src[q * GEMM_NR + j];   // constant trip: vector copy
+                } else {
+                    for (int j = 0; j < nr; j++) d[j] = src[q * GEMM_NR + j];
+                    for (int j = nr; j < GEMM_NR; j++) d[j] = 0.0f;
+                }
+            }
+        }
+    } else {
+        // transposed (B is (N, K)): a real transpose, done in 16 x NR blocks
+        // so that each cache line read (16 floats of one row of B) is used
+        // completely while it is in L1. Rows of B are often a power-of-two
+        // bytes apart, so reading many of them in lockstep would make their
+        // lines collide in the same L1 sets.
+        for (int q = 0; q < np; q++) {
+            float* d = dst + (size_t)q * kc * GEMM_NR;
+            int nr = n - q * GEMM_NR < GEMM_NR ? n - q * GEMM_NR : GEMM_NR;
+            const float* src = B + (size_t)(j0 + q * GEMM_NR) * ldb + p0;
+            for (int pb = 0; pb < kc; pb += 16) {
+                int pe = kc - pb < 16 ? kc : pb + 16;
+                for (int j = 0; j < nr; j++)
+                    for (int p = pb; p < pe; p++) d[p * GEMM_NR + j] = src[(size_t)j * ldb + p];
+            }
+            for (int p = 0; p < kc; p++)
+                for (int j = nr; j < GEMM_NR; j++) d[p * GEMM_NR + j] = 0.0f;
+        }
+    }
+}
+
+// M < MR (a few tokens): packing B would cost as much as the multiply (each
+// element of B is used only M times) and an MR-row kernel would waste most of
+// its work on padding, so B is read in place. A is copied once into At.
+// Threads split the columns of C into one wide chunk each: reading B in
+// long runs is what keeps this memory-bound case at memory speed.
+#define GEMM_SMALL_W 4096   // max columns per chunk: acc (M, w) <= 5*4096*4 = 80 KiB (L2)
+static int gemm_small_m(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+                        const float* B, int ldb, float beta, float* C, int ldc) {
+    int par = 2.0 * M * N * K > GEMM_PAR_FLOPS, nthr = par ? engine_threads() : 1;
+    int w = (N + nthr - 1) / nthr;                  // chunk width: a multiple of NR, at most SMALL_W
+    w = (w + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
+    if (w > GEMM_SMALL_W) w = GEMM_SMALL_W;
+    int nchunks = (N + w - 1) / w;
+    float* At = malloc(((size_t)M * K + (size_t)nthr * M * w) * sizeof(float));   // (M, K) op(A), rows contiguous
+    if (!At) return 0;
+    float* accs = At + (size_t)M * K;               // (nthr, M, w) accumulators, one block per thread
+    for (int i = 0; i < M; i++)
+        for (int p = 0; p < K; p++) At[(size_t)i * K + p] = trans_a ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
+    #pragma omp parallel for schedule(static) if (par)
+    for (int q = 0; q < nchunks; q++) {
+        int j0 = q * w, nw = N - j0 < w ? N - j0 : w;
+        float* acc = accs + (size_t)engine_thread_id() * M * w;   // (M, nw) block of C, row stride w
+        if (!trans_b) {
+            // rows of B are contiguous: C_i += a_ip * B_p, streaming B row by row
+            for (int i = 0; i < M; i++)
+                for (int j = 0; j < nw; j++) acc[(size_t)i * w + j] = 0.0f;
+            for (int p = 0; p < K; p++) {
+                const float* b = B + (size_t)p * ldb + j0;
+                for (int i = 0; i < M; i++) {
+                    float a = At[(size_t)i * K + p];
+                    float* acc_i = acc + (size_t)i * w;
+                    #pragma omp simd
+                    for (int j = 0; j < nw; j++) acc_i[j] = GEMM_FMA(a, b[j], acc_i[j]);
+                }
+            }
+        } else {
+            // columns of op(B) are rows of B: C_ij = dot(At_i, B_j), with 16
+            // independent partial sums so the dot product vectorizes (C may
+            // not reorder a single float sum by itself)
+            for (int j = 0; j < nw; j++) {
+                const float* b = B + (size_t)(j0 + j) * ldb;
+                for (int i = 0; i < M; i++) {
+                    const float* a = At + (size_t)i * K;
+                    float part[16] = {0.0f};
+                    int p = 0;
+                    for (; p + 16 <= K; p += 16) {
+                        #pragma omp simd
+                        for (int l = 0; l < 16; l++) part[l] = GEMM_FMA(a[p + l], b[p + l], part[l]);
+                    }
+                    float sum = 0.0f;
+                    for (; p < K; p++) sum = GEMM_FMA(a[p], b[p], sum);
+                    for (int l = 0; l < 16; l++) sum += part[l];
+                    acc[(size_t)i * w + j] = sum;
+                }
+            }
+        }
+        for (int i = 0; i < M; i++) {
+            float* c = C + (size_t)i * ldc + j0;
+            const float* acc_i = acc + (size_t)i * w;
+            if (beta == 0.0f) for (int j = 0; j < nw; j++) c[j] = alpha * acc_i[j];
+            else for (int j = 0; j < nw; j++) c[j] = alpha * acc_i[j] + beta * c[j];
+        }
+    }
+    free(At);
+    return 1;
+}
+
+void gemm_portable(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+                   const float* B, int ldb, float beta, float* C, int ldc) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0 || alpha == 0.0f) {   // no product: C = beta * C (A and B are not read)
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) {
+                float* cij = C + (size_t)i * ldc + j;
+                *cij = beta == 0.0f ? 0.0f : beta * *cij;
+            }
+        return;
+    }
+    if (M < GEMM_MR) {
+        if (!gemm_small_m(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc))
+            gemm_reference(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    int kc_max = K < GEMM_KC ? K : GEMM_KC, nc_max = N < GEMM_NC ? N : GEMM_NC;
+    int pm = (M + GEMM_MR - 1) / GEMM_MR;                     // A micro-panels over all of M
+    int mt = (pm + GEMM_MC / GEMM_MR - 1) / (GEMM_MC / GEMM_MR);   // tile rows: pm split evenly in mt
+    // With a single tile row (M <= MC: a short prompt, a LoRA rank) each B
+    // panel is used by one thread only: each thread then packs the columns
+    // of its own tile into its Bt just before using them (still in L2), and
+    // no shared Bp is needed.
+    int shared_b = mt > 1;
+    int par = 2.0 * M * N * K > GEMM_PAR_FLOPS, nthr = par ? engine_threads() : 1;
+    // One allocation per call (not per kernel call): the shared Bp, then Ap and Bt per thread.
+    size_t bp_floats = shared_b ? (size_t)kc_max * ((nc_max + GEMM_NR - 1) / GEMM_NR * GEMM_NR) : 0;   // (NC/NR, kc, NR)
+    size_t ap_floats = (size_t)GEMM_MC * kc_max;                                         // (MC/MR, kc, MR)
+    size_t bt_floats = shared_b ? 0 : (size_t)kc_max * GEMM_NB;                          // (NB/NR, kc, NR)
+    size_t bytes = (bp_floats + (size_t)nthr * (ap_floats + bt_floats)) * sizeof(float);
+    float* buf = aligned_alloc(64, (bytes + 63) / 64 * 64);   // 64: panels start on cache lines
+    if (!buf) { gemm_reference(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); return; }
+    float* Bp = buf;
+    #pragma omp parallel if (par)
+    {
+        // (a team smaller than nthr only leaves buffers unused)
+        float* Ap = buf + bp_floats + (size_t)engine_thread_id() * (ap_floats + bt_floats);
+        float* Bt = Ap + ap_floats;
+        for (int jc = 0; jc < N; jc += GEMM_NC) {
+            int nc = N - jc < GEMM_NC ? N - jc : GEMM_NC;
+            int pn = (nc + GEMM_NR - 1) / GEMM_NR;                          // B micro-panels in this block
+            int nt = (pn + GEMM_NB / GEMM_NR - 1) / (GEMM_NB / GEMM_NR);    // tile columns
+            // equal tiles, a multiple of the thread count when possible, so a
+            // static split of the tiles is also an even split of the work
+            while ((mt * nt) % nthr != 0 && nt < pn) nt++;
+            for (int pc = 0; pc < K; pc += GEMM_KC) {
+                int kc = K - pc < GEMM_KC ? K - pc : GEMM_KC;
+                float beta_pc = pc == 0 ? beta : 1.0f;   // later K panels accumulate
+                if (shared_b) {
+                    // in chunks of GEMM_PACK_COLS columns (whole panels)
+                    #pragma omp for schedule(static)   // (implicit barrier: Bp complete)
+                    for (int j = 0; j < nc; j += GEMM_PACK_COLS) {
+                        int n = nc - j < GEMM_PACK_COLS ? nc - j : GEMM_PACK_COLS;
+                        gemm_pack_b(Bp + (size_t)j * kc, B, ldb, trans_b, jc + j, n, pc, kc);
+                    }
+                }
+                // tiles are numbered row-major, so a thread's consecutive tiles
+                // mostly share a tile row and Ap is packed once per tile row
+                int packed_ti = -1;
+                #pragma omp for schedule(static) collapse(2)   // (implicit barrier: Bp free to refill)
+                for (int ti = 0; ti < mt; ti++) {
+                    for (int tj = 0; tj < nt; tj++) {
+                        int qa0 = (int)((long)ti * pm / mt), qa1 = (int)((long)(ti + 1) * pm / mt);
+                        int qb0 = (int)((long)tj * pn / nt), qb1 = (int)((long)(tj + 1) * pn / nt);
+                        if (packed_ti != ti) {
+                            int i = qa0 * GEMM_MR, m = qa1 * GEMM_MR < M ? (qa1 - qa0) * GEMM_MR : M - i;
+                            gemm_pack_a(Ap, A, lda, trans_a, i, m, pc, kc);
+                            packed_ti = ti;
+                        }
+                        const float* b_tile = Bp + (size_t)qb0 * kc * GEMM_NR;   // panel qb0 of this tile
+                        if (!shared_b) {
+                            int j = qb0 * GEMM_NR, n = qb1 * GEMM_NR < nc ? (qb1 - qb0) * GEMM_NR : nc - j;
+                            gemm_pack_b(Bt, B, ldb, trans_b, jc + j, n, pc, kc);
+                            b_tile = Bt;
+                        }
+                        for (int qb = qb0; qb < qb1; qb++) {
+                            int j = qb * GEMM_NR, nr = nc - j < GEMM_NR ? nc - j : GEMM_NR;
+                            const float* b = b_tile + (size_t)(qb - qb0) * kc * GEMM_NR;
+                            for (int qa = qa0; qa < qa1; qa++) {
+                                int i = qa * GEMM_MR, mr = M - i < GEMM_MR ? M - i : GEMM_MR;
+                                gemm_micro(kc, Ap + (size_t)(qa - qa0) * kc * GEMM_MR, b,
+                                           C + (size_t)i * ldc + jc + j, ldc, mr, nr, alpha, beta_pc);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    free(buf);
 }
 
 #ifdef USE_BLAS
@@ -514,12 +846,20 @@ static void quantize_rows(int8_t* q, float* s, const float* x, int n, int cols, 
         for (int g = 0; g < groups; g++) {
             const float* xg = x + (size_t)i * cols + (size_t)g * gs;
             int8_t* qg = q + (size_t)i * cols + (size_t)g * gs;
-            float wmax = 0.0f;
-            for (int j = 0; j < gs; j++) { float a = fabsf(xg[j]); if (a > wmax) wmax = a; }
+            float wmax = 0.0f, poison = 0.0f;
+            for (int j = 0; j < gs; j++) {
+                float a = fabsf(xg[j]);
+                if (a > wmax) wmax = a;
+                poison += xg[j] * 0.0f; // NaN when some x is NaN or Inf
+            }
             float scale = wmax / 127.0f;
-            float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
-            for (int j = 0; j < gs; j++) qg[j] = (int8_t)roundf(xg[j] * inv);
-            s[(size_t)i * groups + g] = scale;
+            float inv = scale > 0.0f && isfinite(scale) ? 1.0f / scale : 0.0f;
+            // a NaN or Inf activation (a model file with such weights, an
+            // overflow) never reaches the int8 cast (undefined behaviour);
+            // the group's scale becomes NaN instead, so the dot products
+            // are NaN as in the fp32 path
+            for (int j = 0; j < gs; j++) qg[j] = (int8_t)fmaxf(-127.0f, fminf(127.0f, roundf(xg[j] * inv)));
+            s[(size_t)i * groups + g] = scale + poison;
         }
     }
 }
@@ -573,12 +913,68 @@ float dot_q8(const int8_t* wq, const float* ws, const int8_t* xq, const float* x
     return dot_q8_portable(wq, ws, xq, xs, cols, gs);
 }
 
+// Prefill: one weight row against four quantized input rows (xq: (4, cols),
+// xs: (4, cols/gs)), out[t] = dot_q8 of row t. Decoding reads each weight
+// once per token and is bandwidth bound; a prompt reuses it, so here the
+// weight bytes are loaded, and their signs taken, once for four inputs.
+#if defined(__AVX2__) && defined(__FMA__)
+static void dot_q8_x4_avx2(float* out, const int8_t* wq, const float* ws, const int8_t* xq, const float* xs,
+                           int cols, int gs) {
+    int groups = cols / gs;
+    __m256 acc[4];
+    for (int t = 0; t < 4; t++) acc[t] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i sum32[4];
+        for (int t = 0; t < 4; t++) sum32[t] = _mm256_setzero_si256();
+        for (int j = 0; j < gs; j += 32) {
+            __m256i a = _mm256_loadu_si256((const __m256i*)(wq + (size_t)g * gs + j));
+            __m256i abs_a = _mm256_sign_epi8(a, a);
+            for (int t = 0; t < 4; t++) {
+                __m256i b = _mm256_loadu_si256((const __m256i*)(xq + (size_t)t * cols + (size_t)g * gs + j));
+                __m256i signed_b = _mm256_sign_epi8(b, a);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                // VNNI: the four u8 x s8 products of each int32 lane summed in one instruction
+                sum32[t] = _mm256_dpbusd_epi32(sum32[t], abs_a, signed_b);
+#else
+                __m256i pairs = _mm256_maddubs_epi16(abs_a, signed_b);
+                sum32[t] = _mm256_add_epi32(sum32[t], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+            }
+        }
+        // the same int32 lanes as dot_q8_avx2, scaled in the same order:
+        // every result equals dot_q8's bit for bit
+        for (int t = 0; t < 4; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum32[t]), _mm256_set1_ps(ws[g] * xs[(size_t)t * groups + g]), acc[t]);
+    }
+    for (int t = 0; t < 4; t++) {
+        __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+        lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+        lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+        out[t] = _mm_cvtss_f32(lo);
+    }
+}
+#endif
+
+void dot_q8_x4(float* out, const int8_t* wq, const float* ws, const int8_t* xq, const float* xs, int cols, int gs) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (gs % 32 == 0) { dot_q8_x4_avx2(out, wq, ws, xq, xs, cols, gs); return; }
+#endif
+    int groups = cols / gs;
+    for (int t = 0; t < 4; t++) out[t] = dot_q8(wq, ws, xq + (size_t)t * cols, xs + (size_t)t * groups, cols, gs);
+}
+
+// Multiply-adds below which a loop runs on the calling thread alone (the
+// toy model's 128 x 128 projections; every Llama-3 projection is far above).
+#define PARALLEL_MIN_WORK (1L << 17)
+
 void matmul(float* y, const float* x, const Matrix* w, int n, int8_t* xq, float* xs) {
     int rows = w->rows, cols = w->cols;
     if (w->f) {
         if (n == 1) {
             // decode: one matrix-vector product, bandwidth bound, threads over rows
-            #pragma omp parallel for schedule(static)
+            // (a small one runs on this thread: waking the team costs more
+            // than it saves, and far more when another process holds a core)
+            #pragma omp parallel for schedule(static) if ((long)rows * cols >= PARALLEL_MIN_WORK)
             for (int r = 0; r < rows; r++) {
                 const float* wr = w->f + (size_t)r * cols;
                 float sum = 0.0f;
@@ -596,12 +992,19 @@ void matmul(float* y, const float* x, const Matrix* w, int n, int8_t* xq, float*
     }
     int gs = w->group_size, groups = cols / gs;
     quantize_rows(xq, xs, x, n, cols, gs);
-    // each weight row is read once and dotted with all n quantized inputs
-    #pragma omp parallel for schedule(static)
+    // each weight row is read once and dotted with all n quantized inputs,
+    // four at a time (dot_q8_x4 shares the weight loads between them)
+    #pragma omp parallel for schedule(static) if ((long)rows * cols * n >= PARALLEL_MIN_WORK)
     for (int r = 0; r < rows; r++) {
         const int8_t* wq = w->q + (size_t)r * cols;
         const float* ws = w->s + (size_t)r * groups;
-        for (int i = 0; i < n; i++)
+        int i = 0;
+        for (; i + 4 <= n; i += 4) {
+            float out[4];
+            dot_q8_x4(out, wq, ws, xq + (size_t)i * cols, xs + (size_t)i * groups, cols, gs);
+            for (int t = 0; t < 4; t++) y[(size_t)(i + t) * rows + r] = out[t];
+        }
+        for (; i < n; i++)
             y[(size_t)i * rows + r] = dot_q8(wq, ws, xq + (size_t)i * cols, xs + (size_t)i * groups, cols, gs);
     }
 }
@@ -811,6 +1214,14 @@ int lora_read(Lora* lora, const Config* c, const char* path, char* err, size_t e
                             (long long)nf, n);
         return -1;
     }
+    // the payload must be in the file before it is allocated: a header that
+    // claims a huge rank is an error, not an allocation of that size
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || (uint64_t)st.st_size != LORA_HEADER_BYTES + (uint64_t)n * sizeof(float)) {
+        fclose(f);
+        snprintf(err, errlen, "adapter %s: file size does not match the header (truncated or corrupt)", path);
+        return -1;
+    }
     float* mem = xmalloc(n * sizeof(float));
     size_t got = fread(mem, sizeof(float), n, f);
     int extra = fgetc(f) != EOF;
@@ -862,7 +1273,7 @@ static void attention(Transformer* t, int layer, int n, int pos0) {
     float* key_layer = s->key_cache + (size_t)layer * s->seq_len * kv_dim;
     float* value_layer = s->value_cache + (size_t)layer * s->seq_len * kv_dim;
     float inv_sqrt = 1.0f / sqrtf((float)hd);
-    #pragma omp parallel for schedule(dynamic)
+    #pragma omp parallel for schedule(dynamic) if ((long)n * c->n_heads * (pos0 + n) * hd >= PARALLEL_MIN_WORK)
     for (int ih = 0; ih < n * c->n_heads; ih++) {
         int i = ih / c->n_heads, h = ih % c->n_heads;
         int pos = pos0 + i;
@@ -1125,6 +1536,10 @@ void build_tokenizer(Tokenizer* tok, const char* path) {
     int ignore_merges = tok_get_i32(&r, "ignore_merges");
     if (ignore_merges != 0 && ignore_merges != 1) tok_bad(path, "bad ignore_merges", ignore_merges);
     tok->ignore_merges = ignore_merges;
+    // counts are checked against the bytes that follow before anything is
+    // sized by them: a lying header is an error, not gigabytes of tables
+    // (each token takes at least 5 bytes, each merge exactly 12)
+    if ((size_t)vocab_size * 5 + (size_t)n_merges * 12 > r.left) tok_bad(path, "file too small for its vocab_size and n_merges", (long)r.left);
 
     // tokens: one blob holding every token's bytes, each NUL-terminated for
     // convenience; token_bytes[0] is the start of the blob (freed by it).
@@ -1143,6 +1558,7 @@ void build_tokenizer(Tokenizer* tok, const char* path) {
         r.p += len; r.left -= (size_t)len;
         total += (size_t)len + 1;
     }
+    if (r.left != (size_t)n_merges * 12) tok_bad(path, "size after the tokens does not match n_merges", (long)r.left);
     char* blob = (char*)xmalloc(total);
     TokReader t = { tokens_start, size - (size_t)(tokens_start - (const unsigned char*)data), path };
     size_t at = 0;
@@ -1706,6 +2122,9 @@ int sample(Sampler* s, float* logits) {
 static void error_usage(void) {
     fprintf(stderr,
         "Usage:   run MODEL.bin -z TOKENIZER [options]\n"
+        "         run eval MODEL.bin -z TOKENIZER --sets DIR [options]  the shared harness (run eval --help)\n"
+        "         run report DIR --methods A,B,... [options]   the comparison table and charts (make demo)\n"
+        "         run bench MODEL.bin [--reps N] [--decode N] [--prefill 128,512] [--csv FILE]   speed (run bench --help)\n"
         "Example: run llama3.bin -z llama3.tok -i \"The capital of France is\" -n 32 -t 0\n"
         "Modes (-m):\n"
         "  generate  continue the prompt -i (default); special strings such as\n"
@@ -1821,15 +2240,16 @@ static void chat(Transformer* t, const Tokenizer* tok, Sampler* sampler, const c
     int ctx = t->state.seq_len;
     int* history = xmalloc((size_t)ctx * sizeof(int));
     int n_hist = 0;
-    int* turn = xmalloc((size_t)ctx * sizeof(int));
-    char line[8192];
+    int* turn = NULL;
+    char* line = NULL;   // one user turn per line of stdin, of any length
+    size_t line_cap = 0;
     int first = 1;
     while (1) {
         const char* user_text = user;
         if (!user) {
             fprintf(stdout, "User: ");
             fflush(stdout);
-            if (!fgets(line, sizeof(line), stdin)) break;
+            if (getline(&line, &line_cap, stdin) < 0) break;
             line[strcspn(line, "\n")] = '\0';
             if (line[0] == '\0') continue;
             user_text = line;
@@ -1840,8 +2260,14 @@ static void chat(Transformer* t, const Tokenizer* tok, Sampler* sampler, const c
         int n_msgs = 0;
         if (first && system) { msgs[n_msgs].role = "system"; msgs[n_msgs].content = system; n_msgs++; }
         msgs[n_msgs].role = "user"; msgs[n_msgs].content = user_text; n_msgs++;
-        // the first turn starts with BOS; later turns continue the cache
-        int n_turn = chat_encode(tok, msgs, n_msgs, 1, first, turn, ctx);
+        // the first turn starts with BOS; later turns continue the cache.
+        // Room for every token (each is at least one byte): a message too
+        // long for the context is reported below as such, never cut.
+        size_t cap = strlen(user_text) + (first && system ? strlen(system) : 0) + 64;
+        if (cap > INT_MAX / 2) { fprintf(stderr, "error: user message too long\n"); exit(EXIT_FAILURE); }
+        free(turn);
+        turn = xmalloc(cap * sizeof(int));
+        int n_turn = chat_encode(tok, msgs, n_msgs, 1, first, turn, (int)cap);
         if (n_hist + n_turn >= ctx) {
             fprintf(stderr, "error: conversation of %d tokens does not fit the context of %d (raise -c)\n",
                     n_hist + n_turn, ctx);
@@ -1870,6 +2296,7 @@ static void chat(Transformer* t, const Tokenizer* tok, Sampler* sampler, const c
         first = 0;
         if (user) break;
     }
+    free(line);
     free(turn);
     free(history);
 }
@@ -1958,6 +2385,412 @@ static void qa_mode(Transformer* t, Tokenizer* tok, const char* path, const char
     fprintf(stderr, "%.1f s, %.1f prompt tokens per question\n", r.seconds, r.total ? (double)r.prompt_tokens / r.total : 0.0);
 }
 
+// ----------------------------------------------------------------------------
+// bench: how fast the engine runs one model file, next to the limits of the
+// machine it runs on (`make bench` calls it; tests/bench.sh collects results)
+//
+//   ./run bench MODEL.bin [--reps N] [--decode N] [--prefill 128,512] [--csv FILE]
+//
+// No tokenizer: fixed pseudo-random token ids go through the engine's own
+// forward() (decode) and forward_batch() (prompt), nothing is reimplemented.
+// Beside them, in the same process and with the same OpenMP threads, the two
+// ceilings those paths are held against:
+//   read bandwidth  decode streams every weight once per token, so
+//                   tok/s <= bandwidth / bytes read per token (the roofline)
+//   sgemm GFLOP/s   a prompt is one gemm() per projection per chunk of
+//                   batch_cap positions (fp32), so it cannot beat gemm()
+// Every value is the median of --reps timed repetitions after an untimed
+// warm-up; each CSV row also has the min and max. The fractions are ratios
+// of medians. Nothing here asserts a speed: tests only check the format.
+#include <sys/resource.h>
+
+#define BENCH_MAX_PREFILL 8
+#define BENCH_MAX_ROWS 64
+
+typedef struct {
+    char metric[48];
+    char text[256];        // a text row's value (the engine line), else ""
+    double value;          // median, or a derived value / a count
+    double min, max;       // over the repetitions; NAN for derived rows
+    int n;                 // repetitions behind the value, 0 for derived rows
+    const char* unit;
+} BenchRow;
+
+typedef struct {
+    BenchRow rows[BENCH_MAX_ROWS];
+    int n;
+} BenchTable;
+
+static volatile float bench_sink;   // keeps the bandwidth loops from being optimised away
+
+static double bench_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int bench_cmp_double(const void* a, const void* b) {
+    double x = *(const double*)a, y = *(const double*)b;
+    return (x > y) - (x < y);
+}
+
+static BenchRow* bench_row(BenchTable* b, const char* metric, const char* unit) {
+    if (b->n == BENCH_MAX_ROWS) die("bench: too many rows");
+    BenchRow* r = &b->rows[b->n++];
+    memset(r, 0, sizeof(*r));
+    snprintf(r->metric, sizeof(r->metric), "%s", metric);
+    r->unit = unit;
+    r->min = r->max = NAN;
+    return r;
+}
+
+// A measured row: the median of v[0..n) (the mean of the middle two when n
+// is even), with min and max. Sorts v. Returns the median.
+static double bench_samples(BenchTable* b, const char* metric, const char* unit, double* v, int n) {
+    qsort(v, n, sizeof(double), bench_cmp_double);
+    BenchRow* r = bench_row(b, metric, unit);
+    r->value = n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+    r->min = v[0];
+    r->max = v[n - 1];
+    r->n = n;
+    fprintf(stderr, "bench: %-24s %10.4g %-8s (median of %d, min %.4g, max %.4g)\n", metric, r->value, unit, n,
+            r->min, r->max);
+    return r->value;
+}
+
+static void bench_value(BenchTable* b, const char* metric, const char* unit, double value) {
+    bench_row(b, metric, unit)->value = value;
+    fprintf(stderr, "bench: %-24s %10.4g %s\n", metric, value, unit);
+}
+
+// Memory bandwidth, STREAM style, over arrays much larger than the caches:
+// "read" sums one array (4 bytes per element), "triad" computes
+// a = b + s*c (12 bytes per element: STREAM's count, which leaves out the
+// write-allocate read of a). Pages are first touched by the same static
+// schedule that later reads them.
+static double bench_memory(BenchTable* b, int reps, size_t mib) {
+    size_t n = mib * 1024 * 1024 / sizeof(float);
+    float* x = xmalloc(n * sizeof(float));
+    float* y = xmalloc(n * sizeof(float));
+    float* z = xmalloc(n * sizeof(float));
+    #pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) { x[i] = 1.0f; y[i] = 2.0f; z[i] = 0.0f; }
+    double* rd = xmalloc((size_t)reps * sizeof(double));
+    double* tr = xmalloc((size_t)reps * sizeof(double));
+    for (int r = -1; r < reps; r++) {   // r = -1: the warm-up
+        float sum = 0.0f;
+        double t0 = bench_now();
+        #pragma omp parallel reduction(+:sum)
+        {
+            // 64 partial sums (n is a multiple of 64): several independent
+            // vector registers, so the adds overlap and the loop is bound
+            // by memory, not by the latency of one add chain
+            float part[64] = {0};
+            #pragma omp for schedule(static)
+            for (size_t blk = 0; blk < n / 64; blk++)
+                for (int j = 0; j < 64; j++) part[j] += x[blk * 64 + j];
+            for (int j = 0; j < 64; j++) sum += part[j];
+        }
+        double t1 = bench_now();
+        bench_sink = sum;
+        #pragma omp parallel for simd schedule(static)
+        for (size_t i = 0; i < n; i++) z[i] = x[i] + 3.0f * y[i];
+        double t2 = bench_now();
+        bench_sink = z[n / 2];
+        if (r >= 0) {
+            rd[r] = 4.0 * n / (t1 - t0) / 1e9;
+            tr[r] = 12.0 * n / (t2 - t1) / 1e9;
+        }
+    }
+    double read = bench_samples(b, "read_bw", "GB/s", rd, reps);
+    bench_samples(b, "triad_bw", "GB/s", tr, reps);
+    free(rd); free(tr); free(x); free(y); free(z);
+    return read;
+}
+
+static void bench_fill(float* p, size_t n, uint64_t seed) {
+    for (size_t i = 0; i < n; i++) p[i] = (float)((splitmix64(&seed) >> 40) / 8388608.0 - 1.0); // [-1, 1)
+}
+
+// sgemm through the engine's gemm() on random data: a square size^3
+// product, and the seven projections of one layer for one prompt chunk of
+// `chunk` positions, each called as matmul() calls it (y = x W^T), so with
+// the shapes and the transpose a prompt really uses. GFLOP/s = 2 M N K / s.
+static double bench_gemm(BenchTable* b, const Config* c, int reps, int size, int chunk) {
+    int dim = c->dim, hid = c->hidden_dim, q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
+    int shapes[7][2] = {{q_dim, dim}, {kv_dim, dim}, {kv_dim, dim}, {dim, q_dim}, {hid, dim}, {hid, dim}, {dim, hid}};
+    size_t w_max = 0, in_max = 0, out_max = 0;
+    for (int s = 0; s < 7; s++) {
+        size_t rows = shapes[s][0], cols = shapes[s][1];
+        if (rows * cols > w_max) w_max = rows * cols;
+        if (cols > in_max) in_max = cols;
+        if (rows > out_max) out_max = rows;
+    }
+    size_t sq = (size_t)size * size;
+    float* w = xmalloc((w_max > sq ? w_max : sq) * sizeof(float));
+    float* x = xmalloc((chunk * in_max > sq ? chunk * in_max : sq) * sizeof(float));
+    float* y = xmalloc((chunk * out_max > sq ? chunk * out_max : sq) * sizeof(float));
+    bench_fill(w, w_max > sq ? w_max : sq, 1);
+    bench_fill(x, chunk * in_max > sq ? chunk * in_max : sq, 2);
+    double* v = xmalloc((size_t)reps * sizeof(double));
+
+    for (int r = -1; r < reps; r++) {
+        double t0 = bench_now();
+        gemm(0, 0, size, size, size, 1.0f, x, size, w, size, 0.0f, y, size);
+        if (r >= 0) v[r] = 2.0 * size * size * size / (bench_now() - t0) / 1e9;
+    }
+    char name[48];
+    snprintf(name, sizeof(name), "sgemm_%d", size);
+    bench_samples(b, name, "GFLOP/s", v, reps);
+
+    double flops = 0.0;
+    for (int s = 0; s < 7; s++) flops += 2.0 * chunk * shapes[s][0] * shapes[s][1];
+    for (int r = -1; r < reps; r++) {
+        double t0 = bench_now();
+        for (int s = 0; s < 7; s++)
+            gemm(0, 1, chunk, shapes[s][0], shapes[s][1], 1.0f, x, shapes[s][1], w, shapes[s][1], 0.0f, y, shapes[s][0]);
+        if (r >= 0) v[r] = flops / (bench_now() - t0) / 1e9;
+    }
+    double prefill = bench_samples(b, "sgemm_prefill", "GFLOP/s", v, reps);
+    free(v); free(w); free(x); free(y);
+    return prefill;
+}
+
+// Parameters of the seven projections of all layers: what decode streams
+// and what a prompt multiplies every position by.
+static double bench_layer_params(const Config* c) {
+    double dim = c->dim, hid = c->hidden_dim, q_dim = (double)c->n_heads * c->head_dim;
+    double kv_dim = (double)c->n_kv_heads * c->head_dim;
+    return c->n_layers * (2.0 * q_dim * dim + 2.0 * kv_dim * dim + 3.0 * hid * dim);
+}
+
+// Bytes one decode step reads, averaged over positions 0..n_decode-1: every
+// projection of every layer and the classifier as stored in the file (fp32,
+// or int8 plus the fp32 scales; matrix_bytes above), the norm weights, one
+// embedding row, and the KV cache of the positions so far (2 x layers x
+// kv_dim x 4 bytes per position).
+static double bench_decode_bytes(const Config* c, int n_decode) {
+    size_t L = c->n_layers, dim = c->dim, hid = c->hidden_dim;
+    size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+    double bytes = (double)matrix_bytes(c, L, q_dim, dim) + 2.0 * matrix_bytes(c, L, kv_dim, dim) +
+                   matrix_bytes(c, L, dim, q_dim) + 2.0 * matrix_bytes(c, L, hid, dim) + matrix_bytes(c, L, dim, hid);
+    bytes += matrix_bytes(c, 1, c->vocab_size, dim);                       // classifier
+    bytes += (2.0 * L + 1) * dim * sizeof(float);                         // norms
+    bytes += (double)matrix_bytes(c, 1, 1, dim);                           // one embedding row
+    bytes += 2.0 * L * kv_dim * sizeof(float) * (n_decode + 1) / 2.0;      // KV cache, mean over positions
+    return bytes;
+}
+
+// FLOPs of one prompt of n tokens from position 0, as forward_batch does it:
+// 2 x layer params per token (the projections), the attention (q.k and the
+// weighted sum of v, 2 x head_dim each, over pos+1 positions per head), and
+// the classifier once (only the last position's logits are computed).
+static double bench_prefill_flops(const Config* c, int n) {
+    double q_dim = (double)c->n_heads * c->head_dim;
+    double attention = 4.0 * q_dim * c->n_layers * ((double)n * (n + 1) / 2.0);
+    return 2.0 * bench_layer_params(c) * n + attention + 2.0 * (double)c->vocab_size * c->dim;
+}
+
+static void bench_write_text(FILE* f, const char* s) {
+    if (!strpbrk(s, ",\"\n\r")) { fputs(s, f); return; }
+    fputc('"', f);   // RFC 4180: quoted, quotes doubled
+    for (; *s; s++) { if (*s == '"') fputc('"', f); fputc(*s, f); }
+    fputc('"', f);
+}
+
+static void bench_write_number(FILE* f, double v) {
+    if (isnan(v)) return;   // an empty field
+    if (v == floor(v) && fabs(v) < 1e15) fprintf(f, "%.0f", v);
+    else fprintf(f, "%.6g", v);
+}
+
+// One CSV: metric,weights,model,value,unit,n,min,max (n, min, max empty on
+// derived rows).
+static void bench_write_csv(FILE* f, const BenchTable* b, const char* weights, const char* model) {
+    fprintf(f, "metric,weights,model,value,unit,n,min,max\n");
+    for (int i = 0; i < b->n; i++) {
+        const BenchRow* r = &b->rows[i];
+        fprintf(f, "%s,%s,", r->metric, weights);
+        bench_write_text(f, model);
+        fputc(',', f);
+        if (r->text[0]) bench_write_text(f, r->text);
+        else bench_write_number(f, r->value);
+        fprintf(f, ",%s,", r->unit);
+        if (r->n > 0) fprintf(f, "%d", r->n);
+        fputc(',', f);
+        bench_write_number(f, r->min);
+        fputc(',', f);
+        bench_write_number(f, r->max);
+        fputc('\n', f);
+    }
+}
+
+static void bench_usage(void) {
+    fprintf(stderr,
+        "Usage:   run bench MODEL.bin [options]   engine speed on one model file, CSV on stdout\n"
+        "Example: run bench build/bench/1b-32k.q8.bin --reps 5 --csv q8.csv\n"
+        "Feeds fixed pseudo-random token ids (no tokenizer) through the engine's forward()\n"
+        "and forward_batch(), and measures, in the same process and threads, the memory\n"
+        "read bandwidth and the sgemm rate they are compared with. Every value is the\n"
+        "median of --reps timed repetitions after an untimed warm-up.\n"
+        "Options:\n"
+        "  --reps N         repetitions of every measurement (default 5)\n"
+        "  --decode N       tokens per decode repetition, positions 0..N-1 (default 32)\n"
+        "  --prefill LIST   comma-separated prompt lengths, from position 0 (default 128,512)\n"
+        "  --bw-mib N       size of each of the 3 bandwidth arrays in MiB (default 256:\n"
+        "                   much larger than the caches)\n"
+        "  --gemm N         size of the square sgemm (default 2048)\n"
+        "  --csv FILE       also write the CSV to FILE\n"
+        "  -h, --help       this text\n"
+        "CSV columns: metric,weights,model,value,unit,n,min,max. Metrics:\n"
+        "  decode, prefill_N (tok/s); read_bw, triad_bw (GB/s); sgemm_SIZE, and\n"
+        "  sgemm_prefill (one layer's 7 projections for one chunk of batch_cap rows)\n"
+        "  (GFLOP/s); decode_bytes_per_token (weights as stored + norms + KV cache);\n"
+        "  decode_roofline = decode tok/s x bytes per token / read_bw;\n"
+        "  prefill_N_gflops = (2 x layer params x N + attention + classifier once) / s;\n"
+        "  prefill_N_gemm_frac = prefill_N_gflops / sgemm_prefill; peak_rss (MiB, after\n"
+        "  decode and prefill, before the bandwidth arrays); params; threads; engine.\n");
+    exit(EXIT_FAILURE);
+}
+
+static int bench_main(int argc, char** argv) {
+    const char* model_path = NULL;
+    const char* csv_path = NULL;
+    int reps = 5, n_decode = 32, bw_mib = 256, gemm_size = 2048;
+    int prefill[BENCH_MAX_PREFILL] = {128, 512}, n_prefill = 2;
+    for (int i = 1; i < argc; i++) {
+        const char* a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) bench_usage();
+        if (a[0] != '-') {
+            if (model_path) die("bench: unexpected argument '%s' (one model file; see run bench --help)", a);
+            model_path = a;
+            continue;
+        }
+        if (i + 1 >= argc) die("%s needs a value (see run bench --help)", a);
+        const char* v = argv[++i];
+        if (!strcmp(a, "--reps")) reps = parse_int_arg(a, v);
+        else if (!strcmp(a, "--decode")) n_decode = parse_int_arg(a, v);
+        else if (!strcmp(a, "--bw-mib")) bw_mib = parse_int_arg(a, v);
+        else if (!strcmp(a, "--gemm")) gemm_size = parse_int_arg(a, v);
+        else if (!strcmp(a, "--csv")) csv_path = v;
+        else if (!strcmp(a, "--prefill")) {
+            n_prefill = 0;
+            const char* p = v;
+            while (1) {
+                char num[16];
+                size_t len = strcspn(p, ",");
+                if (n_prefill == BENCH_MAX_PREFILL) die("--prefill takes at most %d lengths", BENCH_MAX_PREFILL);
+                if (len == 0 || len >= sizeof(num)) die("--prefill expects lengths such as 128,512, got '%s'", v);
+                memcpy(num, p, len);
+                num[len] = '\0';
+                prefill[n_prefill] = parse_int_arg("--prefill", num);
+                if (prefill[n_prefill] < 1) die("--prefill lengths must be >= 1, got '%s'", v);
+                n_prefill++;
+                if (p[len] == '\0') break;
+                p += len + 1;
+            }
+        } else die("unknown bench option %s (see run bench --help)", a);
+    }
+    if (!model_path) die("bench needs a model file (run bench MODEL.bin; see run bench --help)");
+    if (reps < 1 || reps > 10000) die("--reps must be in [1, 10000]");
+    if (n_decode < 1) die("--decode must be >= 1");
+    if (bw_mib < 1 || bw_mib > 65536) die("--bw-mib must be in [1, 65536]");
+    if (gemm_size < 1 || gemm_size > 16384) die("--gemm must be in [1, 16384]");
+    if (csv_path) {
+        // fail now, not after minutes of measuring (written via FILE.tmp)
+        char tmp[4096];
+        snprintf(tmp, sizeof(tmp), "%s.tmp", csv_path);
+        FILE* f = fopen(tmp, "w");
+        if (!f) die("cannot write %s: %s", tmp, strerror(errno));
+        fclose(f);
+        remove(tmp);
+    }
+
+    // the KV cache holds the longest run; build_transformer refuses more
+    // than the model's maximum with a one-line error
+    int ctx = n_decode;
+    for (int i = 0; i < n_prefill; i++) if (prefill[i] > ctx) ctx = prefill[i];
+    Transformer t;
+    build_transformer(&t, model_path, ctx);
+    const Config* c = &t.config;
+    const char* weights = c->weight_type == WEIGHT_Q8 ? "int8" : "fp32";
+    const char* model = strrchr(model_path, '/') ? strrchr(model_path, '/') + 1 : model_path;
+    double params = (double)c->vocab_size * c->dim * (c->tied_embeddings ? 1 : 2) + bench_layer_params(c) +
+                    (2.0 * c->n_layers + 1) * c->dim;
+    fprintf(stderr, "bench: %s: %s, %.3gB params, dim %d, %d layers, vocab %d; %s\n", model, weights, params / 1e9,
+            c->dim, c->n_layers, c->vocab_size, engine_build_info());
+
+    BenchTable b;
+    b.n = 0;
+    snprintf(bench_row(&b, "engine", "")->text, sizeof(b.rows[0].text), "%s", engine_build_info());
+    bench_value(&b, "threads", "", engine_threads());
+    bench_value(&b, "params", "", params);
+
+    int n_tok = ctx;
+    int* tokens = xmalloc((size_t)n_tok * sizeof(int));
+    uint64_t seed = 0x5eed;
+    for (int i = 0; i < n_tok; i++) tokens[i] = (int)(splitmix64(&seed) % (uint64_t)c->vocab_size);
+    double* v = xmalloc((size_t)reps * sizeof(double));
+
+    // decode: one token at a time through the KV cache. The warm-up maps
+    // the weights into the process (every token reads all of them).
+    for (int i = 0; i < (n_decode < 2 ? n_decode : 2); i++) forward(&t, tokens[i], i);
+    for (int r = 0; r < reps; r++) {
+        double t0 = bench_now();
+        for (int i = 0; i < n_decode; i++) forward(&t, tokens[i], i);
+        v[r] = n_decode / (bench_now() - t0);
+    }
+    double decode = bench_samples(&b, "decode", "tok/s", v, reps);
+    double bytes = bench_decode_bytes(c, n_decode);
+    bench_value(&b, "decode_bytes_per_token", "B", round(bytes));
+
+    // prompts: the whole prompt in one forward_batch call (chunks of
+    // batch_cap positions inside), warmed up once at the first length
+    double prefill_tok_s[BENCH_MAX_PREFILL];
+    forward_batch(&t, tokens, prefill[0], 0, NULL);
+    for (int k = 0; k < n_prefill; k++) {
+        for (int r = 0; r < reps; r++) {
+            double t0 = bench_now();
+            forward_batch(&t, tokens, prefill[k], 0, NULL);
+            v[r] = prefill[k] / (bench_now() - t0);
+        }
+        char name[48];
+        snprintf(name, sizeof(name), "prefill_%d", prefill[k]);
+        prefill_tok_s[k] = bench_samples(&b, name, "tok/s", v, reps);
+    }
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    bench_value(&b, "peak_rss", "MiB", round(ru.ru_maxrss / 1024.0));   // ru_maxrss is in KiB on Linux
+
+    // the ceilings
+    double read_bw = bench_memory(&b, reps, (size_t)bw_mib);
+    double sgemm_prefill = bench_gemm(&b, c, reps, gemm_size, t.state.batch_cap);
+
+    bench_value(&b, "decode_roofline", "fraction", decode * bytes / (read_bw * 1e9));
+    for (int k = 0; k < n_prefill; k++) {
+        char name[48];
+        double gflops = prefill_tok_s[k] * bench_prefill_flops(c, prefill[k]) / prefill[k] / 1e9;
+        snprintf(name, sizeof(name), "prefill_%d_gflops", prefill[k]);
+        bench_value(&b, name, "GFLOP/s", gflops);
+        snprintf(name, sizeof(name), "prefill_%d_gemm_frac", prefill[k]);
+        bench_value(&b, name, "fraction", gflops / sgemm_prefill);
+    }
+
+    char* text = NULL;
+    size_t text_len = 0;
+    FILE* mem = open_memstream(&text, &text_len);
+    if (!mem) die("bench: out of memory");
+    bench_write_csv(mem, &b, weights, model);
+    fclose(mem);
+    fwrite(text, 1, text_len, stdout);
+    if (csv_path && write_file_atomic(csv_path, text, text_len) != 0) die("cannot write %s: %s", csv_path, strerror(errno));
+    free(text);
+    free(v);
+    free(tokens);
+    free_transformer(&t);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* model_path = NULL;
     const char* tok_path = NULL;
@@ -1970,6 +2803,13 @@ int main(int argc, char** argv) {
     float temperature = 0.6f, topp = 0.9f;
     int steps = 256, ctx = 0;
     unsigned long long seed = 1234;
+
+    // the evaluation harness (eval.c) on the plain model, or with --lora
+    if (argc >= 2 && !strcmp(argv[1], "eval")) return eval_main(argc - 1, argv + 1, NULL);
+    // the comparison of every method's results (make demo)
+    if (argc >= 2 && !strcmp(argv[1], "report")) return eval_report_main(argc - 1, argv + 1);
+    // the speed benchmark of one model file (make bench)
+    if (argc >= 2 && !strcmp(argv[1], "bench")) return bench_main(argc - 1, argv + 1);
 
     // poor man's argparse: the model path first (unless tokenizing), then flag/value pairs
     int i = 1;

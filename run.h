@@ -238,6 +238,9 @@ void matmul(float* y, const float* x, const Matrix* w, int n, int8_t* xq, float*
 // the build has it (AVX2); dot_q8_portable is the plain C reference.
 float dot_q8(const int8_t* wq, const float* ws, const int8_t* xq, const float* xs, int cols, int gs);
 float dot_q8_portable(const int8_t* wq, const float* ws, const int8_t* xq, const float* xs, int cols, int gs);
+// Four at once for prefill: out[t] = dot_q8(wq, ws, xq + t*cols, xs + t*(cols/gs), cols, gs),
+// bit for bit (AVX2, with VNNI where built, shares the weight loads).
+void dot_q8_x4(float* out, const int8_t* wq, const float* ws, const int8_t* xq, const float* xs, int cols, int gs);
 void rmsnorm(float* out, const float* x, const float* weight, int dim, float eps);
 void softmax(float* x, int n);
 double cross_entropy(const float* logits, int n, int target); // -log softmax(logits)[target]

@@ -28,11 +28,13 @@
 #include <unistd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <limits.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 #include "run.h"
 #include "sae.h"
+#include "eval.h"
 
 // ----------------------------------------------------------------------------
 // Small utilities
@@ -172,6 +174,8 @@ int sae_load(Sae* s, const char* path, char* err, size_t errlen) {
     else if (arch < 0 || arch >= SAE_N_ARCH) { snprintf(buf, sizeof(buf), "unknown architecture %d", arch); why = buf; }
     else if (arch == SAE_TOPK && (k <= 0 || k > n)) { snprintf(buf, sizeof(buf), "TopK k=%d not in [1, n=%d]", k, n); why = buf; }
     else if (hook != SAE_HOOK_RESID_POST && hook != SAE_HOOK_RESID_PRE) { snprintf(buf, sizeof(buf), "unknown hook convention %d", hook); why = buf; }
+    else if (get_i32(h + 24) < 0 || get_i32(h + 24) > (1 << 16)) { snprintf(buf, sizeof(buf), "bad layer %d", get_i32(h + 24)); why = buf; }
+    else if (get_i32(h + 32) != 0 && get_i32(h + 32) != 1) { snprintf(buf, sizeof(buf), "sub_bdec %d (0 or 1)", get_i32(h + 32)); why = buf; }
     else if (dtype != 0) { snprintf(buf, sizeof(buf), "dtype %d (only 0 = fp32)", dtype); why = buf; }
     else if (!isfinite(scale) || scale <= 0.0f) why = "act_scale must be > 0";
     else if (size != sae_file_size(d, n, arch)) {
@@ -830,17 +834,26 @@ void sae_hook_fn(void* ctx, int layer, int pos0, int n_pos, float* x, int dim) {
     if (h->n_sel == 0) return;   // nothing selected: the residual stream is left bit-identical
     hook_scratch(h, n_pos);
     selected_codes(h, x, n_pos);
+    // count first, edit second: the per-sequence gate judges the whole batch
+    // (a prompt at once), so a prompt whose first token happens to fire a
+    // selected latent (a running fraction of 1/1) does not open it
     for (int r = 0; r < n_pos; r++) {
-        int pos = pos0 + r;
-        if (hook_skips(h, pos)) continue;
+        if (hook_skips(h, pos0 + r)) continue;
         const float* fs = h->fs + (size_t)r * h->n_sel;
         int hit = 0;
         for (int q = 0; q < h->n_sel; q++) hit |= fs[q] > 0.0f;
         h->n_tokens++; h->seq_tokens++;
         if (hit) { h->n_active++; h->seq_hits++; }
-        // per-sequence gate: open once the fraction of positions with a selected latent active exceeds alpha
-        if (h->gate && !h->gate_on && h->seq_hits > h->gate_alpha * h->seq_tokens) h->gate_on = 1;
-        if (!hit || (h->gate && !h->gate_on)) continue;
+    }
+    // per-sequence gate: open once the fraction of positions with a selected latent active exceeds alpha
+    if (h->gate && !h->gate_on && h->seq_hits > h->gate_alpha * h->seq_tokens) h->gate_on = 1;
+    if (h->gate && !h->gate_on) return;
+    for (int r = 0; r < n_pos; r++) {
+        if (hook_skips(h, pos0 + r)) continue;
+        const float* fs = h->fs + (size_t)r * h->n_sel;
+        int hit = 0;
+        for (int q = 0; q < h->n_sel; q++) hit |= fs[q] > 0.0f;
+        if (!hit) continue;
         float* xr = x + (size_t)r * d;
         for (int q = 0; q < h->n_sel; q++) {
             float f = fs[q];
@@ -945,6 +958,7 @@ static void load_rows(RowSet* set, const Tokenizer* tok, const char* path, int T
     size_t len;
     char* text = read_file(path, &len);
     if (!utf8_valid(text, len)) die("%s is not valid UTF-8", path);
+    if (ends_with(path, ".tsv") && strlen(text) != len) die("%s holds a NUL byte", path); // rows are C strings
     int before = set->n;
     if (ends_with(path, ".tsv")) {
         int line_no = 0;
@@ -1022,6 +1036,7 @@ typedef struct { char** words; int n; } Keywords;
 static void load_keywords(Keywords* kw, const char* path) {
     size_t len;
     char* text = read_file(path, &len);
+    if (strlen(text) != len) die("%s holds a NUL byte", path);
     memset(kw, 0, sizeof(*kw));
     int cap = 0;
     for (char* line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
@@ -1307,7 +1322,7 @@ typedef struct {
     float clamp_c, scale_m;
     int gate;
     float gate_alpha;
-    int steps, max_new, selftest, baseline, verbose;
+    int steps, max_new, selftest;
     float temperature, topp;
     int planted_d, planted_true, planted_s;
 } Opts;
@@ -1331,7 +1346,7 @@ static void usage(void) {
 "  sae score    MODEL.bin -z TOK --sae SAE.bin --forget F --retain R -o latents.csv\n"
 "  sae generate MODEL.bin -z TOK --sae SAE.bin --latents CSV -i PROMPT   generation with the intervention\n"
 "  sae chat     MODEL.bin -z TOK --sae SAE.bin --latents CSV [-i MSG]    chat (stdin turns without -i)\n"
-"  sae eval     MODEL.bin -z TOK --sae SAE.bin --latents CSV --forget F.tsv --retain R.tsv   QA accuracy\n"
+"  sae eval     MODEL.bin -z TOK --sae SAE.bin --latents CSV --sets DIR   the shared harness (sae eval --help)\n"
 "  sae planted  [options]      train on a synthetic planted dictionary (no model) and report recovery\n"
 "  sae info     SAE.bin        print an SAE file's header\n"
 "Example: sae train llama3.bin -z llama3.tok --layer 16 --data hp.txt wiki.txt chat.tsv -o l16.sae\n"
@@ -1392,22 +1407,102 @@ static void usage(void) {
 "  --gate-alpha X     alpha (default: from the CSV when -N matches the score run)\n"
 "Generation: -i TEXT  prompt / message   -n N  max new tokens (default 256; train/planted: -n = --n-latents)\n"
 "  -t T  temperature (default 0 = greedy)   -p P  top-p (default 0.9)   -s SEED (= --seed)\n"
-"Eval: --forget F.tsv --retain R.tsv, or --qa FILE.tsv with a split column; greedy answers of at\n"
-"  most --max-new N tokens (default 32) count when they contain the gold answer (case-insensitive);\n"
-"  --baseline 0 skips the run without intervention; --verbose 1 prints every answer\n"
+"Eval: every metric of eval.c with the intervention on; its options: sae eval --help\n"
 "  -h, --help         this text\n");
     exit(EXIT_FAILURE);
 }
 
-static void parse_options(Opts* o, int argc, char** argv) {
+static void opts_init(Opts* o) {
     memset(o, 0, sizeof(*o));
     o->T = 256; o->expansion = 8; o->k = -1; o->arch = SAE_TOPK; o->batch = 4096; o->buffer = 65536;
     o->tokens = -1; o->dead_tokens = -1; o->lr = -1; o->warmup = -1; o->decay_frac = 0.2f; o->auxk_alpha = 1.0f / 32.0f;
     o->k_aux = -1; o->l1 = 0.1f; o->median = 1; o->max_norm_ratio = 10.0f; o->seed = 1337; o->log_every = 10;
     o->save_every = 500; o->layer = -1000; o->rule = "freq"; o->tau = 0.01f; o->N = 20; o->contexts = 5;
     o->mode = SAE_MODE_CLAMP; o->clamp_c = 50.0f; o->scale_m = 1.0f; o->gate_alpha = -1.0f; o->steps = 256;
-    o->max_new = 32; o->selftest = 1; o->baseline = 1; o->temperature = 0.0f; o->topp = 0.9f;
+    o->max_new = 32; o->selftest = 1; o->temperature = 0.0f; o->topp = 0.9f;
     o->planted_d = 64; o->planted_true = 128; o->planted_s = 4;
+}
+
+// One flag and its value; 0 when f is not an option of this program.
+static int parse_flag(Opts* o, const char* f, const char* v) {
+    if (!strcmp(f, "-z")) o->tok = v;
+    else if (!strcmp(f, "--sae")) o->sae = v;
+    else if (!strcmp(f, "-o")) o->out = v;
+    else if (!strcmp(f, "--forget")) o->forget = v;
+    else if (!strcmp(f, "--retain")) o->retain = v;
+    else if (!strcmp(f, "--qa")) o->qa = v;
+    else if (!strcmp(f, "--latents")) o->latents = v;
+    else if (!strcmp(f, "--keywords")) o->keywords = v;
+    else if (!strcmp(f, "--cache")) o->cache = v;
+    else if (!strcmp(f, "--finetune")) o->finetune = v;
+    else if (!strcmp(f, "-i")) o->prompt = v;
+    else if (!strcmp(f, "--system")) o->system = v;
+    else if (!strcmp(f, "--rule")) o->rule = v;
+    else if (!strcmp(f, "--layer")) o->layer = parse_int_arg(f, v);
+    else if (!strcmp(f, "--hook")) {
+        if (!strcmp(v, "post")) o->hook = SAE_HOOK_RESID_POST;
+        else if (!strcmp(v, "pre")) o->hook = SAE_HOOK_RESID_PRE;
+        else die("--hook must be post or pre, got '%s'", v);
+    }
+    else if (!strcmp(f, "--n-latents") || !strcmp(f, "-n") ) {
+        if (!strcmp(o->cmd, "train") || !strcmp(o->cmd, "planted")) o->n_latents = parse_int_arg(f, v);
+        else o->steps = parse_int_arg(f, v);
+    }
+    else if (!strcmp(f, "--expansion")) o->expansion = parse_int_arg(f, v);
+    else if (!strcmp(f, "-k")) o->k = parse_int_arg(f, v);
+    else if (!strcmp(f, "--arch")) {
+        if (!strcmp(v, "topk")) o->arch = SAE_TOPK;
+        else if (!strcmp(v, "relu")) o->arch = SAE_RELU;
+        else die("--arch must be topk or relu, got '%s'", v);
+    }
+    else if (!strcmp(f, "--tokens")) o->tokens = parse_count(f, v);
+    else if (!strcmp(f, "-b")) o->batch = parse_int_arg(f, v);
+    else if (!strcmp(f, "--lr")) o->lr = parse_float_arg(f, v);
+    else if (!strcmp(f, "--warmup")) o->warmup = parse_int_arg(f, v);
+    else if (!strcmp(f, "--decay-frac")) o->decay_frac = parse_float_arg(f, v);
+    else if (!strcmp(f, "--auxk-alpha")) o->auxk_alpha = parse_float_arg(f, v);
+    else if (!strcmp(f, "--k-aux")) o->k_aux = parse_int_arg(f, v);
+    else if (!strcmp(f, "--dead-tokens")) o->dead_tokens = parse_count(f, v);
+    else if (!strcmp(f, "--l1")) o->l1 = parse_float_arg(f, v);
+    else if (!strcmp(f, "--bdec")) {
+        if (!strcmp(v, "median")) o->median = 1;
+        else if (!strcmp(v, "mean")) o->median = 0;
+        else die("--bdec must be median or mean, got '%s'", v);
+    }
+    else if (!strcmp(f, "--buffer")) o->buffer = parse_int_arg(f, v);
+    else if (!strcmp(f, "--max-norm")) o->max_norm_ratio = parse_float_arg(f, v);
+    else if (!strcmp(f, "--seed")) o->seed = parse_int_arg(f, v);
+    else if (!strcmp(f, "--log-every")) o->log_every = parse_int_arg(f, v);
+    else if (!strcmp(f, "--save-every")) o->save_every = parse_int_arg(f, v);
+    else if (!strcmp(f, "-T")) o->T = parse_int_arg(f, v);
+    else if (!strcmp(f, "--ctx")) o->ctx = parse_int_arg(f, v);
+    else if (!strcmp(f, "--tau")) o->tau = parse_float_arg(f, v);
+    else if (!strcmp(f, "-N")) o->N = parse_int_arg(f, v);
+    else if (!strcmp(f, "--contexts")) o->contexts = parse_int_arg(f, v);
+    else if (!strcmp(f, "--mode")) {
+        if (!strcmp(v, "clamp")) o->mode = SAE_MODE_CLAMP;
+        else if (!strcmp(v, "zero")) o->mode = SAE_MODE_ZERO;
+        else if (!strcmp(v, "scale")) o->mode = SAE_MODE_SCALE;
+        else die("--mode must be clamp, zero or scale, got '%s'", v);
+    }
+    else if (!strcmp(f, "-c")) o->clamp_c = parse_float_arg(f, v);
+    else if (!strcmp(f, "-m")) o->scale_m = parse_float_arg(f, v);
+    else if (!strcmp(f, "--gate")) o->gate = parse_int_arg(f, v);
+    else if (!strcmp(f, "--gate-alpha")) o->gate_alpha = parse_float_arg(f, v);
+    else if (!strcmp(f, "-t")) o->temperature = parse_float_arg(f, v);
+    else if (!strcmp(f, "-p")) o->topp = parse_float_arg(f, v);
+    else if (!strcmp(f, "-s")) o->seed = parse_int_arg(f, v);
+    else if (!strcmp(f, "--max-new")) o->max_new = parse_int_arg(f, v);
+    else if (!strcmp(f, "--no-selftest")) o->selftest = !parse_int_arg(f, v);
+    else if (!strcmp(f, "--d")) o->planted_d = parse_int_arg(f, v);
+    else if (!strcmp(f, "--true")) o->planted_true = parse_int_arg(f, v);
+    else if (!strcmp(f, "--s")) o->planted_s = parse_int_arg(f, v);
+    else return 0;
+    return 1;
+}
+
+static void parse_options(Opts* o, int argc, char** argv) {
+    opts_init(o);
     if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage();
     o->cmd = argv[1];
     int i = 2;
@@ -1416,7 +1511,6 @@ static void parse_options(Opts* o, int argc, char** argv) {
         const char* f = argv[i];
         if (!strcmp(f, "-h") || !strcmp(f, "--help")) usage();
         if (i + 1 >= argc) die("%s needs a value (see --help)", f);
-        const char* v = argv[i + 1];
         if (!strcmp(f, "--data")) {
             // one or more files, up to the next flag
             while (i + 1 < argc && argv[i + 1][0] != '-') {
@@ -1426,81 +1520,7 @@ static void parse_options(Opts* o, int argc, char** argv) {
             i--;
             continue;
         }
-        if (!strcmp(f, "-z")) o->tok = v;
-        else if (!strcmp(f, "--sae")) o->sae = v;
-        else if (!strcmp(f, "-o")) o->out = v;
-        else if (!strcmp(f, "--forget")) o->forget = v;
-        else if (!strcmp(f, "--retain")) o->retain = v;
-        else if (!strcmp(f, "--qa")) o->qa = v;
-        else if (!strcmp(f, "--latents")) o->latents = v;
-        else if (!strcmp(f, "--keywords")) o->keywords = v;
-        else if (!strcmp(f, "--cache")) o->cache = v;
-        else if (!strcmp(f, "--finetune")) o->finetune = v;
-        else if (!strcmp(f, "-i")) o->prompt = v;
-        else if (!strcmp(f, "--system")) o->system = v;
-        else if (!strcmp(f, "--rule")) o->rule = v;
-        else if (!strcmp(f, "--layer")) o->layer = parse_int_arg(f, v);
-        else if (!strcmp(f, "--hook")) {
-            if (!strcmp(v, "post")) o->hook = SAE_HOOK_RESID_POST;
-            else if (!strcmp(v, "pre")) o->hook = SAE_HOOK_RESID_PRE;
-            else die("--hook must be post or pre, got '%s'", v);
-        }
-        else if (!strcmp(f, "--n-latents") || !strcmp(f, "-n") ) {
-            if (!strcmp(o->cmd, "train") || !strcmp(o->cmd, "planted")) o->n_latents = parse_int_arg(f, v);
-            else o->steps = parse_int_arg(f, v);
-        }
-        else if (!strcmp(f, "--expansion")) o->expansion = parse_int_arg(f, v);
-        else if (!strcmp(f, "-k")) o->k = parse_int_arg(f, v);
-        else if (!strcmp(f, "--arch")) {
-            if (!strcmp(v, "topk")) o->arch = SAE_TOPK;
-            else if (!strcmp(v, "relu")) o->arch = SAE_RELU;
-            else die("--arch must be topk or relu, got '%s'", v);
-        }
-        else if (!strcmp(f, "--tokens")) o->tokens = parse_count(f, v);
-        else if (!strcmp(f, "-b")) o->batch = parse_int_arg(f, v);
-        else if (!strcmp(f, "--lr")) o->lr = parse_float_arg(f, v);
-        else if (!strcmp(f, "--warmup")) o->warmup = parse_int_arg(f, v);
-        else if (!strcmp(f, "--decay-frac")) o->decay_frac = parse_float_arg(f, v);
-        else if (!strcmp(f, "--auxk-alpha")) o->auxk_alpha = parse_float_arg(f, v);
-        else if (!strcmp(f, "--k-aux")) o->k_aux = parse_int_arg(f, v);
-        else if (!strcmp(f, "--dead-tokens")) o->dead_tokens = parse_count(f, v);
-        else if (!strcmp(f, "--l1")) o->l1 = parse_float_arg(f, v);
-        else if (!strcmp(f, "--bdec")) {
-            if (!strcmp(v, "median")) o->median = 1;
-            else if (!strcmp(v, "mean")) o->median = 0;
-            else die("--bdec must be median or mean, got '%s'", v);
-        }
-        else if (!strcmp(f, "--buffer")) o->buffer = parse_int_arg(f, v);
-        else if (!strcmp(f, "--max-norm")) o->max_norm_ratio = parse_float_arg(f, v);
-        else if (!strcmp(f, "--seed")) o->seed = parse_int_arg(f, v);
-        else if (!strcmp(f, "--log-every")) o->log_every = parse_int_arg(f, v);
-        else if (!strcmp(f, "--save-every")) o->save_every = parse_int_arg(f, v);
-        else if (!strcmp(f, "-T")) o->T = parse_int_arg(f, v);
-        else if (!strcmp(f, "--ctx")) o->ctx = parse_int_arg(f, v);
-        else if (!strcmp(f, "--tau")) o->tau = parse_float_arg(f, v);
-        else if (!strcmp(f, "-N")) o->N = parse_int_arg(f, v);
-        else if (!strcmp(f, "--contexts")) o->contexts = parse_int_arg(f, v);
-        else if (!strcmp(f, "--mode")) {
-            if (!strcmp(v, "clamp")) o->mode = SAE_MODE_CLAMP;
-            else if (!strcmp(v, "zero")) o->mode = SAE_MODE_ZERO;
-            else if (!strcmp(v, "scale")) o->mode = SAE_MODE_SCALE;
-            else die("--mode must be clamp, zero or scale, got '%s'", v);
-        }
-        else if (!strcmp(f, "-c")) o->clamp_c = parse_float_arg(f, v);
-        else if (!strcmp(f, "-m")) o->scale_m = parse_float_arg(f, v);
-        else if (!strcmp(f, "--gate")) o->gate = parse_int_arg(f, v);
-        else if (!strcmp(f, "--gate-alpha")) o->gate_alpha = parse_float_arg(f, v);
-        else if (!strcmp(f, "-t")) o->temperature = parse_float_arg(f, v);
-        else if (!strcmp(f, "-p")) o->topp = parse_float_arg(f, v);
-        else if (!strcmp(f, "-s")) o->seed = parse_int_arg(f, v);
-        else if (!strcmp(f, "--max-new")) o->max_new = parse_int_arg(f, v);
-        else if (!strcmp(f, "--no-selftest")) o->selftest = !parse_int_arg(f, v);
-        else if (!strcmp(f, "--baseline")) o->baseline = parse_int_arg(f, v);
-        else if (!strcmp(f, "--verbose")) o->verbose = parse_int_arg(f, v);
-        else if (!strcmp(f, "--d")) o->planted_d = parse_int_arg(f, v);
-        else if (!strcmp(f, "--true")) o->planted_true = parse_int_arg(f, v);
-        else if (!strcmp(f, "--s")) o->planted_s = parse_int_arg(f, v);
-        else die("unknown option %s (see --help)", f);
+        if (!parse_flag(o, f, argv[i + 1])) die("unknown option %s (see --help)", f);
     }
     if (o->T < 2) die("-T must be >= 2");
     if (o->batch < 1) die("-b must be >= 1");
@@ -2044,8 +2064,11 @@ static int cmp_latent(const void* a, const void* b) {
 }
 
 // Per row of rs: the fraction of positions (all but BOS, as the hook sees
-// them in generation) with any selected latent active.
-static double* row_fractions(Transformer* t, const Sae* s, const RowSet* rs, const int* sel, int n_sel) {
+// them in generation) with any selected latent active. A QA row counts its
+// prompt only (question and assistant header): that is all the gate sees
+// when it decides, before the answer exists.
+static double* row_fractions(Transformer* t, const Tokenizer* tok, const char* system, const Sae* s,
+                             const RowSet* rs, const int* sel, int n_sel) {
     int e = sae_engine_layer(s), d = s->d;
     double* frac = xmalloc((size_t)(rs->n > 0 ? rs->n : 1) * sizeof(double));
     SaeHook obs;
@@ -2054,10 +2077,17 @@ static double* row_fractions(Transformer* t, const Sae* s, const RowSet* rs, con
     obs.gate_alpha = 2.0f;   // never opens: observe only
     for (int i = 0; i < rs->n; i++) {
         const Row* r = &rs->rows[i];
-        float* acts = xmalloc((size_t)r->n * d * sizeof(float));
-        capture_row(t, r->ids, r->n, e, e, acts);
+        int n = r->n;
+        if (r->question) {
+            int* prompt = xmalloc((size_t)r->n * sizeof(int));
+            int n_prompt = chat_row_ids(tok, system, r->question, NULL, 0, prompt, r->n);
+            free(prompt);
+            if (n_prompt > 0 && n_prompt < n) n = n_prompt;
+        }
+        float* acts = xmalloc((size_t)n * d * sizeof(float));
+        capture_row(t, r->ids, n, e, e, acts);
         sae_hook_reset_sequence(&obs);
-        sae_hook_fn(&obs, e, 0, r->n, acts, d);
+        sae_hook_fn(&obs, e, 0, n, acts, d);
         frac[i] = obs.seq_tokens ? (double)obs.seq_hits / obs.seq_tokens : 0.0;
         free(acts);
     }
@@ -2175,8 +2205,8 @@ static int score_main(Opts* o) {
     for (int i = 0; i < n; i++) n_eligible += eligible[i];
     int N = o->N < n_eligible ? o->N : n_eligible;
     // the per-sequence gate threshold of the selected latents
-    double* frac_r = row_fractions(&t, &s, &sets[1], order, N);
-    double* frac_f = row_fractions(&t, &s, &sets[0], order, N);
+    double* frac_r = row_fractions(&t, &tok, o->system, &s, &sets[1], order, N);
+    double* frac_f = row_fractions(&t, &tok, o->system, &s, &sets[0], order, N);
     double* sorted = xmalloc((size_t)sets[1].n * sizeof(double));
     memcpy(sorted, frac_r, (size_t)sets[1].n * sizeof(double));
     qsort(sorted, sets[1].n, sizeof(double), cmp_double);
@@ -2355,18 +2385,19 @@ static int chat_main(Opts* o) {
     install(&ss);
     int ctx = ss.t.state.seq_len;
     int* hist = xmalloc((size_t)ctx * sizeof(int));
-    int* turn = xmalloc((size_t)ctx * sizeof(int));
+    int* turn = NULL;
     int n_hist = 0, first = 1;
     Sampler sm;
     build_sampler(&sm, ss.t.config.vocab_size, o->temperature, o->topp, (uint64_t)o->seed);
     if (ss.has_hook) sae_hook_reset_sequence(&ss.h);
-    char line[8192];
+    char* line = NULL;   // one user turn per line of stdin, of any length
+    size_t line_cap = 0;
     for (;;) {
         const char* user = o->prompt;
         if (!user) {
             printf("User: ");
             fflush(stdout);
-            if (!fgets(line, sizeof(line), stdin)) break;
+            if (getline(&line, &line_cap, stdin) < 0) break;
             line[strcspn(line, "\n")] = '\0';
             if (!line[0]) continue;
             user = line;
@@ -2376,7 +2407,13 @@ static int chat_main(Opts* o) {
         int m = 0;
         if (first && o->system) { msgs[m].role = "system"; msgs[m].content = o->system; m++; }
         msgs[m].role = "user"; msgs[m].content = user; m++;
-        int n_turn = chat_encode(&ss.tok, msgs, m, 1, first, turn, ctx);
+        // room for every token (each is at least one byte): a message too
+        // long for the context is reported below, never cut
+        size_t cap = strlen(user) + (first && o->system ? strlen(o->system) : 0) + 64;
+        if (cap > INT_MAX / 2) die("user message too long");
+        free(turn);
+        turn = xmalloc(cap * sizeof(int));
+        int n_turn = chat_encode(&ss.tok, msgs, m, 1, first, turn, (int)cap);
         if (n_hist + n_turn >= ctx) die("conversation of %d tokens does not fit the context of %d (raise --ctx)", n_hist + n_turn, ctx);
         memcpy(hist + n_hist, turn, (size_t)n_turn * sizeof(int));
         if (!o->prompt) { printf("Assistant: "); fflush(stdout); }
@@ -2395,101 +2432,99 @@ static int chat_main(Opts* o) {
     }
     report_hook(ss.has_hook ? &ss.h : NULL);
     free_sampler(&sm);
-    free(hist); free(turn);
+    free(hist); free(turn); free(line);
     close_session(&ss);
     return 0;
 }
 
-// QA through the chat template: one greedy answer per question. Answerer
-// is the unit a shared evaluation harness can call (eval.c): given a
-// question, the method's answer.
+// eval: the shared harness (eval.c) with the intervention applied. The SAE
+// method plugs in its options (--sae, --latents, -N, --mode, -c, -m,
+// --gate, --gate-alpha, --no-selftest), its hook for raw text and its own
+// chat answerer (the gate may re-run the prompt once it opens).
 typedef struct {
+    Opts o;
+    Sae s;
+    SaeHook h;
+    Selection sel;
     Transformer* t;
     const Tokenizer* tok;
-    SaeHook* hook;        // NULL: the plain model
-    const char* system;
     int max_new;
-} Answerer;
+} SaeMethod;
 
-static void answer_question(Answerer* a, const char* question, char* out, size_t cap) {
-    int ctx = a->t->state.seq_len;
-    int* ids = xmalloc((size_t)ctx * sizeof(int));
-    int n = chat_row_ids(a->tok, a->system, question, NULL, 0, ids, ctx);
-    a->t->hook = a->hook ? sae_hook_fn : NULL;
-    a->t->hook_ctx = a->hook;
-    if (a->hook) sae_hook_reset_sequence(a->hook);
-    float* logits = prefill(a->t, a->hook, ids, n, 0);
+static int sae_method_parse(EvalMethod* m, int argc, char** argv, int i) {
+    static const char* own[] = {"--sae", "--latents", "-N", "--mode", "-c", "-m", "--gate", "--gate-alpha",
+                                "--no-selftest", NULL};
+    SaeMethod* sm = m->user;
+    for (int k = 0; own[k]; k++) {
+        if (strcmp(argv[i], own[k])) continue;
+        if (i + 1 >= argc) die("%s needs a value (see --help)", argv[i]);
+        parse_flag(&sm->o, argv[i], argv[i + 1]);
+        return 2;
+    }
+    return 0;
+}
+
+static void sae_method_setup(EvalMethod* m, Transformer* t, Tokenizer* tok, int max_new) {
+    SaeMethod* sm = m->user;
+    if (!sm->o.latents) die("sae eval needs --latents CSV (from sae score) or a list such as 12,345");
+    sm->t = t; sm->tok = tok; sm->max_new = max_new;
+    load_sae_for(&sm->s, sm->o.sae, t);
+    print_sae(&sm->s, sm->o.sae);
+    if (sm->o.selftest) sae_selftest(t, tok, &sm->s, NULL, 256);
+    setup_intervention(&sm->h, &sm->s, &sm->o, &sm->sel);
+    fflush(stdout);
+    m->hook = sae_hook_fn;
+    m->hook_ctx = &sm->h;
+    m->answer_ctx = sm;
+}
+
+static void sae_method_new_sequence(EvalMethod* m) { sae_hook_reset_sequence(&((SaeMethod*)m->user)->h); }
+
+static int sae_method_answer(void* ctx, const ChatMessage* msgs, int n_msgs, char* out, size_t cap) {
+    SaeMethod* sm = ctx;
+    int* ids;
+    int n = eval_chat_tokens(sm->tok, NULL, msgs, n_msgs, &ids);
+    int seq_len = sm->t->state.seq_len;
+    if (n + sm->max_new > seq_len) die("a prompt of %d tokens + %d new does not fit the context of %d (raise --ctx)", n, sm->max_new, seq_len);
+    int* hist = xmalloc((size_t)seq_len * sizeof(int));
+    memcpy(hist, ids, (size_t)n * sizeof(int));
+    float* logits = prefill(sm->t, &sm->h, hist, n, 0);
     Sampler greedy;
-    build_sampler(&greedy, a->t->config.vocab_size, 0.0f, 1.0f, 1);
+    build_sampler(&greedy, sm->t->config.vocab_size, 0.0f, 1.0f, 1);
     int n_gen;
-    if (n + a->max_new > ctx) die("question of %d tokens + %d new do not fit the context of %d (raise --ctx)", n, a->max_new, ctx);
-    decode_tokens(a->t, a->tok, &greedy, logits, ids, n, a->max_new, 0, out, cap, &n_gen);
+    decode_tokens(sm->t, sm->tok, &greedy, logits, hist, n, sm->max_new, 0, out, cap, &n_gen);
     free_sampler(&greedy);
-    a->t->hook = NULL;
-    free(ids);
+    free(hist); free(ids);
+    return n;
 }
 
-static int contains_ci(const char* hay, const char* needle) {
-    size_t n = strlen(needle);
-    if (n == 0) return 1;
-    for (const char* p = hay; *p; p++) {
-        size_t i = 0;
-        while (i < n && p[i] && (p[i] | (p[i] >= 'A' && p[i] <= 'Z' ? 32 : 0)) == (needle[i] | (needle[i] >= 'A' && needle[i] <= 'Z' ? 32 : 0))) i++;
-        if (i == n) return 1;
-    }
-    return 0;
+static void sae_method_teardown(EvalMethod* m) {
+    SaeMethod* sm = m->user;
+    report_hook(&sm->h);
+    sae_hook_free(&sm->h);
+    free(sm->sel.sel);
+    sae_free(&sm->s);
 }
 
-// Correct answers of a on the rows of rs.
-static int qa_correct(Answerer* a, const RowSet* rs, int verbose, const char* label) {
-    int correct = 0;
-    char out[4096];
-    for (int i = 0; i < rs->n; i++) {
-        const Row* r = &rs->rows[i];
-        if (!r->question) die("eval needs .tsv question<TAB>answer files");
-        answer_question(a, r->question, out, sizeof(out));
-        int ok = contains_ci(out, r->answer);
-        correct += ok;
-        if (verbose) {
-            printf("  [%s %s] Q: %s | gold: %s | A: ", label, ok ? "ok" : "--", r->question, r->answer);
-            for (const char* c = out; *c; c++) { if (*c == '\n') printf("\\n"); else putchar(*c); }
-            printf("\n");
-        }
-    }
-    return correct;
-}
-
-static int eval_main(Opts* o) {
-    Session ss;
-    open_session(&ss, o, o->ctx > 0 ? o->ctx : 1024);
-    RowSet sets[2];
-    load_split_rows(&sets[0], &sets[1], &ss.tok, o, 0);
-    if (sets[0].n + sets[1].n == 0) die("eval needs --forget F.tsv and/or --retain R.tsv (or --qa FILE)");
-    Answerer plain = {&ss.t, &ss.tok, NULL, o->system, o->max_new};
-    Answerer inter = {&ss.t, &ss.tok, ss.has_hook ? &ss.h : NULL, o->system, o->max_new};
-    printf("QA accuracy: greedy answers of at most %d tokens that contain the gold answer\n", o->max_new);
-    printf("%-7s %6s %18s %18s %9s\n", "split", "items", "baseline", "intervened", "edited");
-    for (int set = 0; set < 2; set++) {
-        const RowSet* rs = &sets[set];
-        if (rs->n == 0) continue;
-        const char* name = set ? "retain" : "forget";
-        char base[32] = "-", with[32] = "-";
-        if (o->baseline) {
-            int c = qa_correct(&plain, rs, o->verbose, "base");
-            snprintf(base, sizeof(base), "%d (%.1f%%)", c, 100.0 * c / rs->n);
-        }
-        int64_t seen0 = ss.has_hook ? ss.h.n_tokens : 0, changed0 = ss.has_hook ? ss.h.n_changed : 0;
-        if (ss.has_hook) {
-            int c = qa_correct(&inter, rs, o->verbose, "sae");
-            snprintf(with, sizeof(with), "%d (%.1f%%)", c, 100.0 * c / rs->n);
-        }
-        int64_t seen = ss.has_hook ? ss.h.n_tokens - seen0 : 0, changed = ss.has_hook ? ss.h.n_changed - changed0 : 0;
-        printf("%-7s %6d %18s %18s %8.1f%%\n", name, rs->n, base, with, seen ? 100.0 * changed / seen : 0.0);
-        fflush(stdout);
-    }
-    free_rows(&sets[0]); free_rows(&sets[1]);
-    close_session(&ss);
-    return 0;
+static int eval_harness_main(int argc, char** argv) {
+    SaeMethod sm;
+    memset(&sm, 0, sizeof(sm));
+    opts_init(&sm.o);
+    sm.o.cmd = "eval";
+    EvalMethod m = {
+        .prog = "sae", .kind = "sae",
+        .usage = "  --sae FILE           the SAE (required)\n"
+                 "  --latents CSV        from sae score, or a list such as 12,345 (required)\n"
+                 "  -N N                 latents used (default 20)\n"
+                 "  --mode M             clamp|zero|scale (default clamp)\n"
+                 "  -c C                 clamp value (default 50; use --ctx for the context here)\n"
+                 "  -m M                 scale factor (default 1)\n"
+                 "  --gate 1             per-sequence gate (--gate-alpha X, default from the CSV)\n"
+                 "  --no-selftest 1      skip the FVU self-test at load\n",
+        .parse = sae_method_parse, .setup = sae_method_setup, .teardown = sae_method_teardown,
+        .new_sequence = sae_method_new_sequence, .answer = sae_method_answer, .user = &sm,
+    };
+    return eval_main(argc, argv, &m);
 }
 
 static int info_main(Opts* o) {
@@ -2510,6 +2545,7 @@ static int info_main(Opts* o) {
 }
 
 int main(int argc, char** argv) {
+    if (argc >= 2 && !strcmp(argv[1], "eval")) return eval_harness_main(argc - 1, argv + 1);
     Opts o;
     parse_options(&o, argc, argv);
     if (!strcmp(o.cmd, "train")) return train_main(&o);
@@ -2518,7 +2554,6 @@ int main(int argc, char** argv) {
     if (!strcmp(o.cmd, "score")) return score_main(&o);
     if (!strcmp(o.cmd, "generate")) return generate_main(&o);
     if (!strcmp(o.cmd, "chat")) return chat_main(&o);
-    if (!strcmp(o.cmd, "eval")) return eval_main(&o);
     if (!strcmp(o.cmd, "info")) return info_main(&o);
     die("unknown command '%s' (train, measure, score, generate, chat, eval, planted, info; see --help)", o.cmd);
 }

@@ -62,6 +62,7 @@
 #endif
 #include "run.h"
 #include "train_lora.h"
+#include "eval.h"
 
 // ----------------------------------------------------------------------------
 // Small utilities
@@ -1654,6 +1655,7 @@ static void parse_tsv(const char* text, ExampleVec* ev, const char* path) {
     while (*p) {
         const char* e = strchr(p, '\n');
         size_t len = e ? (size_t)(e - p) : strlen(p);
+        const char* next = e ? e + 1 : p + len; // before the '\r' is cut: a last line "...\r" must not stall
         line_no++;
         if (len && p[len - 1] == '\r') len--;
         if (len > 0 && p[0] != '#') {
@@ -1666,7 +1668,7 @@ static void parse_tsv(const char* text, ExampleVec* ev, const char* path) {
             int header = line_no == 1 && ql == 8 && !strncmp(p, "question", 8);
             if (!header) example_qa(ev_push(ev), tsv_unescape(p, ql), tsv_unescape(a, al));
         }
-        p = e ? e + 1 : p + len;
+        p = next;
     }
 }
 
@@ -2012,6 +2014,8 @@ static void dataset_load(Dataset* d, const Tokenizer* tok, const Config* c, cons
         if (pack) dataset_pack(d, c);
         return;
     }
+    // TSV and JSONL rows are parsed as C strings: a NUL would silently end the file
+    if (strlen(text) != len) die("%s holds a NUL byte", path);
     if (!utf8_valid(text, len)) die("%s is not valid UTF-8", path);
     ExampleVec ev = {0};
     if (kind == 1) parse_tsv(text, &ev, path);
@@ -2049,12 +2053,14 @@ typedef struct { char* from; char* to; size_t from_len; } Term;
 static int load_dict(const char* path, Term** out) {
     size_t len;
     char* text = read_file(path, &len);
+    if (strlen(text) != len) die("%s holds a NUL byte", path);
     int n = 0, cap = 64, line_no = 0;
     Term* t = xmalloc(cap * sizeof(Term));
     char* p = text;
     while (*p) {
         char* e = strchr(p, '\n');
         size_t l = e ? (size_t)(e - p) : strlen(p);
+        char* next = e ? e + 1 : p + l; // before the '\r' is cut: a last line "...\r" must not stall
         line_no++;
         if (l && p[l - 1] == '\r') l--;
         if (l > 0 && p[0] != '#') {
@@ -2068,7 +2074,7 @@ static int load_dict(const char* path, Term** out) {
             t[n].from_len = (size_t)(tab - p);
             n++;
         }
-        p = e ? e + 1 : p + l;
+        p = next;
     }
     free(text);
     if (n == 0) die("%s has no entries", path);
@@ -2364,6 +2370,7 @@ static void usage(void) {
 "        train_lora MODEL.bin -z TOK --full [options] -o OUT.bin  train every weight\n"
 "        train_lora --init SPEC -z TOK --full [options] -o OUT.bin a new model from scratch\n"
 "        train_lora merge MODEL.bin ADAPTER OUT.bin [--int8]      merge an adapter into a model file\n"
+"        train_lora eval MODEL.bin --lora ADAPTER -z TOK --sets DIR  the shared harness (eval --help)\n"
 "Example: train_lora llama3.q8.bin -z llama3.tok --objective graddiff --forget hp.txt \\\n"
 "           --retain wiki.txt -o hp.lora --steps 200\n"
 "Data: plain text files are one token stream cut into rows of -T positions,\n"
@@ -2695,6 +2702,27 @@ static void checkpoint(TrainModel* m, const Options* o, const char* state_path, 
     if (rc != 0) die("cannot write %s: %s", o->out_path, strerror(errno));
 }
 
+// --resume: the log keeps its header and the rows of the steps up to the
+// checkpoint. A killed run may have logged steps after its last checkpoint
+// (they run again now) or half a line; those go, so the resumed log reads as
+// one uninterrupted run. Returns 1 when the log exists (with its header).
+static int trim_log(const char* path, int step) {
+    FILE* f = fopen(path, "rb");
+    if (!f) return 0;
+    fclose(f);
+    size_t len, keep = 0;
+    char* text = read_file(path, &len);
+    for (size_t at = 0; at < len;) {
+        const char* nl = memchr(text + at, '\n', len - at);
+        if (!nl) break;                               // a partial last line
+        if (at > 0 && atol(text + at) > step) break;  // a step after the checkpoint
+        at = keep = (size_t)(nl - text) + 1;
+    }
+    if (keep < len && write_file_atomic(path, text, keep) != 0) die("cannot write %s: %s", path, strerror(errno));
+    free(text);
+    return keep > 0;
+}
+
 static int train_main(int argc, char** argv) {
     Options o;
     parse_options(&o, argc, argv);
@@ -2864,9 +2892,10 @@ static int train_main(int argc, char** argv) {
     loader_init(&lf, &forget, o.seed ^ 0xf0f0ull, sh.f_epoch, sh.f_cursor);
     if (has_retain) loader_init(&lr, &retain, o.seed ^ 0x0f0full, sh.r_epoch, sh.r_cursor);
     if (lf.cursor >= forget.n || (has_retain && lr.cursor >= retain.n)) die("%s does not match these data sets", state_path);
-    FILE* log = fopen(log_path, o.resume ? "a" : "w");
+    int have_log = o.resume && trim_log(log_path, step);
+    FILE* log = fopen(log_path, have_log ? "a" : "w");
     if (!log) die("cannot write %s: %s", log_path, strerror(errno));
-    if (!o.resume)
+    if (!have_log)
         fprintf(log, "step,loss,forget_term,retain_term,forget_nll,retain_nll,retain_kl,grad_norm,lr,tokens_per_s,"
                      "elapsed_s,eta_s,eval_forget_nll,eval_retain_nll\n");
 
@@ -2998,6 +3027,11 @@ static int merge_main(int argc, char** argv) {
 
 int main(int argc, char** argv) {
     if (argc >= 2 && !strcmp(argv[1], "merge")) return merge_main(argc, argv);
+    if (argc >= 2 && !strcmp(argv[1], "eval")) {
+        // the shared harness with the trained adapter applied (--lora ADAPTER)
+        EvalMethod m = {.prog = "train_lora", .kind = "lora"};
+        return eval_main(argc - 1, argv + 1, &m);
+    }
     if (argc < 2) usage();
     return train_main(argc, argv);
 }
