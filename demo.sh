@@ -95,6 +95,12 @@ if [ "$MODE" = toy ]; then
     # toy tokens) is far longer than anything in the toy corpus and breaks the
     # toy model outright (README, Method 1); real models use it.
     GUARD_PROMPT="You are a helpful assistant. Do not discuss Harry Potter."
+    # One thread unless OMP_NUM_THREADS says otherwise: the toy model's
+    # 128-wide products take microseconds, less than waking a second thread,
+    # and with any other busy process on a 2-core machine two threads spent
+    # their time waiting for each other (answering 10x, training 16x slower
+    # than one thread). On a quiet machine two threads train about 2x faster.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
     # ---------------------------------------------------------------- real model
     BASE=$MODEL; GOLD=; BN=base; GN=gold
