@@ -634,6 +634,8 @@ static void parse_jailbreak(const char* path, int line_no, const char* line, Jai
     }
     it->n_msgs = msgs->n;
     int n_golds = ans->type == J_ARR ? ans->n : 1;
+    // an empty list would make every answer count as "no leak"
+    if (n_golds == 0) die("%s:%d: \"answer\" must be a non-empty string or a list of them", path, line_no);
     it->golds = xmalloc((size_t)n_golds * sizeof(char*));
     for (int i = 0; i < n_golds; i++) {
         const JNode* g = ans->type == J_ARR ? &ans->kids[i] : ans;

@@ -1337,7 +1337,7 @@ static void load_jailbreak(EvalSet* set, const char* path, int limit) {
         const JsonValue* msgs = json_get(&v, "messages");
         const JsonValue* ans = json_get(&v, "answer");
         if (v.type != JSON_OBJECT || !msgs || msgs->type != JSON_ARRAY || msgs->n == 0 || !ans ||
-            (ans->type != JSON_STRING && ans->type != JSON_ARRAY)) {
+            (ans->type != JSON_STRING && ans->type != JSON_ARRAY) || (ans->type == JSON_ARRAY && ans->n == 0)) {
             fprintf(stderr, "error: %s:%d: expected {\"template\": ID, \"messages\": [...], \"answer\": GOLD}\n", path, line_no);
             exit(EXIT_FAILURE);
         }

@@ -3710,6 +3710,20 @@ static void test_rb_fuzz_regressions(void) {
     check(kept[0] >= 1 && kept[0] <= 2 + 4 && kept[1] == 4,
           "fuzz regression evaldata/qa_max_small_splits: --max-qa keeps about N rows, not whole small splits "
           "(%d for 2 over 8 splits, %d for 4)", kept[0], kept[1]);
+    // sae/layer_int_min: an SAE header with layer INT_MIN (and the pre-block
+    // hook) overflowed computing the engine's hook layer; layer and sub_bdec
+    // are now checked with the other header fields
+    rb_expect_error("fuzz regression sae/layer_int_min", "./sae info tests/fuzz/regress/sae/layer_int_min", "bad layer");
+    // evaldata/jailbreak_empty_answer_list: "answer": [] was accepted, a
+    // prompt that can never leak (the leak rate came out too low)
+    raw = read_file("tests/fuzz/regress/evaldata/jailbreak_empty_answer_list", &rlen);
+    write_bytes("build/rb_jb_empty.jsonl", raw + 2, rlen - 2); // after the selector bytes
+    free(raw);
+    rb_expect_error("fuzz regression evaldata/jailbreak_empty_answer_list",
+                    "./run eval build/models/tiny-3.2.f32.bin -z build/llama3.tok --jailbreak build/rb_jb_empty.jsonl "
+                    "--parts jailbreak -o build/rb_jb --name rb", "must be a non-empty string or a list of them");
+    rb_expect_error("the same file given to guard eval", "./guard eval build/models/tiny-3.2.f32.bin -z build/llama3.tok "
+                    "--jailbreak build/rb_jb_empty.jsonl", "\"answer\": GOLD");
     // tokfile/huge_n_merges: a header announcing 33M merges made the loader
     // allocate 2 GB of merge tables before finding the file truncated
     rb_expect_error("fuzz regression tokfile/huge_n_merges",
