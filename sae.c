@@ -1322,7 +1322,7 @@ typedef struct {
     float clamp_c, scale_m;
     int gate;
     float gate_alpha;
-    int steps, max_new, selftest;
+    int steps, selftest;
     float temperature, topp;
     int planted_d, planted_true, planted_s;
 } Opts;
@@ -1419,7 +1419,7 @@ static void opts_init(Opts* o) {
     o->k_aux = -1; o->l1 = 0.1f; o->median = 1; o->max_norm_ratio = 10.0f; o->seed = 1337; o->log_every = 10;
     o->save_every = 500; o->layer = -1000; o->rule = "freq"; o->tau = 0.01f; o->N = 20; o->contexts = 5;
     o->mode = SAE_MODE_CLAMP; o->clamp_c = 50.0f; o->scale_m = 1.0f; o->gate_alpha = -1.0f; o->steps = 256;
-    o->max_new = 32; o->selftest = 1; o->temperature = 0.0f; o->topp = 0.9f;
+    o->selftest = 1; o->temperature = 0.0f; o->topp = 0.9f;
     o->planted_d = 64; o->planted_true = 128; o->planted_s = 4;
 }
 
@@ -1492,7 +1492,6 @@ static int parse_flag(Opts* o, const char* f, const char* v) {
     else if (!strcmp(f, "-t")) o->temperature = parse_float_arg(f, v);
     else if (!strcmp(f, "-p")) o->topp = parse_float_arg(f, v);
     else if (!strcmp(f, "-s")) o->seed = parse_int_arg(f, v);
-    else if (!strcmp(f, "--max-new")) o->max_new = parse_int_arg(f, v);
     else if (!strcmp(f, "--no-selftest")) o->selftest = !parse_int_arg(f, v);
     else if (!strcmp(f, "--d")) o->planted_d = parse_int_arg(f, v);
     else if (!strcmp(f, "--true")) o->planted_true = parse_int_arg(f, v);
