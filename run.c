@@ -29,6 +29,9 @@
 #include <cblas.h>
 #endif
 #include <limits.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h> // SIMD kernels, each behind its own #if with a plain C twin
+#endif
 #include "run.h"
 #include "eval.h"
 #include "unicode_ranges.h"
@@ -352,8 +355,7 @@ static void malloc_run_state(RunState* s, const Config* c, int seq_len) {
     s->logits = xcalloc(c->vocab_size, sizeof(float));
     s->lora_tmp = NULL;
     if (c->weight_type == WEIGHT_Q8) {
-        s->xq = xcalloc(B * max_in, sizeof(int8_t));
-        s->xs = xcalloc(B * max_in / c->group_size, sizeof(float));
+        q8_scratch_init(&s->q8, (int)B, max_in, c->group_size);
     }
     s->key_cache = xcalloc((size_t)c->n_layers * seq_len * kv_dim, sizeof(float));
     s->value_cache = xcalloc((size_t)c->n_layers * seq_len * kv_dim, sizeof(float));
@@ -364,7 +366,7 @@ static void malloc_run_state(RunState* s, const Config* c, int seq_len) {
 static void free_run_state(RunState* s) {
     free(s->x); free(s->xb); free(s->att_out); free(s->xb2); free(s->hb); free(s->hb2);
     free(s->q); free(s->k); free(s->v); free(s->rope_cos); free(s->rope_sin); free(s->att);
-    free(s->logits); free(s->lora_tmp); free(s->xq); free(s->xs);
+    free(s->logits); free(s->lora_tmp); q8_scratch_free(&s->q8);
     free(s->key_cache); free(s->value_cache); free(s->rope_inv_freq);
     memset(s, 0, sizeof(*s));
 }
@@ -839,29 +841,82 @@ void gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const floa
 #endif
 }
 
-// Q8_0 quantization of activations: per group, scale = max|x| / 127.
+// Q8_0 quantization of one group of gs values: scale = max|x| / 127 and
+// q = round(x / scale), written as x * (1 / scale). Returns the scale.
+//
+// A NaN or Inf value (a model file with such weights, an overflow) never
+// reaches the int8 cast (undefined behaviour): the group's scale becomes NaN
+// instead, so its dot products are NaN as in the fp32 path.
+float quantize_group_portable(int8_t* q, const float* x, int gs) {
+    float xmax = 0.0f, poison = 0.0f;
+    for (int j = 0; j < gs; j++) {
+        float a = fabsf(x[j]);
+        if (a > xmax) xmax = a;
+        poison += x[j] * 0.0f; // NaN when some x is NaN or Inf
+    }
+    float scale = xmax / 127.0f;
+    float inv = scale > 0.0f && isfinite(scale) ? 1.0f / scale : 0.0f;
+    for (int j = 0; j < gs; j++) q[j] = (int8_t)fmaxf(-127.0f, fminf(127.0f, roundf(x[j] * inv)));
+    return scale + poison;
+}
+
+#if defined(__AVX512F__)
+// roundf (halves away from zero) of 16 floats, exactly: t - trunc(t) is exact
+// in float, so comparing its magnitude with 0.5 decides the rounding without
+// the double rounding of trunc(t + 0.5).
+static inline __m512 round_half_away_avx512(__m512 t) {
+    __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    __m512 frac = _mm512_abs_ps(_mm512_sub_ps(t, whole));
+    __mmask16 up = _mm512_cmp_ps_mask(frac, _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+    __m512 one = _mm512_or_ps(_mm512_set1_ps(1.0f), _mm512_and_ps(t, _mm512_set1_ps(-0.0f))); // +-1 with t's sign
+    return _mm512_mask_add_ps(whole, up, whole, one);
+}
+
+// (int8_t)fmaxf(-127, fminf(127, roundf(t))) for 16 floats, as int32 lanes.
+// vminps returns its second operand when the first is NaN, as fminf does.
+static inline __m512i quantize_value_avx512(__m512 t) {
+    __m512 r = round_half_away_avx512(t);
+    r = _mm512_max_ps(_mm512_min_ps(r, _mm512_set1_ps(127.0f)), _mm512_set1_ps(-127.0f));
+    return _mm512_cvttps_epi32(r);
+}
+
+// quantize_group_portable, 16 lanes at a time (gs a multiple of 16); the
+// same scale and the same bytes. The max and the poison sum do not depend on
+// their order (a max; a sum of zeros or NaN).
+static float quantize_group_avx512(int8_t* q, const float* x, int gs) {
+    __m512 vmax = _mm512_setzero_ps(), vpoison = _mm512_setzero_ps();
+    for (int j = 0; j < gs; j += 16) {
+        __m512 v = _mm512_loadu_ps(x + j);
+        vmax = _mm512_max_ps(_mm512_abs_ps(v), vmax); // NaN lanes keep the old max, as "a > xmax" does
+        vpoison = _mm512_add_ps(vpoison, _mm512_mul_ps(v, _mm512_setzero_ps()));
+    }
+    float scale = _mm512_reduce_max_ps(vmax) / 127.0f;
+    float poison = _mm512_reduce_add_ps(vpoison);
+    __m512 inv = _mm512_set1_ps(scale > 0.0f && isfinite(scale) ? 1.0f / scale : 0.0f);
+    for (int j = 0; j < gs; j += 16) {
+        __m512i r = quantize_value_avx512(_mm512_mul_ps(_mm512_loadu_ps(x + j), inv));
+        _mm_storeu_si128((__m128i*)(q + j), _mm512_cvtepi32_epi8(r));
+    }
+    return scale + poison;
+}
+#endif
+
+float quantize_group(int8_t* q, const float* x, int gs) {
+#if defined(__AVX512F__)
+    if (gs % 16 == 0) return quantize_group_avx512(q, x, gs);
+#endif
+    return quantize_group_portable(q, x, gs);
+}
+
+// Q8_0 quantization of activations, row by row: x (n, cols) -> q (n, cols),
+// s (n, cols/gs).
 static void quantize_rows(int8_t* q, float* s, const float* x, int n, int cols, int gs) {
     int groups = cols / gs;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < n; i++)
         for (int g = 0; g < groups; g++) {
-            const float* xg = x + (size_t)i * cols + (size_t)g * gs;
-            int8_t* qg = q + (size_t)i * cols + (size_t)g * gs;
-            float wmax = 0.0f, poison = 0.0f;
-            for (int j = 0; j < gs; j++) {
-                float a = fabsf(xg[j]);
-                if (a > wmax) wmax = a;
-                poison += xg[j] * 0.0f; // NaN when some x is NaN or Inf
-            }
-            float scale = wmax / 127.0f;
-            float inv = scale > 0.0f && isfinite(scale) ? 1.0f / scale : 0.0f;
-            // a NaN or Inf activation (a model file with such weights, an
-            // overflow) never reaches the int8 cast (undefined behaviour);
-            // the group's scale becomes NaN instead, so the dot products
-            // are NaN as in the fp32 path
-            for (int j = 0; j < gs; j++) qg[j] = (int8_t)fmaxf(-127.0f, fminf(127.0f, roundf(xg[j] * inv)));
-            s[(size_t)i * groups + g] = scale + poison;
+            size_t off = (size_t)i * cols + (size_t)g * gs;
+            s[(size_t)i * groups + g] = quantize_group(q + off, x + off, gs);
         }
-    }
 }
 
 // One Q8_0 dot product: int32 sums per group, scaled once per group. This is
@@ -880,7 +935,6 @@ float dot_q8_portable(const int8_t* wq, const float* ws, const int8_t* xq, const
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 // AVX2: 32 int8 products per instruction. maddubs multiplies unsigned by
 // signed bytes, so |a| goes in as the unsigned operand and a's sign is moved
 // onto b (sign_epi8); pairs sum to int16 without overflow since |a|,|b| <= 127.
@@ -967,7 +1021,333 @@ void dot_q8_x4(float* out, const int8_t* wq, const float* ws, const int8_t* xq, 
 // toy model's 128 x 128 projections; every Llama-3 projection is far above).
 #define PARALLEL_MIN_WORK (1L << 17)
 
-void matmul(float* y, const float* x, const Matrix* w, int n, int8_t* xq, float* xs) {
+// ---- Int8 matrix-matrix products ------------------------------------------
+// Prompts and training multiply many rows of x by the same weights. matmul's
+// int8 path above reads a weight row once per four input rows; matmul_q8
+// instead packs Q8_NR = 32 weight rows ("a panel") so that one 64-byte load
+// holds 4 consecutive k of 16 rows, and AVX-512 VNNI's vpdpbusd multiplies it
+// with 4 bytes of one input row, broadcast: 64 multiply-adds per instruction
+// into 16 int32 sums. A micro-kernel keeps Q8_MR x Q8_NR = 6 x 32 outputs in
+// registers, as int32 sums for the current group and as floats across groups.
+// At the end of each group of gs k every sum becomes float once:
+//
+//     y = fma(acc_G, ws_G * xs_G, ... fma(acc_2, ws_2 * xs_2, fma(acc_1, ws_1 * xs_1, y0)))
+//
+// with acc_g the exact int32 dot product of group g (|acc| <= gs * 127^2 <
+// 2^24, so the conversion is exact too) and y0 = 0, or y's old value when
+// accumulating. matmul_q8_portable computes the same expression in plain C,
+// and test_all compares the two bit for bit.
+//
+// vpdpbusd multiplies unsigned by signed bytes: the panel stores w + 128 (the
+// byte w ^ 0x80) and each group's int32 sum starts at -128 * sum(x) of that
+// group, which cancels the offset exactly.
+//
+// Transposed (training's dx = dy W): the sum now runs down W's columns, across
+// its quantization groups (each row has its own scale per group of columns),
+// so the panel holds W^T requantized: each run of gs rows of a column gets
+// its own scale, max|s*q| / 127, exactly as quantize_group would give from the
+// dequantized values. This second rounding is the price of int8 arithmetic in
+// the backward pass (its size is measured in test_all).
+//
+// The k dimension is cut in blocks of kc (Q8Scratch.kc): x's block is
+// quantized (all threads), then each thread packs its panels' block and runs
+// the micro-kernel over all rows of x. Blocks after the first continue the
+// fma chain from y, so the result does not depend on kc.
+#define Q8_MR 6     // rows of x per micro-kernel call
+#define Q8_NR 32    // weight rows (outputs) per packed panel: two 16-lane vectors
+#define Q8_KC 4096  // default k block: a panel is Q8_NR * Q8_KC = 128 KiB (L2)
+#define Q8_GEMM_MIN_ROWS 4 // matmul takes the GEMM from this many rows of x
+
+int matmul_q8_fast(int rows, int gs, int trans) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return gs > 0 && gs % 4 == 0 && (!trans || (gs % 32 == 0 && rows % gs == 0));
+#else
+    (void)rows; (void)gs; (void)trans;
+    return 0;
+#endif
+}
+
+// The sizes of every buffer (and their sum in sc->bytes), nothing allocated.
+static void q8_scratch_sizes(Q8Scratch* sc, int n_cap, int max_cols, int gs) {
+    memset(sc, 0, sizeof(*sc));
+    sc->n_cap = n_cap;
+    sc->gs = gs;
+    sc->max_cols = max_cols;
+    int kc = Q8_KC / gs * gs;
+    if (kc < gs) kc = gs;
+    if (kc > max_cols / gs * gs) kc = max_cols / gs * gs;
+    sc->kc = kc;
+    sc->n_threads = engine_threads();
+    // xq/xs serve both paths: the dot products take whole rows (n, max_cols),
+    // the GEMM one k block at a time (n, kc), kc <= max_cols
+    sc->bytes = (size_t)n_cap * max_cols + (size_t)n_cap * (max_cols / gs) * sizeof(float);
+    if (matmul_q8_fast(0, gs, 0))
+        sc->bytes += (size_t)n_cap * (kc / gs) * sizeof(int32_t) + (size_t)sc->n_threads * Q8_NR * kc +
+                     (size_t)sc->n_threads * Q8_NR * (kc / gs) * sizeof(float) + (size_t)sc->n_threads * Q8_NR * gs * sizeof(float);
+}
+
+void q8_scratch_init(Q8Scratch* sc, int n_cap, int max_cols, int gs) {
+    q8_scratch_sizes(sc, n_cap, max_cols, gs);
+    int kc = sc->kc;
+    sc->xq = xcalloc((size_t)n_cap * max_cols, 1);
+    sc->xs = xcalloc((size_t)n_cap * (max_cols / gs), sizeof(float));
+    if (matmul_q8_fast(0, gs, 0)) {
+        sc->xcorr = xcalloc((size_t)n_cap * (kc / gs), sizeof(int32_t));
+        sc->panels = xcalloc((size_t)sc->n_threads * Q8_NR * kc, 1);
+        sc->panel_scales = xcalloc((size_t)sc->n_threads * Q8_NR * (kc / gs), sizeof(float));
+        sc->pack_tmp = xcalloc((size_t)sc->n_threads * Q8_NR * gs, sizeof(float));
+    }
+}
+
+void q8_scratch_free(Q8Scratch* sc) {
+    free(sc->xq); free(sc->xs); free(sc->xcorr); free(sc->panels); free(sc->panel_scales); free(sc->pack_tmp);
+    memset(sc, 0, sizeof(*sc));
+}
+
+// The reference: every output as the fma chain above. In the transposed case
+// W^T's requantized column groups are built one at a time with
+// quantize_group_portable (tmp: (gs,) floats, tq: (gs,) bytes).
+void matmul_q8_portable(float* y, const float* x, const Matrix* w, int n, int trans, int accumulate) {
+    int gs = w->group_size, gpr = w->cols / gs; // scales per weight row
+    int K = trans ? w->rows : w->cols, M = trans ? w->cols : w->rows, groups = K / gs;
+    int8_t* xq = xmalloc((size_t)K);
+    float* xs = xmalloc((size_t)groups * sizeof(float));
+    float* tmp = xmalloc((size_t)gs * sizeof(float));
+    int8_t* tq = xmalloc((size_t)gs);
+    for (int i = 0; i < n; i++) {
+        quantize_rows(xq, xs, x + (size_t)i * K, 1, K, gs);
+        for (int j = 0; j < M; j++) {
+            float sum = accumulate ? y[(size_t)i * M + j] : 0.0f;
+            for (int g = 0; g < groups; g++) {
+                const int8_t* wq;
+                float ws;
+                if (!trans) {
+                    wq = w->q + (size_t)j * K + (size_t)g * gs;
+                    ws = w->s[(size_t)j * gpr + g];
+                } else { // column j of W, rows g*gs .. g*gs+gs-1, requantized
+                    for (int o = 0; o < gs; o++) {
+                        size_t row = (size_t)g * gs + o;
+                        tmp[o] = w->s[row * gpr + j / gs] * (float)w->q[row * w->cols + j];
+                    }
+                    ws = quantize_group_portable(tq, tmp, gs);
+                    wq = tq;
+                }
+                int32_t acc = 0;
+                for (int k = 0; k < gs; k++) acc += (int32_t)wq[k] * (int32_t)xq[(size_t)g * gs + k];
+                sum = fmaf((float)acc, ws * xs[g], sum);
+            }
+            y[(size_t)i * M + j] = sum;
+        }
+    }
+    free(xq); free(xs); free(tmp); free(tq);
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// Packs weight rows j0 .. j0+nr-1, columns k0 .. k0+kb-1 (forward):
+// panel[(kk * Q8_NR + j) * 4 + b] = w[j0+j][k0 + 4*kk + b] ^ 0x80 and
+// scales[g * Q8_NR + j] = the row's scale of group g; rows past nr are zero
+// weights (byte 0x80) with scale 0.
+// 16 x 16 dwords: out[c] lane i = rows[i] lane c (unpack pairs, then quads,
+// then 128-bit lanes twice).
+static void transpose_16x16_epi32(__m512i out[16], const __m512i rows[16]) {
+    __m512i t[16], u[16], v[16];
+    for (int R = 0; R < 16; R += 4) {
+        t[R] = _mm512_unpacklo_epi32(rows[R], rows[R + 1]);
+        t[R + 1] = _mm512_unpackhi_epi32(rows[R], rows[R + 1]);
+        t[R + 2] = _mm512_unpacklo_epi32(rows[R + 2], rows[R + 3]);
+        t[R + 3] = _mm512_unpackhi_epi32(rows[R + 2], rows[R + 3]);
+        // u[R + m], lane L: column 4L + m of rows R .. R+3
+        u[R] = _mm512_unpacklo_epi64(t[R], t[R + 2]);
+        u[R + 1] = _mm512_unpackhi_epi64(t[R], t[R + 2]);
+        u[R + 2] = _mm512_unpacklo_epi64(t[R + 1], t[R + 3]);
+        u[R + 3] = _mm512_unpackhi_epi64(t[R + 1], t[R + 3]);
+    }
+    for (int m = 0; m < 4; m++) {
+        v[m] = _mm512_shuffle_i32x4(u[m], u[m + 4], 0x88);          // lanes 0, 2 of rows 0-3 and 4-7
+        v[m + 4] = _mm512_shuffle_i32x4(u[m], u[m + 4], 0xdd);      // lanes 1, 3
+        v[m + 8] = _mm512_shuffle_i32x4(u[m + 8], u[m + 12], 0x88); // the same for rows 8-15
+        v[m + 12] = _mm512_shuffle_i32x4(u[m + 8], u[m + 12], 0xdd);
+    }
+    for (int m = 0; m < 4; m++) {
+        out[m] = _mm512_shuffle_i32x4(v[m], v[m + 8], 0x88);
+        out[m + 8] = _mm512_shuffle_i32x4(v[m], v[m + 8], 0xdd);
+        out[m + 4] = _mm512_shuffle_i32x4(v[m + 4], v[m + 12], 0x88);
+        out[m + 12] = _mm512_shuffle_i32x4(v[m + 4], v[m + 12], 0xdd);
+    }
+}
+
+static void q8_pack_rows(uint8_t* panel, float* scales, const Matrix* w, int j0, int nr, int k0, int kb) {
+    int gs = w->group_size, gpr = w->cols / gs, words = kb / 4;
+    uint32_t* dst = (uint32_t*)panel;
+    __m512i offset_bytes = _mm512_set1_epi32((int)0x80808080u);
+    // 16 rows x 16 dwords at a time, each row read as one 64-byte stream;
+    // rows past nr are zero (bytes 0x80 after the offset: weight 0)
+    for (int half = 0; half < 2; half++)
+        for (int kk = 0; kk < words; kk += 16) {
+            int nw = words - kk < 16 ? words - kk : 16;
+            __mmask16 mask = nw == 16 ? 0xFFFF : (__mmask16)((1u << nw) - 1);
+            __m512i rows[16], cols[16];
+            for (int i = 0; i < 16; i++) {
+                int j = 16 * half + i;
+                rows[i] = j < nr ? _mm512_maskz_loadu_epi32(mask, w->q + (size_t)(j0 + j) * w->cols + k0 + 4 * kk)
+                                 : _mm512_setzero_si512();
+            }
+            transpose_16x16_epi32(cols, rows);
+            for (int c = 0; c < nw; c++)
+                _mm512_storeu_si512(dst + (size_t)(kk + c) * Q8_NR + 16 * half, _mm512_xor_si512(cols[c], offset_bytes));
+        }
+    for (int j = 0; j < Q8_NR; j++)
+        for (int g = 0; g < kb / gs; g++)
+            scales[g * Q8_NR + j] = j < nr ? w->s[(size_t)(j0 + j) * gpr + k0 / gs + g] : 0.0f;
+}
+
+// Packs W^T (transposed): outputs are W's columns j0 .. j0+nr-1, k runs over
+// W's rows k0 .. k0+kb-1. Each group of gs rows of a column is requantized
+// from s*q as quantize_group would (16 columns per vector; needs gs % 32 == 0
+// so that the panel's 32 columns share one scale group of each row).
+static void q8_pack_cols(uint8_t* panel, float* scales, const Matrix* w, int j0, int nr, int k0, int kb, float* tmp) {
+    int gs = w->group_size, gpr = w->cols / gs;
+    __mmask32 cols_mask = nr >= 32 ? 0xFFFFFFFFu : (1u << nr) - 1;
+    for (int g = 0; g < kb / gs; g++) {
+        // tmp (gs, 32): the dequantized values, and each column's max and poison
+        __m512 vmax[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        __m512 vpoison[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int o = 0; o < gs; o++) {
+            size_t row = (size_t)k0 + (size_t)g * gs + o;
+            __m256i q = _mm256_maskz_loadu_epi8(cols_mask, w->q + row * w->cols + j0);
+            __m512 s = _mm512_set1_ps(w->s[row * gpr + j0 / gs]);
+            for (int h = 0; h < 2; h++) {
+                __m128i q16 = h ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
+                __m512 v = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q16)));
+                _mm512_storeu_ps(tmp + (size_t)o * 32 + 16 * h, v);
+                vmax[h] = _mm512_max_ps(_mm512_abs_ps(v), vmax[h]);
+                vpoison[h] = _mm512_add_ps(vpoison[h], _mm512_mul_ps(v, _mm512_setzero_ps()));
+            }
+        }
+        __m512 inv[2];
+        for (int h = 0; h < 2; h++) {
+            // scale = max / 127; inv = 1 / scale where that is finite and > 0, else 0
+            __m512 scale = _mm512_div_ps(vmax[h], _mm512_set1_ps(127.0f));
+            __mmask16 ok = _mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_GT_OQ) &
+                           _mm512_cmp_ps_mask(scale, _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
+            inv[h] = _mm512_maskz_div_ps(ok, _mm512_set1_ps(1.0f), scale);
+            _mm512_storeu_ps(scales + g * Q8_NR + 16 * h, _mm512_add_ps(scale, vpoison[h]));
+        }
+        // four rows at a time into one dword per column: byte b = row 4*kk + b, plus 128
+        uint32_t* dst = (uint32_t*)panel + (size_t)g * (gs / 4) * Q8_NR;
+        for (int kk = 0; kk < gs / 4; kk++)
+            for (int h = 0; h < 2; h++) {
+                __m512i word = _mm512_setzero_si512();
+                for (int b = 0; b < 4; b++) {
+                    __m512 v = _mm512_loadu_ps(tmp + (size_t)(4 * kk + b) * 32 + 16 * h);
+                    __m512i q = quantize_value_avx512(_mm512_mul_ps(v, inv[h]));
+                    q = _mm512_and_si512(_mm512_add_epi32(q, _mm512_set1_epi32(128)), _mm512_set1_epi32(255));
+                    word = _mm512_or_si512(word, _mm512_slli_epi32(q, 8 * b));
+                }
+                _mm512_storeu_si512(dst + (size_t)kk * Q8_NR + 16 * h, word);
+            }
+    }
+}
+
+// x (n, kb) block -> xq (n, kb), xs (n, kb/gs), xcorr (n, kb/gs) = -128 * sum of each group's bytes
+static void q8_quantize_block(Q8Scratch* sc, const float* x, int ldx, int n, int kb) {
+    int gs = sc->gs, groups = kb / gs;
+    #pragma omp parallel for schedule(static) if ((long)n * kb >= PARALLEL_MIN_WORK)
+    for (int i = 0; i < n; i++)
+        for (int g = 0; g < groups; g++) {
+            int8_t* q = sc->xq + (size_t)i * kb + (size_t)g * gs;
+            sc->xs[(size_t)i * groups + g] = quantize_group(q, x + (size_t)i * ldx + (size_t)g * gs, gs);
+            int32_t sum = 0;
+            for (int k = 0; k < gs; k++) sum += q[k];
+            sc->xcorr[(size_t)i * groups + g] = -128 * sum;
+        }
+}
+
+// y[i][j] for i < mr, j < nr of one 6 x 32 tile: the fma chain over the
+// block's groups (load: start from y, else from 0). Rows past mr read row 0.
+static void q8_kernel(int groups, int gs, const uint8_t* panel, const float* pscale, const int8_t* xq, int kb,
+                      const float* xs, const int32_t* xcorr, float* y, int ldy, int mr, int nr, int load) {
+    const int8_t* xr[Q8_MR];
+    for (int i = 0; i < Q8_MR; i++) xr[i] = xq + (size_t)(i < mr ? i : 0) * kb;
+    int rows[Q8_MR];
+    for (int i = 0; i < Q8_MR; i++) rows[i] = (i < mr ? i : 0) * groups;
+    __mmask16 m0 = nr >= 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
+    __mmask16 m1 = nr >= 32 ? 0xFFFF : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : 0;
+    __m512 c[Q8_MR][2];
+    #pragma GCC unroll 6
+    for (int i = 0; i < Q8_MR; i++) {
+        c[i][0] = load && i < mr ? _mm512_maskz_loadu_ps(m0, y + (size_t)i * ldy) : _mm512_setzero_ps();
+        c[i][1] = load && i < mr ? _mm512_maskz_loadu_ps(m1, y + (size_t)i * ldy + 16) : _mm512_setzero_ps();
+    }
+    const uint8_t* b = panel;
+    for (int g = 0; g < groups; g++) {
+        __m512i acc[Q8_MR][2];
+        #pragma GCC unroll 6
+        for (int i = 0; i < Q8_MR; i++) acc[i][0] = acc[i][1] = _mm512_set1_epi32(xcorr[rows[i] + g]);
+        for (int kk = 0; kk < gs / 4; kk++) {
+            __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
+            b += 4 * Q8_NR;
+            #pragma GCC unroll 6
+            for (int i = 0; i < Q8_MR; i++) {
+                int32_t word;
+                memcpy(&word, xr[i] + (size_t)g * gs + 4 * kk, 4);
+                __m512i a = _mm512_set1_epi32(word);
+                acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], b0, a);
+                acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], b1, a);
+            }
+        }
+        __m512 s0 = _mm512_loadu_ps(pscale + g * Q8_NR), s1 = _mm512_loadu_ps(pscale + g * Q8_NR + 16);
+        #pragma GCC unroll 6
+        for (int i = 0; i < Q8_MR; i++) {
+            __m512 xsc = _mm512_set1_ps(xs[rows[i] + g]);
+            c[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][0]), _mm512_mul_ps(s0, xsc), c[i][0]);
+            c[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][1]), _mm512_mul_ps(s1, xsc), c[i][1]);
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+        _mm512_mask_storeu_ps(y + (size_t)i * ldy, m0, c[i][0]);
+        _mm512_mask_storeu_ps(y + (size_t)i * ldy + 16, m1, c[i][1]);
+    }
+}
+#endif
+
+size_t q8_scratch_bytes(int n_cap, int max_cols, int gs) {
+    Q8Scratch sc;
+    q8_scratch_sizes(&sc, n_cap, max_cols, gs);
+    return sc.bytes;
+}
+
+void matmul_q8(float* y, const float* x, const Matrix* w, int n, int trans, int accumulate, Q8Scratch* sc) {
+    int gs = w->group_size;
+    if (gs != sc->gs || n > sc->n_cap) die("matmul_q8: scratch for group %d and %d rows, asked for %d and %d", sc->gs, sc->n_cap, gs, n);
+    if (!matmul_q8_fast(w->rows, gs, trans)) {
+        matmul_q8_portable(y, x, w, n, trans, accumulate);
+        return;
+    }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    int K = trans ? w->rows : w->cols, M = trans ? w->cols : w->rows;
+    int n_panels = (M + Q8_NR - 1) / Q8_NR;
+    for (int k0 = 0; k0 < K; k0 += sc->kc) {
+        int kb = K - k0 < sc->kc ? K - k0 : sc->kc, groups = kb / gs;
+        q8_quantize_block(sc, x + k0, K, n, kb);
+        int load = accumulate || k0 > 0;
+        #pragma omp parallel for schedule(static) num_threads(sc->n_threads) if ((long)n * M * kb >= PARALLEL_MIN_WORK)
+        for (int p = 0; p < n_panels; p++) {
+            int t = engine_thread_id();
+            uint8_t* panel = sc->panels + (size_t)t * Q8_NR * sc->kc;
+            float* pscale = sc->panel_scales + (size_t)t * Q8_NR * (sc->kc / gs);
+            int j0 = p * Q8_NR, nr = M - j0 < Q8_NR ? M - j0 : Q8_NR;
+            if (trans) q8_pack_cols(panel, pscale, w, j0, nr, k0, kb, sc->pack_tmp + (size_t)t * Q8_NR * gs);
+            else q8_pack_rows(panel, pscale, w, j0, nr, k0, kb);
+            for (int i0 = 0; i0 < n; i0 += Q8_MR)
+                q8_kernel(groups, gs, panel, pscale, sc->xq + (size_t)i0 * kb, kb, sc->xs + (size_t)i0 * groups,
+                          sc->xcorr + (size_t)i0 * groups, y + (size_t)i0 * M + j0, M, n - i0 < Q8_MR ? n - i0 : Q8_MR, nr, load);
+        }
+    }
+#endif
+}
+
+void matmul(float* y, const float* x, const Matrix* w, int n, Q8Scratch* q8) {
     int rows = w->rows, cols = w->cols;
     if (w->f) {
         if (n == 1) {
@@ -990,7 +1370,14 @@ void matmul(float* y, const float* x, const Matrix* w, int n, int8_t* xq, float*
         }
         return;
     }
+    if (n >= Q8_GEMM_MIN_ROWS && matmul_q8_fast(rows, w->group_size, 0)) {
+        // a prompt or a training batch: the packed VNNI GEMM
+        matmul_q8(y, x, w, n, 0, 0, q8);
+        return;
+    }
     int gs = w->group_size, groups = cols / gs;
+    int8_t* xq = q8->xq;
+    float* xs = q8->xs;
     quantize_rows(xq, xs, x, n, cols, gs);
     // each weight row is read once and dotted with all n quantized inputs,
     // four at a time (dot_q8_x4 shares the weight loads between them)
@@ -1259,7 +1646,7 @@ void load_lora(Transformer* t, const char* path) {
 // One projection: y = x W^T, plus the adapter's B A x when one is set.
 static void project(Transformer* t, float* y, const float* x, const Matrix* w, int layer, int target, int n) {
     RunState* s = &t->state;
-    matmul(y, x, w, n, s->xq, s->xs);
+    matmul(y, x, w, n, &s->q8);
     if (t->lora) lora_apply(y, x, t->lora, layer, target, n, w->cols, w->rows, s->lora_tmp);
 }
 
@@ -1359,7 +1746,7 @@ static void classify(Transformer* t, float* logits, int row0, int n) {
     RunState* s = &t->state;
     for (int i = 0; i < n; i++)
         rmsnorm(s->xb + (size_t)i * c->dim, s->x + (size_t)(row0 + i) * c->dim, t->weights.rms_final, c->dim, c->norm_eps);
-    matmul(logits, s->xb, &t->weights.wcls, n, s->xq, s->xs);
+    matmul(logits, s->xb, &t->weights.wcls, n, &s->q8);
 }
 
 float* forward_batch(Transformer* t, const int* tokens, int n, int pos0, float* all_logits) {

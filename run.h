@@ -159,6 +159,20 @@ typedef struct {
 // residual stream x (n_pos, dim) of positions pos0 .. pos0+n_pos-1, after the
 // block's output has been added ("resid_post" of layer `layer`). The hook may
 // read and modify x in place. Used by SAE capture/ablation.
+// Scratch of the int8 matmuls (run.c): quantized rows of x, and per thread
+// the packed weight panels of matmul_q8's GEMM (allocated only in builds
+// that have it). kc may be lowered after q8_scratch_init (tests do), never raised.
+typedef struct {
+    int n_cap, max_cols, gs, kc, n_threads;
+    size_t bytes;         // all buffers together
+    int8_t* xq;           // (n_cap, max_cols) quantized rows of x
+    float* xs;            // (n_cap, max_cols / gs) their scales
+    int32_t* xcorr;       // (n_cap, kc / gs) -128 * the sum of each group's bytes (GEMM)
+    uint8_t* panels;      // (n_threads, 32 * kc) packed weight panels (GEMM)
+    float* panel_scales;  // (n_threads, 32 * kc / gs) their scales
+    float* pack_tmp;      // (n_threads, 32 * gs) dequantized values while requantizing W^T
+} Q8Scratch;
+
 typedef void (*ResidualHook)(void* ctx, int layer, int pos0, int n_pos, float* x, int dim);
 
 // Activation buffers for inference. Prompts are processed in chunks of up to
@@ -181,8 +195,7 @@ typedef struct {
     float* att;          // (n_threads, seq_len) attention scores scratch
     float* logits;       // (vocab_size,) logits of the chunk's last position
     float* lora_tmp;     // (batch_cap, lora rank) A x, allocated when an adapter is set
-    int8_t* xq;          // (batch_cap, max in-dim) Q8_0-quantized activations
-    float* xs;           // (batch_cap, max in-dim / group_size) their scales
+    Q8Scratch q8;        // int8 matmul scratch (quantized activations, packed panels); empty for fp32
     float* key_cache;    // (n_layers, seq_len, n_kv_heads*head_dim)
     float* value_cache;  // (n_layers, seq_len, n_kv_heads*head_dim)
     float* rope_inv_freq;// (head_dim/2,) with llama3 scaling applied
@@ -230,9 +243,30 @@ const char* engine_build_info(void);
 void gemm_portable(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
                    const float* B, int ldb, float beta, float* C, int ldc);
 // y (n, w->rows) = x (n, w->cols) @ W^T, for fp32 or Q8_0 W. With Q8_0, x is
-// quantized per group and dotted in int32 (xq/xs are the scratch, sized
-// (n, w->cols) and (n, w->cols/group_size)).
-void matmul(float* y, const float* x, const Matrix* w, int n, int8_t* xq, float* xs);
+// quantized per group and multiplied in int32: dot products for a few rows
+// (decoding), matmul_q8's GEMM for more where the build has it.
+void matmul(float* y, const float* x, const Matrix* w, int n, Q8Scratch* q8);
+// Int8 matrix-matrix product with a Q8_0 W (see run.c, "Int8 matrix-matrix
+// products"), x quantized per group of its rows:
+//   trans 0: y (n, w->rows) (+)= x (n, w->cols) @ W^T
+//   trans 1: y (n, w->cols) (+)= x (n, w->rows) @ W, W^T requantized along its rows
+// accumulate: add to y instead of overwriting it. matmul_q8_fast says whether
+// this build has the fast kernel for W (AVX-512 VNNI; the transposed case
+// also needs group_size % 32 == 0 and rows % group_size == 0); without it
+// matmul_q8 runs matmul_q8_portable, the plain C reference it equals bit for bit.
+void matmul_q8(float* y, const float* x, const Matrix* w, int n, int trans, int accumulate, Q8Scratch* q8);
+// One Q8_0 group: q (gs,) = round(x / scale), returns scale = max|x| / 127
+// (NaN when x holds a NaN or Inf). quantize_group is SIMD where built, equal
+// bit for bit to quantize_group_portable.
+float quantize_group(int8_t* q, const float* x, int gs);
+float quantize_group_portable(int8_t* q, const float* x, int gs);
+void matmul_q8_portable(float* y, const float* x, const Matrix* w, int n, int trans, int accumulate);
+int matmul_q8_fast(int rows, int group_size, int trans); // rows: W's, used when trans
+// n_cap rows of x with up to max_cols columns (the largest k of the dot
+// products; the GEMM works in k blocks of kc <= max_cols).
+void q8_scratch_init(Q8Scratch* sc, int n_cap, int max_cols, int gs);
+void q8_scratch_free(Q8Scratch* sc);
+size_t q8_scratch_bytes(int n_cap, int max_cols, int gs); // what q8_scratch_init allocates
 // Q8_0 dot product of one weight row with one quantized activation row:
 // sum over groups of int32 dot * w_scale * x_scale. dot_q8 uses SIMD where
 // the build has it (AVX2); dot_q8_portable is the plain C reference.

@@ -364,6 +364,130 @@ static void test_dot_q8(void) {
     free(a); free(b);
 }
 
+static uint64_t q8_test_rng = 12345;
+static float q8_test_uniform(void) { // [-1, 1)
+    q8_test_rng = q8_test_rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((q8_test_rng >> 40) * (2.0 / 16777216.0)) - 1.0f;
+}
+
+// A random Q8_0 matrix with every byte in [-127, 127] and the extremes present
+static Matrix q8_test_matrix(int rows, int cols, int gs) {
+    Matrix w = {NULL, xmalloc((size_t)rows * cols), xmalloc((size_t)rows * (cols / gs) * sizeof(float)), rows, cols, gs};
+    for (size_t i = 0; i < (size_t)rows * cols; i++) w.q[i] = (int8_t)lrintf(127.0f * q8_test_uniform());
+    w.q[0] = 127; w.q[1] = -127;
+    for (size_t g = 0; g < (size_t)rows * (cols / gs); g++) w.s[g] = 0.01f * (1.5f + q8_test_uniform());
+    return w;
+}
+
+static void test_matmul_q8(void) {
+    // quantize_group (SIMD where built) = quantize_group_portable, byte for
+    // byte, including values that land exactly on .5 after scaling (127 is
+    // the max, so x = 63.5 is q = 63.5 before rounding)
+    int same = 1, groups_checked = 0;
+    for (int trial = 0; trial < 200; trial++) {
+        float x[64];
+        int8_t qa[64], qb[64];
+        for (int j = 0; j < 64; j++) x[j] = trial % 3 ? 5.0f * q8_test_uniform() : (float)(j - 32) + 0.5f;
+        if (trial % 3 == 0) x[0] = 127.0f;
+        if (trial == 7) x[9] = NAN;
+        if (trial == 8) x[9] = -INFINITY;
+        if (trial == 9) for (int j = 0; j < 64; j++) x[j] = 0.0f;
+        float sa = quantize_group(qa, x, 64), sb = quantize_group_portable(qb, x, 64);
+        if (isnan(sa) || isnan(sb)) { same &= isnan(sa) && isnan(sb); continue; } // the bytes of a NaN group are unused
+        same &= sa == sb && !memcmp(qa, qb, 64);
+        groups_checked++;
+    }
+    check(same, "quantize_group equals quantize_group_portable bit for bit (%d groups, exact halves, NaN, Inf, zeros)",
+          groups_checked);
+
+    // matmul_q8 (the VNNI GEMM where built) = matmul_q8_portable bit for
+    // bit: a partial panel of weight rows (104 = 3 x 32 + 8), rows of x not a
+    // multiple of 6, accumulation, and k blocks of 2 groups so that the fma
+    // chain crosses blocks (5 groups: blocks of 2, 2, 1)
+    int gs = 64;
+    Matrix wf = q8_test_matrix(104, 320, gs);  // forward: y (n, 104) = x (n, 320) W^T
+    Matrix wt = q8_test_matrix(320, 192, gs);  // transposed: y (n, 192) = x (n, 320) W
+    Q8Scratch q8;
+    q8_scratch_init(&q8, 16, 320, gs);
+    q8.kc = 2 * gs;
+    int n_list[] = {1, 5, 6, 7, 13}, n_same = 0, n_calls = 0;
+    for (int trans = 0; trans < 2; trans++)
+        for (int ni = 0; ni < 5; ni++)
+            for (int accumulate = 0; accumulate < 2; accumulate++) {
+                const Matrix* w = trans ? &wt : &wf;
+                int n = n_list[ni], K = trans ? w->rows : w->cols, M = trans ? w->cols : w->rows;
+                float* x = xmalloc((size_t)n * K * sizeof(float));
+                float* y_fast = xmalloc((size_t)n * M * sizeof(float));
+                float* y_ref = xmalloc((size_t)n * M * sizeof(float));
+                for (int i = 0; i < n * K; i++) x[i] = 3.0f * q8_test_uniform();
+                for (int i = 0; i < n * M; i++) y_fast[i] = y_ref[i] = q8_test_uniform();
+                matmul_q8(y_fast, x, w, n, trans, accumulate, &q8);
+                matmul_q8_portable(y_ref, x, w, n, trans, accumulate);
+                n_same += !memcmp(y_fast, y_ref, (size_t)n * M * sizeof(float));
+                n_calls++;
+                free(x); free(y_fast); free(y_ref);
+            }
+    // group size 32 and k = 96: a k block of 24 dwords, not a multiple of the packer's 16
+    {
+        Matrix w32 = q8_test_matrix(40, 96, 32), w32t = q8_test_matrix(96, 64, 32);
+        Q8Scratch q32;
+        q8_scratch_init(&q32, 16, 96, 32);
+        for (int trans = 0; trans < 2; trans++) {
+            const Matrix* w = trans ? &w32t : &w32;
+            int n = 9, K = trans ? w->rows : w->cols, M = trans ? w->cols : w->rows;
+            float x[9 * 96], y_fast[9 * 64], y_ref[9 * 64];
+            for (int i = 0; i < n * K; i++) x[i] = q8_test_uniform();
+            matmul_q8(y_fast, x, w, n, trans, 0, &q32);
+            matmul_q8_portable(y_ref, x, w, n, trans, 0);
+            n_same += !memcmp(y_fast, y_ref, (size_t)n * M * sizeof(float));
+            n_calls++;
+        }
+        q8_scratch_free(&q32);
+        free(w32.q); free(w32.s); free(w32t.q); free(w32t.s);
+    }
+    check(n_same == n_calls, "matmul_q8 (%s) equals matmul_q8_portable bit for bit in %d of %d calls "
+          "(both directions, n 1..13, partial panels, accumulate, k blocks, group size 32)",
+          matmul_q8_fast(wt.rows, gs, 1) ? "VNNI GEMM" : "portable: no VNNI in this build", n_same, n_calls);
+
+    // The transposed product requantizes W^T: its error against the exact
+    // dy @ W (double, W dequantized) must stay within what the two roundings
+    // allow, sum_k |x_k| e_w,k + |w'_k| e_x,k with e = half a quantization
+    // step of each group, plus float rounding (K * 2^-23 of sum |x w|)
+    {
+        int n = 7, K = wt.rows, M = wt.cols, gpr = wt.cols / gs;
+        float* x = xmalloc((size_t)n * K * sizeof(float));
+        float* y = xmalloc((size_t)n * M * sizeof(float));
+        for (int i = 0; i < n * K; i++) x[i] = 3.0f * q8_test_uniform();
+        matmul_q8(y, x, &wt, n, 1, 0, &q8);
+        double worst = 0.0;
+        int8_t tq[64], xq[64];
+        float col[64];
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < M; j++) {
+                double exact = 0.0, bound = 0.0, mag = 0.0;
+                for (int g = 0; g < K / gs; g++) {
+                    for (int o = 0; o < gs; o++) col[o] = wt.s[(size_t)(g * gs + o) * gpr + j / gs] * wt.q[(size_t)(g * gs + o) * wt.cols + j];
+                    float ws = quantize_group_portable(tq, col, gs);
+                    float xs = quantize_group_portable(xq, x + (size_t)i * K + g * gs, gs);
+                    for (int o = 0; o < gs; o++) {
+                        double xv = x[(size_t)i * K + g * gs + o];
+                        exact += xv * col[o];
+                        bound += fabs(xv) * 0.5 * ws + fabs((double)tq[o] * ws) * 0.5 * xs;
+                        mag += fabs(xv * col[o]);
+                    }
+                }
+                bound += mag * K * 0x1p-23;
+                double ratio = fabs(y[(size_t)i * M + j] - exact) / bound;
+                if (ratio > worst) worst = ratio;
+            }
+        check(worst <= 1.0, "matmul_q8 transposed (W^T requantized) is within its rounding bound of the exact dy @ W "
+              "(worst %.2f of the bound)", worst);
+        free(x); free(y);
+    }
+    q8_scratch_free(&q8);
+    free(wf.q); free(wf.s); free(wt.q); free(wt.s);
+}
+
 // ----------------------------------------------------------------------------
 // Forward pass against the numpy reference
 
@@ -3612,19 +3736,31 @@ static void test_rb_fuzz_regressions(void) {
     // the same on the kernel: x with a NaN or an Inf, int8 weights
     int rows = 4, cols = 64;
     int8_t q[4 * 64];
-    float sc[4], x[2 * 64], y[2 * 4], xs[2];
-    int8_t xq[2 * 64];
+    float sc[4], x[2 * 64], y[2 * 4];
     for (int i = 0; i < rows * cols; i++) q[i] = (int8_t)(i % 17 - 8);
     for (int r = 0; r < rows; r++) sc[r] = 0.01f;
     for (int i = 0; i < 2 * cols; i++) x[i] = 0.1f * (i % 5);
     x[3] = NAN;
     x[cols + 7] = INFINITY;
     Matrix w = {NULL, q, sc, rows, cols, 64};
-    matmul(y, x, &w, 2, xq, xs);
+    Q8Scratch q8;
+    q8_scratch_init(&q8, 8, cols, 64);
+    matmul(y, x, &w, 2, &q8);
     int bad = 0;
     for (int i = 0; i < 2 * rows; i++) bad += isnan(y[i]);
     check(bad == 2 * rows, "fuzz regression: int8 matmul of a NaN or Inf activation is NaN, as fp32 (%d of %d)", bad,
           2 * rows);
+    // and through the GEMM (8 rows), where the poisoned rows must be NaN and the others not
+    float x8[8 * 64], y8[8 * 4];
+    for (int i = 0; i < 8 * cols; i++) x8[i] = 0.1f * (i % 5);
+    x8[3] = NAN;
+    x8[5 * cols + 7] = INFINITY;
+    matmul(y8, x8, &w, 8, &q8);
+    bad = 0;
+    for (int i = 0; i < 8; i++)
+        for (int r = 0; r < rows; r++) bad += isnan(y8[i * rows + r]) != (i == 0 || i == 5);
+    check(bad == 0, "fuzz regression: int8 GEMM rows with a NaN or Inf are NaN, the others finite (%d wrong)", bad);
+    q8_scratch_free(&q8);
     // lora/8b_huge_rank: an adapter header for Llama-3-8B claiming rank 65536
     // on every target (640 GiB of floats) in a 192-byte file: lora_read
     // allocated the payload before looking at the file size. In a child
@@ -3755,6 +3891,7 @@ int main(void) {
     test_gemm();
     test_gemm_portable();
     test_dot_q8();
+    test_matmul_q8();
     test_sampler();
     test_against_reference("tiny-3.2");
     test_against_reference("tiny-3.0");

@@ -21,8 +21,10 @@
 // How the pieces fit:
 //   - The frozen base is the mapped model file (fp32 or Q8_0). Its forward
 //     goes through the engine's matmul (int8 dot products for Q8_0, exactly
-//     as inference); its backward (dx = dy W) dequantizes one tile of rows
-//     at a time into a 64 MiB scratch (QLoRA style: W is never trained).
+//     as inference); its backward (dx = dy W) is an int8 GEMM too, against
+//     W^T requantized on the fly (matmul_q8), or where the build lacks
+//     AVX-512 VNNI dequantizes one tile of rows at a time into a 64 MiB
+//     scratch (QLoRA style: W is never trained).
 //   - LoRA: y = W x + (alpha/rank) B A drop(x), A (rank, in), B (out, rank),
 //     on any of q k v o gate up down, any layer range. The trainable
 //     parameters are one block laid out as the adapter file's payload.
@@ -502,6 +504,17 @@ static int max_in_dim(const Config* c) {
 
 // Every activation buffer; with dry != 0 nothing is allocated and only the
 // bytes are counted (train_memory_bytes).
+// Whether every int8 matrix's dx = dy W can run as the engine's int8 GEMM
+// (matmul_q8, transposed): the build has it and each row count is a whole
+// number of groups.
+static int int8_backward_fast(const Config* c) {
+    int gs = c->group_size, qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
+    int rows[] = {qd, kvd, c->dim, c->hidden_dim, c->vocab_size};
+    for (int i = 0; i < 5; i++)
+        if (!matmul_q8_fast(rows[i], gs, 1)) return 0;
+    return 1;
+}
+
 static void* acts_buf(size_t* bytes, int dry, size_t n, size_t size) {
     *bytes += n * size;
     return dry ? NULL : xcalloc(n, size);
@@ -563,17 +576,21 @@ static size_t acts_setup(TrainModel* m, int N_cap, int T_cap, int need_ref, int 
     a->u_tmp = acts_buf(&bytes, dry, N * rank_max, sizeof(float));
     a->du = acts_buf(&bytes, dry, N * rank_max, sizeof(float));
     a->dp = acts_buf(&bytes, dry, (size_t)engine_threads() * T_cap, sizeof(float));
-    // an int8 base: the engine's matmul needs quantized-activation scratch,
-    // and dx = dy W dequantizes W a tile of rows at a time
+    // an int8 base: the engine's int8 matmul scratch (its transposed GEMM
+    // also serves dx = dy W, in k blocks, so W's rows may exceed mx), and
+    // where that GEMM is not built (or a shape does not fit it) dx = dy W
+    // dequantizes W a tile of rows at a time
     if (c->weight_type == WEIGHT_Q8) {
-        size_t gs = c->group_size;
-        a->xq = acts_buf(&bytes, dry, N * mx, 1);
-        a->xs = acts_buf(&bytes, dry, N * mx / gs + 1, sizeof(float));
-        size_t rows = ((size_t)1 << 24) / mx; // 64 MiB of fp32 per tile
-        if (rows < 1) rows = 1;
-        if (rows > V) rows = V;
-        a->deq_rows = (int)rows;
-        a->deq = acts_buf(&bytes, dry, rows * mx, sizeof(float));
+        int gs = c->group_size;
+        if (dry) bytes += q8_scratch_bytes((int)N, (int)mx, gs);
+        else q8_scratch_init(&a->q8, (int)N, (int)mx, gs);
+        if (!int8_backward_fast(c)) {
+            size_t rows = ((size_t)1 << 24) / mx; // 64 MiB of fp32 per tile
+            if (rows < 1) rows = 1;
+            if (rows > V) rows = V;
+            a->deq_rows = (int)rows;
+            a->deq = acts_buf(&bytes, dry, rows * mx, sizeof(float));
+        }
     }
     a->rope_cos = acts_buf(&bytes, dry, (size_t)T_cap * half, sizeof(float));
     a->rope_sin = acts_buf(&bytes, dry, (size_t)T_cap * half, sizeof(float));
@@ -613,9 +630,9 @@ static void free_acts(TrainActs* a) {
                      a->gate, a->up, a->h, a->xf, a->rstdf, a->logits, a->lse, a->nll, a->lora_u, a->dres, a->dmid,
                      a->dbranch, a->dxn, a->dq, a->dk, a->dv, a->dkh, a->dvh, a->datt, a->dgate, a->dup, a->dh,
                      a->dxf, a->dnll, a->dkl, a->ref, a->ref_hidden, a->tmp, a->tmp2, a->u_tmp, a->du, a->deq,
-                     a->dp, a->xs, a->rope_cos, a->rope_sin, a->rope_nsin};
+                     a->dp, a->rope_cos, a->rope_sin, a->rope_nsin};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
-    free(a->xq);
+    q8_scratch_free(&a->q8);
     memset(a, 0, sizeof(*a));
 }
 
@@ -704,7 +721,7 @@ static void dropout_apply(float* out, const float* x, size_t n, Dropout d) {
 // adapter: u (N, r) = drop(x) @ A^T, y += scale * u @ B^T (run.c's lora_apply).
 static void matmul_forward(float* y, const float* x, int N, const Matrix* w, const LoraPair* lp, float scale,
                            int rank, float* u, Dropout drop, TrainActs* a) {
-    matmul(y, x, w, N, a->xq, a->xs);
+    matmul(y, x, w, N, &a->q8);
     if (!lp || !lp->a) return;
     int in = w->cols, out = w->rows;
     const float* xin = x;
@@ -713,7 +730,8 @@ static void matmul_forward(float* y, const float* x, int N, const Matrix* w, con
     gemm(0, 1, N, out, rank, scale, u, rank, lp->b, rank, 1.0f, y, out);
 }
 
-// dx (N, in) += dy @ W (int8: one dequantized tile of rows at a time)
+// dx (N, in) += dy @ W (int8: the engine's int8 GEMM with W^T requantized,
+// or where that is not built one dequantized tile of rows at a time)
 // dW (out, in) += dy^T @ x                        (full training)
 // LoRA: dB += scale dy^T u;  du = scale dy B;  dA += du^T drop(x);  dx += drop(du A)
 static void matmul_backward(float* dx, float* dw, const float* dy, const float* x, int N, const Matrix* w,
@@ -723,6 +741,8 @@ static void matmul_backward(float* dx, float* dw, const float* dy, const float* 
     if (dx) {
         if (w->f) {
             gemm(0, 0, N, in, out, 1.0f, dy, out, w->f, in, 1.0f, dx, in);
+        } else if (!a->deq) {
+            matmul_q8(dx, dy, w, N, 1, 1, &a->q8); // int8 GEMM against W^T requantized
         } else {
             for (int r0 = 0; r0 < out; r0 += a->deq_rows) {
                 int nr = out - r0 < a->deq_rows ? out - r0 : a->deq_rows;

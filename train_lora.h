@@ -114,11 +114,10 @@ typedef struct {
     float* tmp2;     // (N, max(dim, hidden, q_dim))
     float* u_tmp;    // (N, max rank) A x of an adapter that is not trained (WHP reinforced)
     float* du;       // (N, max rank)
-    float* deq;      // (tile rows, max in) dequantized rows of an int8 matrix
+    float* deq;      // (tile rows, max in) dequantized rows of an int8 matrix (no int8 GEMM), or NULL
     int deq_rows;
     float* dp;       // (threads, T_cap) attention backward row scratch
-    int8_t* xq;      // (N, max in) int8 matmul scratch (the engine's Q8 path)
-    float* xs;       // (N, max in / group)
+    Q8Scratch q8;    // int8 matmul scratch (the engine's Q8 path), k up to max(in, vocab)
     float* rope_cos; // (T_cap, head_dim/2)
     float* rope_sin; // (T_cap, head_dim/2)
     float* rope_nsin;// (T_cap, head_dim/2) -sin: RoPE backward is the inverse rotation
