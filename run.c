@@ -351,7 +351,7 @@ static void malloc_run_state(RunState* s, const Config* c, int seq_len) {
     s->v = xcalloc(B * kv_dim, sizeof(float));
     s->rope_cos = xcalloc(B * (c->head_dim / 2), sizeof(float));
     s->rope_sin = xcalloc(B * (c->head_dim / 2), sizeof(float));
-    s->att = xcalloc((size_t)s->n_threads * seq_len, sizeof(float));
+    s->att = xcalloc((size_t)s->n_threads * B * seq_len, sizeof(float));
     s->logits = xcalloc(c->vocab_size, sizeof(float));
     s->lora_tmp = NULL;
     if (c->weight_type == WEIGHT_Q8) {
@@ -1650,8 +1650,37 @@ static void project(Transformer* t, float* y, const float* x, const Matrix* w, i
     if (t->lora) lora_apply(y, x, t->lora, layer, target, n, w->cols, w->rows, s->lora_tmp);
 }
 
+// Causal attention of one query head for n queries, as two matrix products
+// (the prompt and training paths; decoding is the case n = 1):
+//   scores (n, n_keys) = q (n, hd) @ k^T / sqrt(hd), n_keys = pos0 + n
+//   row i: softmax over keys start_i .. pos0 + i, exactly 0 elsewhere
+//   out (n, hd) = probs @ v
+// Query i sits at key index pos0 + i; start_i = 0, or with pos_in_seq (a
+// packed training row: several sequences one after the other) the first key
+// of its own sequence, pos0 + i - pos_in_seq[i]. q, k, v, out are rows of a
+// wider matrix (strides ldq, ldkv, ldo: one head's slice). probs (n, n_keys)
+// receives the probabilities (train_lora keeps them for the backward pass).
+// The masked part of the product is computed and discarded: twice the work
+// of the triangle, but as a GEMM, far faster than loops over the triangle.
+// train_lora calls this same function, so its forward equals the engine's.
+void attention_head(float* out, int ldo, float* probs, const float* q, int ldq, const float* k, const float* v,
+                    int ldkv, int n, int pos0, const int* pos_in_seq, int hd) {
+    int n_keys = pos0 + n;
+    gemm(0, 1, n, n_keys, hd, 1.0f / sqrtf((float)hd), q, ldq, k, ldkv, 0.0f, probs, n_keys);
+    for (int i = 0; i < n; i++) {
+        float* row = probs + (size_t)i * n_keys;
+        int last = pos0 + i, start = pos_in_seq ? last - pos_in_seq[i] : 0;
+        softmax(row + start, last - start + 1);
+        for (int j = 0; j < start; j++) row[j] = 0.0f;
+        for (int j = last + 1; j < n_keys; j++) row[j] = 0.0f;
+    }
+    gemm(0, 0, n, hd, n_keys, 1.0f, probs, n_keys, v, ldkv, 0.0f, out, ldo);
+}
+
 // Causal attention for n new positions pos0.. whose q is in s->q and whose
 // k, v are already in the cache. Output (n, n_heads*head_dim) in s->att_out.
+// Threads take whole heads; each head's two products run on its thread
+// (inside a parallel region OpenBLAS and the plain C GEMM stay single-threaded).
 static void attention(Transformer* t, int layer, int n, int pos0) {
     Config* c = &t->config;
     RunState* s = &t->state;
@@ -1659,28 +1688,12 @@ static void attention(Transformer* t, int layer, int n, int pos0) {
     int kv_mul = c->n_heads / c->n_kv_heads; // query heads per kv head (GQA)
     float* key_layer = s->key_cache + (size_t)layer * s->seq_len * kv_dim;
     float* value_layer = s->value_cache + (size_t)layer * s->seq_len * kv_dim;
-    float inv_sqrt = 1.0f / sqrtf((float)hd);
     #pragma omp parallel for schedule(dynamic) if ((long)n * c->n_heads * (pos0 + n) * hd >= PARALLEL_MIN_WORK)
-    for (int ih = 0; ih < n * c->n_heads; ih++) {
-        int i = ih / c->n_heads, h = ih % c->n_heads;
-        int pos = pos0 + i;
-        const float* q = s->q + (size_t)i * q_dim + (size_t)h * hd;
-        float* att = s->att + (size_t)engine_thread_id() * s->seq_len;
+    for (int h = 0; h < c->n_heads; h++) {
         int kv_off = (h / kv_mul) * hd;
-        for (int tp = 0; tp <= pos; tp++) {
-            const float* k = key_layer + (size_t)tp * kv_dim + kv_off;
-            float score = 0.0f;
-            for (int j = 0; j < hd; j++) score += q[j] * k[j];
-            att[tp] = score * inv_sqrt;
-        }
-        softmax(att, pos + 1);
-        float* out = s->att_out + (size_t)i * q_dim + (size_t)h * hd;
-        memset(out, 0, hd * sizeof(float));
-        for (int tp = 0; tp <= pos; tp++) {
-            const float* v = value_layer + (size_t)tp * kv_dim + kv_off;
-            float a = att[tp];
-            for (int j = 0; j < hd; j++) out[j] += a * v[j];
-        }
+        float* probs = s->att + (size_t)engine_thread_id() * s->batch_cap * s->seq_len;
+        attention_head(s->att_out + (size_t)h * hd, q_dim, probs, s->q + (size_t)h * hd, q_dim, key_layer + kv_off,
+                       value_layer + kv_off, kv_dim, n, pos0, NULL, hd);
     }
 }
 

@@ -192,7 +192,7 @@ typedef struct {
     float* v;            // (batch_cap, n_kv_heads*head_dim)
     float* rope_cos;     // (batch_cap, head_dim/2) cos(pos * inv_freq) of the chunk's positions
     float* rope_sin;     // (batch_cap, head_dim/2)
-    float* att;          // (n_threads, seq_len) attention scores scratch
+    float* att;          // (n_threads, batch_cap, seq_len) attention probabilities of one head
     float* logits;       // (vocab_size,) logits of the chunk's last position
     float* lora_tmp;     // (batch_cap, lora rank) A x, allocated when an adapter is set
     Q8Scratch q8;        // int8 matmul scratch (quantized activations, packed panels); empty for fp32
@@ -277,6 +277,10 @@ float dot_q8_portable(const int8_t* wq, const float* ws, const int8_t* xq, const
 void dot_q8_x4(float* out, const int8_t* wq, const float* ws, const int8_t* xq, const float* xs, int cols, int gs);
 void rmsnorm(float* out, const float* x, const float* weight, int dim, float eps);
 void softmax(float* x, int n);
+// Causal attention of one head for n queries at key indices pos0.. (see run.c):
+// probs (n, pos0 + n) = masked softmax(q k^T / sqrt(hd)), out (n, hd) = probs @ v.
+void attention_head(float* out, int ldo, float* probs, const float* q, int ldq, const float* k, const float* v,
+                    int ldkv, int n, int pos0, const int* pos_in_seq, int hd);
 double cross_entropy(const float* logits, int n, int target); // -log softmax(logits)[target]
 void rope_inv_freq(float* inv_freq, const Config* c);   // (head_dim/2,)
 // Rotates each head of vec (n_heads, head_dim) by the angles whose cos/sin

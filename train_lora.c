@@ -575,7 +575,7 @@ static size_t acts_setup(TrainModel* m, int N_cap, int T_cap, int need_ref, int 
     if (rank_max < 64) rank_max = 64; // room for a reinforced (WHP) adapter of another rank
     a->u_tmp = acts_buf(&bytes, dry, N * rank_max, sizeof(float));
     a->du = acts_buf(&bytes, dry, N * rank_max, sizeof(float));
-    a->dp = acts_buf(&bytes, dry, (size_t)engine_threads() * T_cap, sizeof(float));
+    a->dp = acts_buf(&bytes, dry, (size_t)engine_threads() * T_cap * T_cap, sizeof(float));
     // an int8 base: the engine's int8 matmul scratch (its transposed GEMM
     // also serves dx = dy W, in k blocks, so W's rows may exceed mx), and
     // where that GEMM is not built (or a shape does not fit it) dx = dy W
@@ -796,41 +796,26 @@ static void rope_backward(float* dx, const int* pos_of, int N, int T, int n_head
 }
 
 // Causal GQA attention. q (N, nh*hd), k and v (N, nkv*hd) after RoPE;
-// att (B, nh, T, T) softmax probabilities saved; out (N, nh*hd). The same
-// arithmetic, in the same order, as run.c's attention().
+// att (B, nh, T, T) softmax probabilities saved; out (N, nh*hd). Each (batch
+// row, head) is the engine's attention_head, the very function run.c's
+// prompt path calls, so the two agree bit for bit.
 static void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,
                               const int* pos_of, int B, int T, int nh, int nkv, int hd) {
     int qd = nh * hd, kvd = nkv * hd, kv_mul = nh / nkv;
-    float inv_sqrt = 1.0f / sqrtf((float)hd);
     #pragma omp parallel for schedule(dynamic) if (PAR((size_t)B * nh * T * T * hd))
-    for (int bhi = 0; bhi < B * nh * T; bhi++) {
-        int b = bhi / (nh * T), h = (bhi / T) % nh, i = bhi % T;
-        const float* qi = q + (size_t)(b * T + i) * qd + (size_t)h * hd;
-        float* row = att + ((size_t)(b * nh + h) * T + i) * T;
-        int kv_off = (h / kv_mul) * hd;
-        int j0 = pos_of ? i - pos_of[b * T + i] : 0; // the first entry of this sequence
-        for (int j = j0; j <= i; j++) {
-            const float* kj = k + (size_t)(b * T + j) * kvd + kv_off;
-            float score = 0.0f;
-            for (int d = 0; d < hd; d++) score += qi[d] * kj[d];
-            row[j] = score * inv_sqrt;
-        }
-        softmax(row + j0, i - j0 + 1);
-        for (int j = 0; j < j0; j++) row[j] = 0.0f;
-        for (int j = i + 1; j < T; j++) row[j] = 0.0f;
-        float* o = out + (size_t)(b * T + i) * qd + (size_t)h * hd;
-        memset(o, 0, hd * sizeof(float));
-        for (int j = j0; j <= i; j++) {
-            const float* vj = v + (size_t)(b * T + j) * kvd + kv_off;
-            float p = row[j];
-            for (int d = 0; d < hd; d++) o[d] += p * vj[d];
-        }
+    for (int bh = 0; bh < B * nh; bh++) {
+        int b = bh / nh, h = bh % nh, kv_off = (h / kv_mul) * hd;
+        size_t row0 = (size_t)b * T;
+        attention_head(out + row0 * qd + (size_t)h * hd, qd, att + (size_t)bh * T * T, q + row0 * qd + (size_t)h * hd,
+                       qd, k + row0 * kvd + kv_off, v + row0 * kvd + kv_off, kvd, T, 0, pos_of ? pos_of + row0 : NULL, hd);
     }
 }
 
-// With P = softmax(S), S = q k^T / sqrt(hd), out = P v:
-//   dP_ij = dout_i . v_j,  dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik),
-//   dq_i += dS_ij k_j / sqrt(hd),  dk_j += dS_ij q_i / sqrt(hd),  dv_j += P_ij dout_i.
+// With P = softmax(S), S = q k^T / sqrt(hd), out = P v, per (batch row, head)
+// as matrix products over the whole T x T block (P and so dS are 0 outside
+// each row's causal range, which keeps the masked entries out of the sums):
+//   dP = dout v^T,  dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik) / sqrt(hd),
+//   dq += dS k,  dk += dS^T q,  dv += P^T dout.
 // Threads own (batch row, query head) pairs; dk and dv are first gathered
 // per query head (dkh, dvh) and then summed over each GQA group, so no two
 // threads write the same float and the result does not depend on threads.
@@ -844,33 +829,21 @@ static void attention_backward(float* dq, float* dk, float* dv, const float* dou
     #pragma omp parallel for schedule(dynamic) if (PAR((size_t)B * nh * T * T * hd))
     for (int bh = 0; bh < B * nh; bh++) {
         int b = bh / nh, h = bh % nh, kv_off = (h / kv_mul) * hd;
-        float* dp = a->dp + (size_t)engine_thread_id() * a->T_cap;
+        size_t row0 = (size_t)b * T, q_off = row0 * qd + (size_t)h * hd, kv_at = row0 * kvd + kv_off;
+        const float* p = att + (size_t)bh * T * T;
+        float* ds = a->dp + (size_t)engine_thread_id() * a->T_cap * a->T_cap; // dP, then dS in place
+        gemm(0, 1, T, T, hd, 1.0f, dout + q_off, qd, v + kv_at, kvd, 0.0f, ds, T);
         for (int i = 0; i < T; i++) {
-            const float* row = att + ((size_t)(b * nh + h) * T + i) * T;
-            const float* gi = dout + (size_t)(b * T + i) * qd + (size_t)h * hd;
-            const float* qi = q + (size_t)(b * T + i) * qd + (size_t)h * hd;
-            float* dqi = dq + (size_t)(b * T + i) * qd + (size_t)h * hd;
-            int j0 = pos_of ? i - pos_of[b * T + i] : 0;
+            const float* prow = p + (size_t)i * T;
+            float* drow = ds + (size_t)i * T;
+            int j0 = pos_of ? i - pos_of[row0 + i] : 0;
             float s = 0.0f;
-            for (int j = j0; j <= i; j++) {
-                const float* vj = v + (size_t)(b * T + j) * kvd + kv_off;
-                float dot = 0.0f;
-                for (int d = 0; d < hd; d++) dot += gi[d] * vj[d];
-                dp[j] = dot;
-                s += row[j] * dot;
-            }
-            for (int j = j0; j <= i; j++) {
-                const float* kj = k + (size_t)(b * T + j) * kvd + kv_off;
-                float* dkj = a->dkh + (size_t)(b * T + j) * qd + (size_t)h * hd;
-                float* dvj = a->dvh + (size_t)(b * T + j) * qd + (size_t)h * hd;
-                float ds = row[j] * (dp[j] - s) * inv_sqrt;
-                for (int d = 0; d < hd; d++) {
-                    dqi[d] += ds * kj[d];
-                    dkj[d] += ds * qi[d];
-                    dvj[d] += row[j] * gi[d];
-                }
-            }
+            for (int j = j0; j <= i; j++) s += prow[j] * drow[j];
+            for (int j = 0; j < T; j++) drow[j] = j >= j0 && j <= i ? prow[j] * (drow[j] - s) * inv_sqrt : 0.0f;
         }
+        gemm(0, 0, T, hd, T, 1.0f, ds, T, k + kv_at, kvd, 1.0f, dq + q_off, qd);
+        gemm(1, 0, T, hd, T, 1.0f, ds, T, q + q_off, qd, 1.0f, a->dkh + q_off, qd);
+        gemm(1, 0, T, hd, T, 1.0f, p, T, dout + q_off, qd, 1.0f, a->dvh + q_off, qd);
     }
     #pragma omp parallel for schedule(static) if (PAR((size_t)N * qd))
     for (int i = 0; i < N; i++)

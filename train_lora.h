@@ -116,7 +116,7 @@ typedef struct {
     float* du;       // (N, max rank)
     float* deq;      // (tile rows, max in) dequantized rows of an int8 matrix (no int8 GEMM), or NULL
     int deq_rows;
-    float* dp;       // (threads, T_cap) attention backward row scratch
+    float* dp;       // (threads, T_cap, T_cap) attention backward: dP, then dS, of one head
     Q8Scratch q8;    // int8 matmul scratch (the engine's Q8 path), k up to max(in, vocab)
     float* rope_cos; // (T_cap, head_dim/2)
     float* rope_sin; // (T_cap, head_dim/2)
