@@ -2793,15 +2793,18 @@ static void qa_mode(Transformer* t, Tokenizer* tok, const char* path, const char
 //
 // No tokenizer: fixed pseudo-random token ids go through the engine's own
 // forward() (decode) and forward_batch() (prompt), nothing is reimplemented.
-// Beside them, in the same process and with the same OpenMP threads, the two
+// Beside them, in the same process and with the same OpenMP threads, the
 // ceilings those paths are held against:
 //   read bandwidth  decode streams every weight once per token, so
 //                   tok/s <= bandwidth / bytes read per token (the roofline)
-//   sgemm GFLOP/s   a prompt is one gemm() per projection per chunk of
-//                   batch_cap positions (fp32), so it cannot beat gemm()
+//   GEMM rate       a prompt is one matrix product per projection per chunk
+//                   of batch_cap positions: gemm() for fp32 (sgemm_prefill),
+//                   matmul_q8 for int8 (q8gemm_prefill), so it cannot beat it
 // Every value is the median of --reps timed repetitions after an untimed
-// warm-up; each CSV row also has the min and max. The fractions are ratios
-// of medians. Nothing here asserts a speed: tests only check the format.
+// warm-up; each CSV row also has the min and max. decode_roofline is the
+// median of per-repetition fractions (each decode run next to its own
+// bandwidth pass), the prefill fractions ratios of medians. Nothing here
+// asserts a speed: tests only check the format.
 #include <sys/resource.h>
 
 #define BENCH_MAX_PREFILL 8
@@ -2863,53 +2866,76 @@ static void bench_value(BenchTable* b, const char* metric, const char* unit, dou
     fprintf(stderr, "bench: %-24s %10.4g %s\n", metric, value, unit);
 }
 
-// Memory bandwidth, STREAM style, over arrays much larger than the caches:
-// "read" sums one array (4 bytes per element), "triad" computes
-// a = b + s*c (12 bytes per element: STREAM's count, which leaves out the
-// write-allocate read of a). Pages are first touched by the same static
-// schedule that later reads them.
-static double bench_memory(BenchTable* b, int reps, size_t mib) {
-    size_t n = mib * 1024 * 1024 / sizeof(float);
-    float* x = xmalloc(n * sizeof(float));
-    float* y = xmalloc(n * sizeof(float));
-    float* z = xmalloc(n * sizeof(float));
+// Memory bandwidth, STREAM style, over arrays much larger than the caches.
+// "read" sums one array (4 bytes per element): one pass of it before each
+// decode repetition (bench_main), so that each decode rate is compared with
+// the bandwidth of the same moment (this machine drifts by tens of percent
+// within a minute). "triad" computes a = b + s*c (12 bytes per element:
+// STREAM's count, which leaves out the write-allocate read of a). Pages are
+// first touched by the same static schedule that later reads them.
+static float* bench_array(size_t n, float value) {
+    float* a = xmalloc(n * sizeof(float));
     #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) { x[i] = 1.0f; y[i] = 2.0f; z[i] = 0.0f; }
-    double* rd = xmalloc((size_t)reps * sizeof(double));
+    for (size_t i = 0; i < n; i++) a[i] = value;
+    return a;
+}
+
+// One read pass over x (n a multiple of 64), GB/s
+static double bench_read_pass(const float* x, size_t n) {
+    float sum = 0.0f;
+    double t0 = bench_now();
+    #pragma omp parallel reduction(+:sum)
+    {
+        // 64 partial sums: several independent vector registers, so the
+        // adds overlap and the loop is bound by memory, not by the latency
+        // of one add chain
+        float part[64] = {0};
+        #pragma omp for schedule(static)
+        for (size_t blk = 0; blk < n / 64; blk++)
+            for (int j = 0; j < 64; j++) part[j] += x[blk * 64 + j];
+        for (int j = 0; j < 64; j++) sum += part[j];
+    }
+    double t1 = bench_now();
+    bench_sink = sum;
+    return 4.0 * n / (t1 - t0) / 1e9;
+}
+
+static void bench_triad(BenchTable* b, int reps, size_t mib) {
+    size_t n = mib * 1024 * 1024 / sizeof(float);
+    float* x = bench_array(n, 1.0f);
+    float* y = bench_array(n, 2.0f);
+    float* z = bench_array(n, 0.0f);
     double* tr = xmalloc((size_t)reps * sizeof(double));
     for (int r = -1; r < reps; r++) {   // r = -1: the warm-up
-        float sum = 0.0f;
-        double t0 = bench_now();
-        #pragma omp parallel reduction(+:sum)
-        {
-            // 64 partial sums (n is a multiple of 64): several independent
-            // vector registers, so the adds overlap and the loop is bound
-            // by memory, not by the latency of one add chain
-            float part[64] = {0};
-            #pragma omp for schedule(static)
-            for (size_t blk = 0; blk < n / 64; blk++)
-                for (int j = 0; j < 64; j++) part[j] += x[blk * 64 + j];
-            for (int j = 0; j < 64; j++) sum += part[j];
-        }
         double t1 = bench_now();
-        bench_sink = sum;
         #pragma omp parallel for simd schedule(static)
         for (size_t i = 0; i < n; i++) z[i] = x[i] + 3.0f * y[i];
         double t2 = bench_now();
         bench_sink = z[n / 2];
-        if (r >= 0) {
-            rd[r] = 4.0 * n / (t1 - t0) / 1e9;
-            tr[r] = 12.0 * n / (t2 - t1) / 1e9;
-        }
+        if (r >= 0) tr[r] = 12.0 * n / (t2 - t1) / 1e9;
     }
-    double read = bench_samples(b, "read_bw", "GB/s", rd, reps);
     bench_samples(b, "triad_bw", "GB/s", tr, reps);
-    free(rd); free(tr); free(x); free(y); free(z);
-    return read;
+    free(tr); free(x); free(y); free(z);
 }
 
 static void bench_fill(float* p, size_t n, uint64_t seed) {
     for (size_t i = 0; i < n; i++) p[i] = (float)((splitmix64(&seed) >> 40) / 8388608.0 - 1.0); // [-1, 1)
+}
+
+// The seven projections of one layer as (rows, cols) of W, in matmul's order
+// (q k v o gate up down), and the largest weight, input row and output row.
+static void bench_shapes(const Config* c, int shapes[7][2], size_t* w_max, size_t* in_max, size_t* out_max) {
+    int dim = c->dim, hid = c->hidden_dim, q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
+    int s7[7][2] = {{q_dim, dim}, {kv_dim, dim}, {kv_dim, dim}, {dim, q_dim}, {hid, dim}, {hid, dim}, {dim, hid}};
+    *w_max = *in_max = *out_max = 0;
+    for (int s = 0; s < 7; s++) {
+        size_t rows = s7[s][0], cols = s7[s][1];
+        shapes[s][0] = s7[s][0];
+        shapes[s][1] = s7[s][1];
+        if (rows * cols > *w_max) *w_max = rows * cols;
+        if (cols > *in_max) *in_max = cols;
+        if (rows > *out_max) *out_max = rows;
+    }
 }
 
 // sgemm through the engine's gemm() on random data: a square size^3
@@ -2917,15 +2943,9 @@ static void bench_fill(float* p, size_t n, uint64_t seed) {
 // `chunk` positions, each called as matmul() calls it (y = x W^T), so with
 // the shapes and the transpose a prompt really uses. GFLOP/s = 2 M N K / s.
 static double bench_gemm(BenchTable* b, const Config* c, int reps, int size, int chunk) {
-    int dim = c->dim, hid = c->hidden_dim, q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
-    int shapes[7][2] = {{q_dim, dim}, {kv_dim, dim}, {kv_dim, dim}, {dim, q_dim}, {hid, dim}, {hid, dim}, {dim, hid}};
-    size_t w_max = 0, in_max = 0, out_max = 0;
-    for (int s = 0; s < 7; s++) {
-        size_t rows = shapes[s][0], cols = shapes[s][1];
-        if (rows * cols > w_max) w_max = rows * cols;
-        if (cols > in_max) in_max = cols;
-        if (rows > out_max) out_max = rows;
-    }
+    int shapes[7][2];
+    size_t w_max, in_max, out_max;
+    bench_shapes(c, shapes, &w_max, &in_max, &out_max);
     size_t sq = (size_t)size * size;
     float* w = xmalloc((w_max > sq ? w_max : sq) * sizeof(float));
     float* x = xmalloc((chunk * in_max > sq ? chunk * in_max : sq) * sizeof(float));
@@ -2954,6 +2974,38 @@ static double bench_gemm(BenchTable* b, const Config* c, int reps, int size, int
     double prefill = bench_samples(b, "sgemm_prefill", "GFLOP/s", v, reps);
     free(v); free(w); free(x); free(y);
     return prefill;
+}
+
+// The int8 counterpart of sgemm_prefill, for Q8_0 models: matmul_q8 (the
+// GEMM an int8 prompt runs) on random Q8_0 weights of the seven projection
+// shapes, one chunk of rows. GOP/s = 2 M N K / s (multiply-adds count twice,
+// as for sgemm).
+static double bench_q8gemm(BenchTable* b, const Config* c, int reps, int chunk, Q8Scratch* q8) {
+    int gs = c->group_size, shapes[7][2];
+    size_t w_max, in_max, out_max;
+    bench_shapes(c, shapes, &w_max, &in_max, &out_max);
+    int8_t* wq = xmalloc(w_max);
+    float* ws = xmalloc(w_max / gs * sizeof(float));
+    float* x = xmalloc(chunk * in_max * sizeof(float));
+    float* y = xmalloc(chunk * out_max * sizeof(float));
+    uint64_t seed = 3;
+    for (size_t i = 0; i < w_max; i++) wq[i] = (int8_t)((int)(splitmix64(&seed) % 255) - 127);
+    for (size_t i = 0; i < w_max / gs; i++) ws[i] = 0.001f;
+    bench_fill(x, chunk * in_max, 4);
+    double* v = xmalloc((size_t)reps * sizeof(double));
+    double ops = 0.0;
+    for (int s = 0; s < 7; s++) ops += 2.0 * chunk * shapes[s][0] * shapes[s][1];
+    for (int r = -1; r < reps; r++) {
+        double t0 = bench_now();
+        for (int s = 0; s < 7; s++) {
+            Matrix w = {NULL, wq, ws, shapes[s][0], shapes[s][1], gs};
+            matmul_q8(y, x, &w, chunk, 0, 0, q8);
+        }
+        if (r >= 0) v[r] = ops / (bench_now() - t0) / 1e9;
+    }
+    double rate = bench_samples(b, "q8gemm_prefill", "GOP/s", v, reps);
+    free(v); free(wq); free(ws); free(x); free(y);
+    return rate;
 }
 
 // Parameters of the seven projections of all layers: what decode streams
@@ -3045,11 +3097,14 @@ static void bench_usage(void) {
         "CSV columns: metric,weights,model,value,unit,n,min,max. Metrics:\n"
         "  decode, prefill_N (tok/s); read_bw, triad_bw (GB/s); sgemm_SIZE, and\n"
         "  sgemm_prefill (one layer's 7 projections for one chunk of batch_cap rows)\n"
-        "  (GFLOP/s); decode_bytes_per_token (weights as stored + norms + KV cache);\n"
-        "  decode_roofline = decode tok/s x bytes per token / read_bw;\n"
+        "  (GFLOP/s); q8gemm_prefill (int8 models: the same shapes through the int8\n"
+        "  GEMM, GOP/s); decode_bytes_per_token (weights as stored + norms + KV cache);\n"
+        "  decode_roofline = decode tok/s x bytes per token / read_bw, per repetition\n"
+        "  (each decode repetition follows one read_bw pass), median;\n"
         "  prefill_N_gflops = (2 x layer params x N + attention + classifier once) / s;\n"
-        "  prefill_N_gemm_frac = prefill_N_gflops / sgemm_prefill; peak_rss (MiB, after\n"
-        "  decode and prefill, before the bandwidth arrays); params; threads; engine.\n");
+        "  prefill_N_gemm_frac = prefill_N_gflops / sgemm_prefill (fp32) or\n"
+        "  q8gemm_prefill (int8); peak_rss (MiB, after the prompts, before the\n"
+        "  bandwidth arrays); params; threads; engine.\n");
     exit(EXIT_FAILURE);
 }
 
@@ -3132,22 +3187,13 @@ static int bench_main(int argc, char** argv) {
     for (int i = 0; i < n_tok; i++) tokens[i] = (int)(splitmix64(&seed) % (uint64_t)c->vocab_size);
     double* v = xmalloc((size_t)reps * sizeof(double));
 
-    // decode: one token at a time through the KV cache. The warm-up maps
-    // the weights into the process (every token reads all of them).
+    // the weights into the process, and a first prompt warms its paths
     for (int i = 0; i < (n_decode < 2 ? n_decode : 2); i++) forward(&t, tokens[i], i);
-    for (int r = 0; r < reps; r++) {
-        double t0 = bench_now();
-        for (int i = 0; i < n_decode; i++) forward(&t, tokens[i], i);
-        v[r] = n_decode / (bench_now() - t0);
-    }
-    double decode = bench_samples(&b, "decode", "tok/s", v, reps);
-    double bytes = bench_decode_bytes(c, n_decode);
-    bench_value(&b, "decode_bytes_per_token", "B", round(bytes));
+    forward_batch(&t, tokens, prefill[0], 0, NULL);
 
     // prompts: the whole prompt in one forward_batch call (chunks of
-    // batch_cap positions inside), warmed up once at the first length
+    // batch_cap positions inside)
     double prefill_tok_s[BENCH_MAX_PREFILL];
-    forward_batch(&t, tokens, prefill[0], 0, NULL);
     for (int k = 0; k < n_prefill; k++) {
         for (int r = 0; r < reps; r++) {
             double t0 = bench_now();
@@ -3162,18 +3208,42 @@ static int bench_main(int argc, char** argv) {
     getrusage(RUSAGE_SELF, &ru);
     bench_value(&b, "peak_rss", "MiB", round(ru.ru_maxrss / 1024.0));   // ru_maxrss is in KiB on Linux
 
-    // the ceilings
-    double read_bw = bench_memory(&b, reps, (size_t)bw_mib);
-    double sgemm_prefill = bench_gemm(&b, c, reps, gemm_size, t.state.batch_cap);
+    // decode: one token at a time through the KV cache, each repetition
+    // right after one read pass over the bandwidth array; the roofline
+    // fraction is taken per repetition (tok/s x bytes per token / the
+    // bandwidth just measured), and its median reported
+    double bytes = bench_decode_bytes(c, n_decode);
+    size_t bw_n = (size_t)bw_mib * 1024 * 1024 / sizeof(float);
+    float* bw_array = bench_array(bw_n, 1.0f);
+    double* bw = xmalloc((size_t)reps * sizeof(double));
+    double* frac = xmalloc((size_t)reps * sizeof(double));
+    bench_read_pass(bw_array, bw_n); // warm-up
+    for (int r = 0; r < reps; r++) {
+        bw[r] = bench_read_pass(bw_array, bw_n);
+        double t0 = bench_now();
+        for (int i = 0; i < n_decode; i++) forward(&t, tokens[i], i);
+        v[r] = n_decode / (bench_now() - t0);
+        frac[r] = v[r] * bytes / (bw[r] * 1e9);
+    }
+    free(bw_array);
+    bench_samples(&b, "decode", "tok/s", v, reps);
+    bench_value(&b, "decode_bytes_per_token", "B", round(bytes));
+    bench_samples(&b, "read_bw", "GB/s", bw, reps);
+    bench_samples(&b, "decode_roofline", "fraction", frac, reps);
+    free(bw); free(frac);
 
-    bench_value(&b, "decode_roofline", "fraction", decode * bytes / (read_bw * 1e9));
+    // the other ceilings: triad bandwidth, sgemm, and for int8 the int8 GEMM
+    bench_triad(&b, reps, (size_t)bw_mib);
+    double sgemm_prefill = bench_gemm(&b, c, reps, gemm_size, t.state.batch_cap);
+    double gemm_ceiling = sgemm_prefill;
+    if (c->weight_type == WEIGHT_Q8) gemm_ceiling = bench_q8gemm(&b, c, reps, t.state.batch_cap, &t.state.q8);
     for (int k = 0; k < n_prefill; k++) {
         char name[48];
         double gflops = prefill_tok_s[k] * bench_prefill_flops(c, prefill[k]) / prefill[k] / 1e9;
         snprintf(name, sizeof(name), "prefill_%d_gflops", prefill[k]);
         bench_value(&b, name, "GFLOP/s", gflops);
         snprintf(name, sizeof(name), "prefill_%d_gemm_frac", prefill[k]);
-        bench_value(&b, name, "fraction", gflops / sgemm_prefill);
+        bench_value(&b, name, "fraction", gflops / gemm_ceiling);
     }
 
     char* text = NULL;

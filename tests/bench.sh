@@ -22,7 +22,9 @@
 #
 # Environment: BENCH_REPS (5), BENCH_DIR (build/bench), BENCH_DECODE (32
 # tokens), BENCH_PREFILL (128,512), BENCH_SAE_LAYER (7), BENCH_PARTS
-# ("engine lora sae": a subset runs only those), PYTHON (python3; used for
+# ("engine lora sae": a subset runs only those), BENCH_8B (0; 1 adds
+# Llama-3-8B int8: decode, a 128-token prompt and LoRA training, as a third
+# column), PYTHON (python3; used for
 # getrusage(RUSAGE_CHILDREN), so no /usr/bin/time is needed), TOK
 # (build/llama3.tok).
 set -eu
@@ -32,6 +34,7 @@ DECODE=${BENCH_DECODE:-32}
 PREFILL=${BENCH_PREFILL:-128,512}
 SAE_LAYER=${BENCH_SAE_LAYER:-7}
 PARTS=${BENCH_PARTS:-engine lora sae}
+BIG=${BENCH_8B:-0}
 PY=${PYTHON:-python3}
 TOK=${TOK:-build/llama3.tok}
 LOGS=$DIR/logs
@@ -45,6 +48,7 @@ done
 need() { [ -f "$1" ] || { echo "error: $1 is missing (make bench builds it)"; exit 1; }; }
 if has_part engine; then need $DIR/1b-32k.f32.bin; need $DIR/1b-32k.q8.bin; fi
 if has_part lora || has_part sae; then need $DIR/1b.f32.bin; need $DIR/1b.q8.bin; need "$TOK"; fi
+case $BIG in 0) ;; 1) need $DIR/8b.q8.bin; need "$TOK" ;; *) echo "error: BENCH_8B must be 0 or 1, got '$BIG'"; exit 1 ;; esac
 mkdir -p "$LOGS" "$WORK"
 ROWS=$WORK/rows.csv
 : > "$ROWS"
@@ -101,24 +105,38 @@ if has_part engine; then
     done
 fi
 
+# lora_bench NAME MODEL WEIGHTS: LoRA training tok/s and peak RSS of one model
+lora_bench() {
+    name=$1 model=$2 wt=$3
+    steps=$((REPS + 1))
+    echo "== train_lora $DIR/$model: $steps steps of B*T = 256, rank 8, q,v"
+    warm $DIR/$model
+    rm -f $WORK/lora-$name.lora $WORK/lora-$name.lora.csv $WORK/lora-$name.lora.state
+    logged lora-$name "$PY" -c "$PEAK_RSS" $WORK/lora-$name.rss ./train_lora $DIR/$model -z "$TOK" \
+        --objective sft --forget "$TEXT" -b 1 -T 256 --rank 8 --targets q,v --steps $steps \
+        --save-every 0 -o $WORK/lora-$name.lora --log $WORK/lora-$name.lora.csv
+    # B*T = 256 positions over each step's time (differences of the log's
+    # elapsed_s, column 11), every step but the first. Not the log's
+    # tokens_per_s: that counts loss tokens, fewer in the one short row at
+    # the end of the text.
+    awk -F, 'NR > 1 { if (NR > 2 && $11 > prev) print 256 / ($11 - prev); prev = $11 }' $WORK/lora-$name.lora.csv |
+        add_row lora_train $wt $model tok/s
+    echo "lora_train_peak_rss,$wt,$model,$(awk '{ printf "%.0f", $1 / 1024 }' $WORK/lora-$name.rss),MiB,,," >> "$ROWS"
+}
+
 if has_part lora; then
-    for w in f32 q8; do
-        wt=fp32; [ $w = q8 ] && wt=int8
-        steps=$((REPS + 1))
-        echo "== train_lora $DIR/1b.$w.bin: $steps steps of B*T = 256, rank 8, q,v"
-        warm $DIR/1b.$w.bin
-        rm -f $WORK/lora-$w.lora $WORK/lora-$w.lora.csv $WORK/lora-$w.lora.state
-        logged lora-$w "$PY" -c "$PEAK_RSS" $WORK/lora-$w.rss ./train_lora $DIR/1b.$w.bin -z "$TOK" \
-            --objective sft --forget "$TEXT" -b 1 -T 256 --rank 8 --targets q,v --steps $steps \
-            --save-every 0 -o $WORK/lora-$w.lora --log $WORK/lora-$w.lora.csv
-        # B*T = 256 positions over each step's time (differences of the
-        # log's elapsed_s, column 11), every step but the first. Not the
-        # log's tokens_per_s: that counts loss tokens, fewer in the one
-        # short row at the end of the text.
-        awk -F, 'NR > 1 { if (NR > 2 && $11 > prev) print 256 / ($11 - prev); prev = $11 }' $WORK/lora-$w.lora.csv |
-            add_row lora_train $wt 1b.$w.bin tok/s
-        echo "lora_train_peak_rss,$wt,1b.$w.bin,$(awk '{ printf "%.0f", $1 / 1024 }' $WORK/lora-$w.rss),MiB,,," >> "$ROWS"
-    done
+    lora_bench f32 1b.f32.bin fp32
+    lora_bench q8 1b.q8.bin int8
+fi
+
+# Llama-3-8B in int8 (BENCH_8B=1): the engine on a 128-token prompt, and
+# LoRA training; its rows carry the model name 8b.q8.bin
+if [ "$BIG" = 1 ]; then
+    echo "== run bench $DIR/8b.q8.bin (reps $REPS, decode $DECODE, prefill 128)"
+    warm $DIR/8b.q8.bin
+    logged engine-8b ./run bench $DIR/8b.q8.bin --reps "$REPS" --decode "$DECODE" --prefill 128 --csv $WORK/engine-8b.csv
+    tail -n +2 $WORK/engine-8b.csv | grep -v '^engine,\|^threads,' >> "$ROWS"
+    lora_bench 8b 8b.q8.bin int8
 fi
 
 if has_part sae; then
@@ -171,14 +189,19 @@ awk -v reps="$REPS" '
 awk -v reps="$REPS" -v decode="$DECODE" -v prefill="$PREFILL" -v layer="$SAE_LAYER" '
     NR == 1 { next }
     /^engine,/ { q1 = index($0, "\""); rest = substr($0, q1 + 1); engine = substr(rest, 1, length(rest) - 5); next }
-    { split($0, f, ","); v[f[1], f[2]] = f[4] }
+    # Llama-3-8B rows are a third column, keyed "8b"
+    { split($0, f, ","); w = f[3] ~ /^8b/ ? "8b" : f[2]; v[f[1], w] = f[4]; if (w == "8b") big = 1 }
     function cell(m, w, fmt, scale) {
         return ((m, w) in v) && v[m, w] != "" ? sprintf(fmt, v[m, w] / (scale == "" ? 1 : scale)) : "-" }
-    function line(label, m, fmt, scale) { if (((m, "fp32") in v) || ((m, "int8") in v))
-        printf "| %s | %s | %s |\n", label, cell(m, "fp32", fmt, scale), cell(m, "int8", fmt, scale) }
+    function line(label, m, fmt, scale) {
+        if (!(((m, "fp32") in v) || ((m, "int8") in v) || ((m, "8b") in v))) return
+        printf "| %s | %s | %s |", label, cell(m, "fp32", fmt, scale), cell(m, "int8", fmt, scale)
+        if (big) printf " %s |", cell(m, "8b", fmt, scale)
+        printf "\n" }
     END {
         printf "Engine: %s. Medians of %d repetitions.\n\n", engine == "" ? "(not run)" : engine, reps
-        printf "| | fp32 | int8 (Q8_0) |\n|---|---:|---:|\n"
+        if (big) printf "| | fp32 | int8 (Q8_0) | Llama-3-8B int8 |\n|---|---:|---:|---:|\n"
+        else printf "| | fp32 | int8 (Q8_0) |\n|---|---:|---:|\n"
         line("decode, tok/s (1.04B: 1B dims, 32k vocab; " decode " tokens)", "decode", "%.2f")
         n_p = split(prefill, lens, ",")
         for (i = 1; i <= n_p; i++) line("prefill " lens[i] "-token prompt, tok/s", "prefill_" lens[i], "%.1f")
@@ -186,9 +209,10 @@ awk -v reps="$REPS" -v decode="$DECODE" -v prefill="$PREFILL" -v layer="$SAE_LAY
         line("memory triad bandwidth, GB/s", "triad_bw", "%.1f")
         line("sgemm 2048^3 via gemm(), GFLOP/s", "sgemm_2048", "%.1f")
         line("sgemm prefill shapes (128 rows x 7 projections), GFLOP/s", "sgemm_prefill", "%.1f")
+        line("int8 GEMM (matmul_q8) prefill shapes, GOP/s", "q8gemm_prefill", "%.1f")
         line("bytes read per decoded token, GB (weights as stored, KV cache)", "decode_bytes_per_token", "%.3f", 1e9)
-        line("decode roofline fraction (tok/s x bytes/token / read bandwidth)", "decode_roofline", "%.2f")
-        for (i = 1; i <= n_p; i++) line("prefill " lens[i] " GEMM fraction (prefill FLOP/s / sgemm prefill shapes)",
+        line("decode roofline fraction (tok/s x bytes/token / read bandwidth, per run)", "decode_roofline", "%.2f")
+        for (i = 1; i <= n_p; i++) line("prefill " lens[i] " GEMM fraction (prefill FLOP/s / the GEMM rate above: sgemm for fp32, int8 GEMM for int8)",
                                         "prefill_" lens[i] "_gemm_frac", "%.2f")
         line("peak RSS of run bench (model, KV cache, buffers), MiB", "peak_rss", "%.0f")
         line("LoRA training, tok/s (1.24B: 1B, 128k vocab; B*T 256, r 8, q,v)", "lora_train", "%.1f")
