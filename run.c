@@ -1682,7 +1682,7 @@ static void project(Transformer* t, float* y, const float* x, const Matrix* w, i
 }
 
 // Causal attention of one query head for n queries, as two matrix products
-// (the prompt and training paths; decoding is the case n = 1):
+// (the prompt and training paths; decoding, n = 1, runs them as loops):
 //   scores (n, n_keys) = q (n, hd) @ k^T / sqrt(hd), n_keys = pos0 + n
 //   row i: softmax over keys start_i .. pos0 + i, exactly 0 elsewhere
 //   out (n, hd) = probs @ v
@@ -1697,6 +1697,27 @@ static void project(Transformer* t, float* y, const float* x, const Matrix* w, i
 void attention_head(float* out, int ldo, float* probs, const float* q, int ldq, const float* k, const float* v,
                     int ldkv, int n, int pos0, const int* pos_in_seq, int hd) {
     int n_keys = pos0 + n;
+    if (n == 1 && !pos_in_seq) {
+        // decoding: one query, so the two products are matrix-vector
+        // loops (gemm would pack, and the plain C one allocate, per call)
+        float inv_sqrt = 1.0f / sqrtf((float)hd);
+        for (int j = 0; j < n_keys; j++) {
+            const float* kj = k + (size_t)j * ldkv;
+            float score = 0.0f;
+            #pragma omp simd reduction(+:score)
+            for (int d = 0; d < hd; d++) score += q[d] * kj[d];
+            probs[j] = score * inv_sqrt;
+        }
+        softmax(probs, n_keys);
+        for (int d = 0; d < hd; d++) out[d] = 0.0f;
+        for (int j = 0; j < n_keys; j++) {
+            const float* vj = v + (size_t)j * ldkv;
+            float p = probs[j];
+            #pragma omp simd
+            for (int d = 0; d < hd; d++) out[d] += p * vj[d];
+        }
+        return;
+    }
     gemm(0, 1, n, n_keys, hd, 1.0f / sqrtf((float)hd), q, ldq, k, ldkv, 0.0f, probs, n_keys);
     for (int i = 0; i < n; i++) {
         float* row = probs + (size_t)i * n_keys;

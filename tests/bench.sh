@@ -107,21 +107,21 @@ fi
 
 # lora_bench NAME MODEL WEIGHTS: LoRA training tok/s and peak RSS of one model
 lora_bench() {
-    name=$1 model=$2 wt=$3
+    tag=$1 model=$2 wt=$3   # (not "name": logged() sets that; sh has no locals)
     steps=$((REPS + 1))
     echo "== train_lora $DIR/$model: $steps steps of B*T = 256, rank 8, q,v"
     warm $DIR/$model
-    rm -f $WORK/lora-$name.lora $WORK/lora-$name.lora.csv $WORK/lora-$name.lora.state
-    logged lora-$name "$PY" -c "$PEAK_RSS" $WORK/lora-$name.rss ./train_lora $DIR/$model -z "$TOK" \
+    rm -f $WORK/lora-$tag.lora $WORK/lora-$tag.lora.csv $WORK/lora-$tag.lora.state
+    logged lora-$tag "$PY" -c "$PEAK_RSS" $WORK/lora-$tag.rss ./train_lora $DIR/$model -z "$TOK" \
         --objective sft --forget "$TEXT" -b 1 -T 256 --rank 8 --targets q,v --steps $steps \
-        --save-every 0 -o $WORK/lora-$name.lora --log $WORK/lora-$name.lora.csv
+        --save-every 0 -o $WORK/lora-$tag.lora --log $WORK/lora-$tag.lora.csv
     # B*T = 256 positions over each step's time (differences of the log's
     # elapsed_s, column 11), every step but the first. Not the log's
     # tokens_per_s: that counts loss tokens, fewer in the one short row at
     # the end of the text.
-    awk -F, 'NR > 1 { if (NR > 2 && $11 > prev) print 256 / ($11 - prev); prev = $11 }' $WORK/lora-$name.lora.csv |
+    awk -F, 'NR > 1 { if (NR > 2 && $11 > prev) print 256 / ($11 - prev); prev = $11 }' $WORK/lora-$tag.lora.csv |
         add_row lora_train $wt $model tok/s
-    echo "lora_train_peak_rss,$wt,$model,$(awk '{ printf "%.0f", $1 / 1024 }' $WORK/lora-$name.rss),MiB,,," >> "$ROWS"
+    echo "lora_train_peak_rss,$wt,$model,$(awk '{ printf "%.0f", $1 / 1024 }' $WORK/lora-$tag.rss),MiB,,," >> "$ROWS"
 }
 
 if has_part lora; then
