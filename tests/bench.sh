@@ -115,6 +115,7 @@ lora_bench() {
     logged lora-$tag "$PY" -c "$PEAK_RSS" $WORK/lora-$tag.rss ./train_lora $DIR/$model -z "$TOK" \
         --objective sft --forget "$TEXT" -b 1 -T 256 --rank 8 --targets q,v --steps $steps \
         --save-every 0 -o $WORK/lora-$tag.lora --log $WORK/lora-$tag.lora.csv
+    [ -s $WORK/lora-$tag.lora.csv ] && [ -s $WORK/lora-$tag.rss ] || { echo "error: train_lora wrote no log or RSS for $model"; exit 1; }
     # B*T = 256 positions over each step's time (differences of the log's
     # elapsed_s, column 11), every step but the first. Not the log's
     # tokens_per_s: that counts loss tokens, fewer in the one short row at
