@@ -799,6 +799,14 @@ static int hook_skips(const SaeHook* h, int pos) {
     return (h->skip_pos0 && pos == 0) || (h->keep && !h->keep[pos]);
 }
 
+// Whether row r of the batch has any selected latent active (its codes in h->fs)
+static int row_hit(const SaeHook* h, int r) {
+    const float* fs = h->fs + (size_t)r * h->n_sel;
+    for (int q = 0; q < h->n_sel; q++)
+        if (fs[q] > 0.0f) return 1;
+    return 0;
+}
+
 void sae_hook_fn(void* ctx, int layer, int pos0, int n_pos, float* x, int dim) {
     SaeHook* h = ctx;
     const Sae* s = h->sae;
@@ -839,21 +847,15 @@ void sae_hook_fn(void* ctx, int layer, int pos0, int n_pos, float* x, int dim) {
     // selected latent (a running fraction of 1/1) does not open it
     for (int r = 0; r < n_pos; r++) {
         if (hook_skips(h, pos0 + r)) continue;
-        const float* fs = h->fs + (size_t)r * h->n_sel;
-        int hit = 0;
-        for (int q = 0; q < h->n_sel; q++) hit |= fs[q] > 0.0f;
         h->n_tokens++; h->seq_tokens++;
-        if (hit) { h->n_active++; h->seq_hits++; }
+        if (row_hit(h, r)) { h->n_active++; h->seq_hits++; }
     }
     // per-sequence gate: open once the fraction of positions with a selected latent active exceeds alpha
     if (h->gate && !h->gate_on && h->seq_hits > h->gate_alpha * h->seq_tokens) h->gate_on = 1;
     if (h->gate && !h->gate_on) return;
     for (int r = 0; r < n_pos; r++) {
-        if (hook_skips(h, pos0 + r)) continue;
+        if (hook_skips(h, pos0 + r) || !row_hit(h, r)) continue;
         const float* fs = h->fs + (size_t)r * h->n_sel;
-        int hit = 0;
-        for (int q = 0; q < h->n_sel; q++) hit |= fs[q] > 0.0f;
-        if (!hit) continue;
         float* xr = x + (size_t)r * d;
         for (int q = 0; q < h->n_sel; q++) {
             float f = fs[q];
@@ -2053,13 +2055,16 @@ static void print_context(const Tokenizer* tok, const Row* r, int pos) {
     printf("\"");
 }
 
-typedef struct { const double* score; const unsigned char* eligible; } SortCtx;
-static SortCtx g_sort;   // qsort has no context argument
-static int cmp_latent(const void* a, const void* b) {
-    int i = *(const int*)a, j = *(const int*)b;
-    if (g_sort.eligible[i] != g_sort.eligible[j]) return g_sort.eligible[j] - g_sort.eligible[i];
-    double x = g_sort.score[i], y = g_sort.score[j];
-    return (x < y) - (x > y);
+// A latent with what it is ranked by (qsort has no context argument, so the
+// keys travel with the index): eligible ones first, then by score, highest
+// first, then by index, so ties come out the same with any qsort.
+typedef struct { int latent, eligible; double score; } RankedLatent;
+static int cmp_ranked(const void* a, const void* b) {
+    const RankedLatent* x = a;
+    const RankedLatent* y = b;
+    if (x->eligible != y->eligible) return y->eligible - x->eligible;
+    if (x->score != y->score) return (x->score < y->score) - (x->score > y->score);
+    return (x->latent > y->latent) - (x->latent < y->latent);
 }
 
 // Per row of rs: the fraction of positions (all but BOS, as the hook sees
@@ -2195,11 +2200,12 @@ static int score_main(Opts* o) {
         }
         eligible[i] = cnt[0][i] > 0 && fr <= o->tau && score[i] > 0.0;
     }
+    RankedLatent* ranked = xmalloc((size_t)n * sizeof(RankedLatent));
+    for (int i = 0; i < n; i++) ranked[i] = (RankedLatent){i, eligible[i], score[i]};
+    qsort(ranked, n, sizeof(RankedLatent), cmp_ranked);
     int* order = xmalloc((size_t)n * sizeof(int));
-    for (int i = 0; i < n; i++) order[i] = i;
-    g_sort.score = score;
-    g_sort.eligible = eligible;
-    qsort(order, n, sizeof(int), cmp_latent);
+    for (int i = 0; i < n; i++) order[i] = ranked[i].latent;
+    free(ranked);
     int n_eligible = 0;
     for (int i = 0; i < n; i++) n_eligible += eligible[i];
     int N = o->N < n_eligible ? o->N : n_eligible;
