@@ -967,11 +967,18 @@ enum { dot_q8_has_avx512 = 1 };
 // rows from cache at about the speed memory delivers them (40 GB/s here), so
 // compute and memory could not overlap. As in AVX2, |w| is the unsigned
 // operand and x takes w's sign (a masked negation: AVX-512 has no vpsignb).
+// Each load also asks for the weight bytes 4 KiB ahead (two rows of the
+// 1B shape; past a matrix's end this only prefetches, it never faults): in
+// 8 paired decode runs of the 1.04B shape it raised the roofline fraction
+// every time (+0.04 to +0.25) and tok/s by 5% on average (2 and 8 KiB
+// ahead showed no gain in a shorter comparison).
+#define DOT_Q8_PREFETCH 4096
 static float dot_q8_avx512(const int8_t* wq, const float* ws, const int8_t* xq, const float* xs, int cols, int gs) {
     __m512 acc = _mm512_setzero_ps();
     for (int g = 0; g < cols / gs; g++) {
         __m512i sum32 = _mm512_setzero_si512();
         for (int j = 0; j < gs; j += 64) {
+            _mm_prefetch((const char*)(wq + (size_t)g * gs + j + DOT_Q8_PREFETCH), _MM_HINT_T0);
             __m512i a = _mm512_loadu_si512(wq + (size_t)g * gs + j);
             __m512i b = _mm512_loadu_si512(xq + (size_t)g * gs + j);
             __m512i signed_b = _mm512_mask_sub_epi8(b, _mm512_movepi8_mask(a), _mm512_setzero_si512(), b);
