@@ -2582,9 +2582,12 @@ static void test_train_merge(void) {
     train_model_free(&m);
 }
 
-// LoRA gradients over the int8 base (activations quantized in the forward,
-// W dequantized tile by tile in the backward) against the same adapter over
-// the exactly dequantized fp32 model (a merge with an all-zero adapter).
+// LoRA gradients over the int8 base (activations quantized in the forward;
+// in the backward dx = dy W is the int8 GEMM against W^T requantized, or,
+// in a build without AVX-512 VNNI, W dequantized tile by tile) against the
+// same adapter over the exactly dequantized fp32 model (a merge with an
+// all-zero adapter). Measured: cosine 0.99958, rel L2 0.029 with the int8
+// backward; 0.99969 and 0.025 with the dequantizing one.
 static void test_train_int8_backward(void) {
     const char* q8 = "build/models/tiny-3.2.q8.bin";
     TrainModel mq, mf;

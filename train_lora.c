@@ -502,8 +502,6 @@ static int max_in_dim(const Config* c) {
     return q_dim > m ? q_dim : m;
 }
 
-// Every activation buffer; with dry != 0 nothing is allocated and only the
-// bytes are counted (train_memory_bytes).
 // Whether every int8 matrix's dx = dy W can run as the engine's int8 GEMM
 // (matmul_q8, transposed): the build has it and each row count is a whole
 // number of groups.
@@ -515,6 +513,8 @@ static int int8_backward_fast(const Config* c) {
     return 1;
 }
 
+// Every activation buffer; with dry != 0 nothing is allocated and only the
+// bytes are counted (train_memory_bytes).
 static void* acts_buf(size_t* bytes, int dry, size_t n, size_t size) {
     *bytes += n * size;
     return dry ? NULL : xcalloc(n, size);
