@@ -10,7 +10,8 @@
 #   make demo       every method on the toy world, one report (results/toy/)
 #   make demo-real MODEL=m.bin TOKENIZER=t.tok [REAL=data/real]   the same on a real model
 #   make bench [BENCH_REPS=5] [BENCH_8B=1]   speed suite: decode/prefill tok/s, bandwidth, GEMM, roofline,
-#                   LoRA and SAE training (build/bench/results.{csv,json,md}; ~15 min, 2 cores)
+#                   LoRA and SAE training (build/bench/results.{csv,json,md}; 6-8 min on 2 cores,
+#                   plus about 2 min to make the models once, 4 more with BENCH_8B=1)
 CC ?= cc
 CFLAGS ?= -O3 -march=native
 CFLAGS += -std=c11 -Wall -Wextra -Wno-unused-parameter -fopenmp
