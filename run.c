@@ -57,6 +57,11 @@ void* xcalloc(size_t n, size_t size) {
     return p;
 }
 
+void* xcalloc_counted(size_t* bytes, int dry, size_t n, size_t size) {
+    *bytes += n * size;
+    return dry ? NULL : xcalloc(n, size);
+}
+
 char* read_file(const char* path, size_t* len) {
     FILE* f = fopen(path, "rb");
     if (!f) { fprintf(stderr, "error: cannot open %s: %s\n", path, strerror(errno)); exit(EXIT_FAILURE); }
@@ -841,6 +846,15 @@ void gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const floa
 #endif
 }
 
+// fp32 dot product. The simd reduction lets the compiler keep several
+// partial sums in vector registers (plain C cannot reorder floats).
+static float dot_f32(const float* a, const float* b, int n) {
+    float sum = 0.0f;
+    #pragma omp simd reduction(+:sum)
+    for (int j = 0; j < n; j++) sum += a[j] * b[j];
+    return sum;
+}
+
 // Q8_0 quantization of one group of gs values: scale = max|x| / 127 and
 // q = round(x / scale), written as x * (1 / scale). Returns the scale.
 //
@@ -1105,8 +1119,9 @@ int matmul_q8_fast(int rows, int gs, int trans) {
 #endif
 }
 
-// The sizes of every buffer (and their sum in sc->bytes), nothing allocated.
-static void q8_scratch_sizes(Q8Scratch* sc, int n_cap, int max_cols, int gs) {
+// Every buffer of the scratch, their sum in sc->bytes; with dry != 0 nothing
+// is allocated, only counted (q8_scratch_bytes).
+static void q8_scratch_setup(Q8Scratch* sc, int n_cap, int max_cols, int gs, int dry) {
     memset(sc, 0, sizeof(*sc));
     sc->n_cap = n_cap;
     sc->gs = gs;
@@ -1116,25 +1131,25 @@ static void q8_scratch_sizes(Q8Scratch* sc, int n_cap, int max_cols, int gs) {
     if (kc > max_cols / gs * gs) kc = max_cols / gs * gs;
     sc->kc = kc;
     sc->n_threads = engine_threads();
+    size_t n = n_cap, threads = sc->n_threads;
     // xq/xs serve both paths: the dot products take whole rows (n, max_cols),
     // the GEMM one k block at a time (n, kc), kc <= max_cols
-    sc->bytes = (size_t)n_cap * max_cols + (size_t)n_cap * (max_cols / gs) * sizeof(float);
-    if (matmul_q8_fast(0, gs, 0))
-        sc->bytes += (size_t)n_cap * (kc / gs) * sizeof(int32_t) + (size_t)sc->n_threads * Q8_NR * kc +
-                     (size_t)sc->n_threads * Q8_NR * (kc / gs) * sizeof(float) + (size_t)sc->n_threads * Q8_NR * gs * sizeof(float);
+    sc->xq = xcalloc_counted(&sc->bytes, dry, n * max_cols, 1);
+    sc->xs = xcalloc_counted(&sc->bytes, dry, n * (max_cols / gs), sizeof(float));
+    if (matmul_q8_fast(0, gs, 0)) {
+        sc->xcorr = xcalloc_counted(&sc->bytes, dry, n * (kc / gs), sizeof(int32_t));
+        sc->panels = xcalloc_counted(&sc->bytes, dry, threads * Q8_NR * kc, 1);
+        sc->panel_scales = xcalloc_counted(&sc->bytes, dry, threads * Q8_NR * (kc / gs), sizeof(float));
+        sc->pack_tmp = xcalloc_counted(&sc->bytes, dry, threads * Q8_NR * gs, sizeof(float));
+    }
 }
 
-void q8_scratch_init(Q8Scratch* sc, int n_cap, int max_cols, int gs) {
-    q8_scratch_sizes(sc, n_cap, max_cols, gs);
-    int kc = sc->kc;
-    sc->xq = xcalloc((size_t)n_cap * max_cols, 1);
-    sc->xs = xcalloc((size_t)n_cap * (max_cols / gs), sizeof(float));
-    if (matmul_q8_fast(0, gs, 0)) {
-        sc->xcorr = xcalloc((size_t)n_cap * (kc / gs), sizeof(int32_t));
-        sc->panels = xcalloc((size_t)sc->n_threads * Q8_NR * kc, 1);
-        sc->panel_scales = xcalloc((size_t)sc->n_threads * Q8_NR * (kc / gs), sizeof(float));
-        sc->pack_tmp = xcalloc((size_t)sc->n_threads * Q8_NR * gs, sizeof(float));
-    }
+void q8_scratch_init(Q8Scratch* sc, int n_cap, int max_cols, int gs) { q8_scratch_setup(sc, n_cap, max_cols, gs, 0); }
+
+size_t q8_scratch_bytes(int n_cap, int max_cols, int gs) {
+    Q8Scratch sc;
+    q8_scratch_setup(&sc, n_cap, max_cols, gs, 1);
+    return sc.bytes;
 }
 
 void q8_scratch_free(Q8Scratch* sc) {
@@ -1181,10 +1196,6 @@ void matmul_q8_portable(float* y, const float* x, const Matrix* w, int n, int tr
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// Packs weight rows j0 .. j0+nr-1, columns k0 .. k0+kb-1 (forward):
-// panel[(kk * Q8_NR + j) * 4 + b] = w[j0+j][k0 + 4*kk + b] ^ 0x80 and
-// scales[g * Q8_NR + j] = the row's scale of group g; rows past nr are zero
-// weights (byte 0x80) with scale 0.
 // 16 x 16 dwords: out[c] lane i = rows[i] lane c (unpack pairs, then quads,
 // then 128-bit lanes twice).
 static void transpose_16x16_epi32(__m512i out[16], const __m512i rows[16]) {
@@ -1214,6 +1225,10 @@ static void transpose_16x16_epi32(__m512i out[16], const __m512i rows[16]) {
     }
 }
 
+// Packs weight rows j0 .. j0+nr-1, columns k0 .. k0+kb-1 (forward):
+// panel[(kk * Q8_NR + j) * 4 + b] = w[j0+j][k0 + 4*kk + b] ^ 0x80 and
+// scales[g * Q8_NR + j] = the row's scale of group g; rows past nr are zero
+// weights (byte 0x80) with scale 0.
 static void q8_pack_rows(uint8_t* panel, float* scales, const Matrix* w, int j0, int nr, int k0, int kb) {
     int gs = w->group_size, gpr = w->cols / gs, words = kb / 4;
     uint32_t* dst = (uint32_t*)panel;
@@ -1349,12 +1364,6 @@ static void q8_kernel(int groups, int gs, const uint8_t* panel, const float* psc
 }
 #endif
 
-size_t q8_scratch_bytes(int n_cap, int max_cols, int gs) {
-    Q8Scratch sc;
-    q8_scratch_sizes(&sc, n_cap, max_cols, gs);
-    return sc.bytes;
-}
-
 void matmul_q8(float* y, const float* x, const Matrix* w, int n, int trans, int accumulate, Q8Scratch* sc) {
     int gs = w->group_size;
     if (gs != sc->gs || n > sc->n_cap) die("matmul_q8: scratch for group %d and %d rows, asked for %d and %d", sc->gs, sc->n_cap, gs, n);
@@ -1393,15 +1402,7 @@ void matmul(float* y, const float* x, const Matrix* w, int n, Q8Scratch* q8) {
             // (a small one runs on this thread: waking the team costs more
             // than it saves, and far more when another process holds a core)
             #pragma omp parallel for schedule(static) if ((long)rows * cols >= PARALLEL_MIN_WORK)
-            for (int r = 0; r < rows; r++) {
-                const float* wr = w->f + (size_t)r * cols;
-                float sum = 0.0f;
-                // simd reduction: lets the compiler keep several partial
-                // sums in vector registers (plain C cannot reorder floats)
-                #pragma omp simd reduction(+:sum)
-                for (int j = 0; j < cols; j++) sum += wr[j] * x[j];
-                y[r] = sum;
-            }
+            for (int r = 0; r < rows; r++) y[r] = dot_f32(w->f + (size_t)r * cols, x, cols);
         } else {
             // prompt: y = x @ W^T as one GEMM
             gemm(0, 1, n, rows, cols, 1.0f, x, cols, w->f, cols, 0.0f, y, rows);
@@ -1708,13 +1709,7 @@ void attention_head(float* out, int ldo, float* probs, const float* q, int ldq, 
         // decoding: one query, so the two products are matrix-vector
         // loops (gemm would pack, and the plain C one allocate, per call)
         float inv_sqrt = 1.0f / sqrtf((float)hd);
-        for (int j = 0; j < n_keys; j++) {
-            const float* kj = k + (size_t)j * ldkv;
-            float score = 0.0f;
-            #pragma omp simd reduction(+:score)
-            for (int d = 0; d < hd; d++) score += q[d] * kj[d];
-            probs[j] = score * inv_sqrt;
-        }
+        for (int j = 0; j < n_keys; j++) probs[j] = dot_f32(q, k + (size_t)j * ldkv, hd) * inv_sqrt;
         softmax(probs, n_keys);
         for (int d = 0; d < hd; d++) out[d] = 0.0f;
         for (int j = 0; j < n_keys; j++) {

@@ -269,7 +269,7 @@ void q8_scratch_free(Q8Scratch* sc);
 size_t q8_scratch_bytes(int n_cap, int max_cols, int gs); // what q8_scratch_init allocates
 // Q8_0 dot product of one weight row with one quantized activation row:
 // sum over groups of int32 dot * w_scale * x_scale. dot_q8 uses SIMD where
-// the build has it (AVX2); dot_q8_portable is the plain C reference.
+// the build has it (AVX-512 VNNI, AVX2); dot_q8_portable is the plain C reference.
 float dot_q8(const int8_t* wq, const float* ws, const int8_t* xq, const float* xs, int cols, int gs);
 float dot_q8_portable(const int8_t* wq, const float* ws, const int8_t* xq, const float* xs, int cols, int gs);
 // Four at once for prefill: out[t] = dot_q8(wq, ws, xq + t*cols, xs + t*(cols/gs), cols, gs),
@@ -427,6 +427,9 @@ int chat_encode(const Tokenizer* tok, const ChatMessage* msgs, int n_msgs, int a
 long time_in_ms(void);
 void* xmalloc(size_t n);   // malloc that exits with a message on failure
 void* xcalloc(size_t n, size_t size);
+// xcalloc, or with dry != 0 nothing; either way adds n * size to *bytes
+// (buffer sets that are both allocated and sized ahead: train_lora, matmul_q8)
+void* xcalloc_counted(size_t* bytes, int dry, size_t n, size_t size);
 int engine_threads(void);    // OpenMP threads in use (1 without OpenMP)
 int engine_thread_id(void);  // this thread's index, inside a parallel region
 // fprintf(stderr, "error: " fmt "\n") and exit(EXIT_FAILURE): the one way

@@ -513,13 +513,9 @@ static int int8_backward_fast(const Config* c) {
     return 1;
 }
 
+
 // Every activation buffer; with dry != 0 nothing is allocated and only the
 // bytes are counted (train_memory_bytes).
-static void* acts_buf(size_t* bytes, int dry, size_t n, size_t size) {
-    *bytes += n * size;
-    return dry ? NULL : xcalloc(n, size);
-}
-
 static size_t acts_setup(TrainModel* m, int N_cap, int T_cap, int need_ref, int need_ref_hidden, int dry) {
     size_t bytes = 0;
     Config* c = &m->config;
@@ -530,52 +526,52 @@ static size_t acts_setup(TrainModel* m, int N_cap, int T_cap, int need_ref, int 
     a->N_cap = N_cap;
     a->T_cap = T_cap;
     size_t B_cap = (N_cap + T_cap - 1) / T_cap;
-    a->x = acts_buf(&bytes, dry, (L + 1) * N * D, sizeof(float));
-    a->xn1 = acts_buf(&bytes, dry, L * N * D, sizeof(float));
-    a->rstd1 = acts_buf(&bytes, dry, L * N, sizeof(float));
-    a->q = acts_buf(&bytes, dry, L * N * qd, sizeof(float));
-    a->k = acts_buf(&bytes, dry, L * N * kvd, sizeof(float));
-    a->v = acts_buf(&bytes, dry, L * N * kvd, sizeof(float));
-    a->att = acts_buf(&bytes, dry, L * B_cap * c->n_heads * (size_t)T_cap * T_cap, sizeof(float));
-    a->att_out = acts_buf(&bytes, dry, L * N * qd, sizeof(float));
-    a->xmid = acts_buf(&bytes, dry, L * N * D, sizeof(float));
-    a->xn2 = acts_buf(&bytes, dry, L * N * D, sizeof(float));
-    a->rstd2 = acts_buf(&bytes, dry, L * N, sizeof(float));
-    a->gate = acts_buf(&bytes, dry, L * N * H, sizeof(float));
-    a->up = acts_buf(&bytes, dry, L * N * H, sizeof(float));
-    a->h = acts_buf(&bytes, dry, L * N * H, sizeof(float));
-    a->xf = acts_buf(&bytes, dry, N * D, sizeof(float));
-    a->rstdf = acts_buf(&bytes, dry, N, sizeof(float));
-    a->logits = acts_buf(&bytes, dry, N * V, sizeof(float));
-    a->lse = acts_buf(&bytes, dry, N, sizeof(float));
-    a->nll = acts_buf(&bytes, dry, N, sizeof(float));
+    a->x = xcalloc_counted(&bytes, dry, (L + 1) * N * D, sizeof(float));
+    a->xn1 = xcalloc_counted(&bytes, dry, L * N * D, sizeof(float));
+    a->rstd1 = xcalloc_counted(&bytes, dry, L * N, sizeof(float));
+    a->q = xcalloc_counted(&bytes, dry, L * N * qd, sizeof(float));
+    a->k = xcalloc_counted(&bytes, dry, L * N * kvd, sizeof(float));
+    a->v = xcalloc_counted(&bytes, dry, L * N * kvd, sizeof(float));
+    a->att = xcalloc_counted(&bytes, dry, L * B_cap * c->n_heads * (size_t)T_cap * T_cap, sizeof(float));
+    a->att_out = xcalloc_counted(&bytes, dry, L * N * qd, sizeof(float));
+    a->xmid = xcalloc_counted(&bytes, dry, L * N * D, sizeof(float));
+    a->xn2 = xcalloc_counted(&bytes, dry, L * N * D, sizeof(float));
+    a->rstd2 = xcalloc_counted(&bytes, dry, L * N, sizeof(float));
+    a->gate = xcalloc_counted(&bytes, dry, L * N * H, sizeof(float));
+    a->up = xcalloc_counted(&bytes, dry, L * N * H, sizeof(float));
+    a->h = xcalloc_counted(&bytes, dry, L * N * H, sizeof(float));
+    a->xf = xcalloc_counted(&bytes, dry, N * D, sizeof(float));
+    a->rstdf = xcalloc_counted(&bytes, dry, N, sizeof(float));
+    a->logits = xcalloc_counted(&bytes, dry, N * V, sizeof(float));
+    a->lse = xcalloc_counted(&bytes, dry, N, sizeof(float));
+    a->nll = xcalloc_counted(&bytes, dry, N, sizeof(float));
     int rank = m->full ? 0 : m->lora.rank;
     int rank_max = rank;
-    if (rank > 0) a->lora_u = acts_buf(&bytes, dry, L * LORA_N_TARGETS * N * rank, sizeof(float));
-    a->dres = acts_buf(&bytes, dry, N * D, sizeof(float));
-    a->dmid = acts_buf(&bytes, dry, N * D, sizeof(float));
-    a->dbranch = acts_buf(&bytes, dry, N * D, sizeof(float));
-    a->dxn = acts_buf(&bytes, dry, N * D, sizeof(float));
-    a->dq = acts_buf(&bytes, dry, N * qd, sizeof(float));
-    a->dk = acts_buf(&bytes, dry, N * kvd, sizeof(float));
-    a->dv = acts_buf(&bytes, dry, N * kvd, sizeof(float));
-    a->dkh = acts_buf(&bytes, dry, N * qd, sizeof(float));
-    a->dvh = acts_buf(&bytes, dry, N * qd, sizeof(float));
-    a->datt = acts_buf(&bytes, dry, N * qd, sizeof(float));
-    a->dgate = acts_buf(&bytes, dry, N * H, sizeof(float));
-    a->dup = acts_buf(&bytes, dry, N * H, sizeof(float));
-    a->dh = acts_buf(&bytes, dry, N * H, sizeof(float));
-    a->dxf = acts_buf(&bytes, dry, N * D, sizeof(float));
-    a->dnll = acts_buf(&bytes, dry, N, sizeof(float));
-    a->dkl = acts_buf(&bytes, dry, N, sizeof(float));
-    a->ref = need_ref ? acts_buf(&bytes, dry, N * V, sizeof(float)) : NULL;
-    a->ref_hidden = need_ref_hidden ? acts_buf(&bytes, dry, N * D, sizeof(float)) : NULL;
-    a->tmp = acts_buf(&bytes, dry, N * mx, sizeof(float));
-    a->tmp2 = acts_buf(&bytes, dry, N * mx, sizeof(float));
+    if (rank > 0) a->lora_u = xcalloc_counted(&bytes, dry, L * LORA_N_TARGETS * N * rank, sizeof(float));
+    a->dres = xcalloc_counted(&bytes, dry, N * D, sizeof(float));
+    a->dmid = xcalloc_counted(&bytes, dry, N * D, sizeof(float));
+    a->dbranch = xcalloc_counted(&bytes, dry, N * D, sizeof(float));
+    a->dxn = xcalloc_counted(&bytes, dry, N * D, sizeof(float));
+    a->dq = xcalloc_counted(&bytes, dry, N * qd, sizeof(float));
+    a->dk = xcalloc_counted(&bytes, dry, N * kvd, sizeof(float));
+    a->dv = xcalloc_counted(&bytes, dry, N * kvd, sizeof(float));
+    a->dkh = xcalloc_counted(&bytes, dry, N * qd, sizeof(float));
+    a->dvh = xcalloc_counted(&bytes, dry, N * qd, sizeof(float));
+    a->datt = xcalloc_counted(&bytes, dry, N * qd, sizeof(float));
+    a->dgate = xcalloc_counted(&bytes, dry, N * H, sizeof(float));
+    a->dup = xcalloc_counted(&bytes, dry, N * H, sizeof(float));
+    a->dh = xcalloc_counted(&bytes, dry, N * H, sizeof(float));
+    a->dxf = xcalloc_counted(&bytes, dry, N * D, sizeof(float));
+    a->dnll = xcalloc_counted(&bytes, dry, N, sizeof(float));
+    a->dkl = xcalloc_counted(&bytes, dry, N, sizeof(float));
+    a->ref = need_ref ? xcalloc_counted(&bytes, dry, N * V, sizeof(float)) : NULL;
+    a->ref_hidden = need_ref_hidden ? xcalloc_counted(&bytes, dry, N * D, sizeof(float)) : NULL;
+    a->tmp = xcalloc_counted(&bytes, dry, N * mx, sizeof(float));
+    a->tmp2 = xcalloc_counted(&bytes, dry, N * mx, sizeof(float));
     if (rank_max < 64) rank_max = 64; // room for a reinforced (WHP) adapter of another rank
-    a->u_tmp = acts_buf(&bytes, dry, N * rank_max, sizeof(float));
-    a->du = acts_buf(&bytes, dry, N * rank_max, sizeof(float));
-    a->dp = acts_buf(&bytes, dry, (size_t)engine_threads() * T_cap * T_cap, sizeof(float));
+    a->u_tmp = xcalloc_counted(&bytes, dry, N * rank_max, sizeof(float));
+    a->du = xcalloc_counted(&bytes, dry, N * rank_max, sizeof(float));
+    a->dp = xcalloc_counted(&bytes, dry, (size_t)engine_threads() * T_cap * T_cap, sizeof(float));
     // an int8 base: the engine's int8 matmul scratch (its transposed GEMM
     // also serves dx = dy W, in k blocks, so W's rows may exceed mx), and
     // where that GEMM is not built (or a shape does not fit it) dx = dy W
@@ -589,12 +585,12 @@ static size_t acts_setup(TrainModel* m, int N_cap, int T_cap, int need_ref, int 
             if (rows < 1) rows = 1;
             if (rows > V) rows = V;
             a->deq_rows = (int)rows;
-            a->deq = acts_buf(&bytes, dry, rows * mx, sizeof(float));
+            a->deq = xcalloc_counted(&bytes, dry, rows * mx, sizeof(float));
         }
     }
-    a->rope_cos = acts_buf(&bytes, dry, (size_t)T_cap * half, sizeof(float));
-    a->rope_sin = acts_buf(&bytes, dry, (size_t)T_cap * half, sizeof(float));
-    a->rope_nsin = acts_buf(&bytes, dry, (size_t)T_cap * half, sizeof(float));
+    a->rope_cos = xcalloc_counted(&bytes, dry, (size_t)T_cap * half, sizeof(float));
+    a->rope_sin = xcalloc_counted(&bytes, dry, (size_t)T_cap * half, sizeof(float));
+    a->rope_nsin = xcalloc_counted(&bytes, dry, (size_t)T_cap * half, sizeof(float));
     if (dry) { memset(a, 0, sizeof(*a)); return bytes; }
     float* inv_freq = xcalloc(half, sizeof(float));
     rope_inv_freq(inv_freq, c);
