@@ -364,22 +364,21 @@ static void test_dot_q8(void) {
     free(a); free(b);
 }
 
-static uint64_t q8_test_rng = 12345;
-static float q8_test_uniform(void) { // [-1, 1)
-    q8_test_rng = q8_test_rng * 6364136223846793005ull + 1442695040888963407ull;
-    return (float)((q8_test_rng >> 40) * (2.0 / 16777216.0)) - 1.0f;
+static float q8_test_uniform(uint64_t* rng) { // [-1, 1), from the engine's seeded RNG
+    return (float)((splitmix64(rng) >> 40) * (2.0 / 16777216.0)) - 1.0f;
 }
 
 // A random Q8_0 matrix with every byte in [-127, 127] and the extremes present
-static Matrix q8_test_matrix(int rows, int cols, int gs) {
+static Matrix q8_test_matrix(int rows, int cols, int gs, uint64_t* rng) {
     Matrix w = {NULL, xmalloc((size_t)rows * cols), xmalloc((size_t)rows * (cols / gs) * sizeof(float)), rows, cols, gs};
-    for (size_t i = 0; i < (size_t)rows * cols; i++) w.q[i] = (int8_t)lrintf(127.0f * q8_test_uniform());
+    for (size_t i = 0; i < (size_t)rows * cols; i++) w.q[i] = (int8_t)lrintf(127.0f * q8_test_uniform(rng));
     w.q[0] = 127; w.q[1] = -127;
-    for (size_t g = 0; g < (size_t)rows * (cols / gs); g++) w.s[g] = 0.01f * (1.5f + q8_test_uniform());
+    for (size_t g = 0; g < (size_t)rows * (cols / gs); g++) w.s[g] = 0.01f * (1.5f + q8_test_uniform(rng));
     return w;
 }
 
 static void test_matmul_q8(void) {
+    uint64_t rng = 12345;
     // quantize_group (SIMD where built) = quantize_group_portable, byte for
     // byte, including values that land exactly on .5 after scaling (127 is
     // the max, so x = 63.5 is q = 63.5 before rounding)
@@ -387,7 +386,7 @@ static void test_matmul_q8(void) {
     for (int trial = 0; trial < 200; trial++) {
         float x[64];
         int8_t qa[64], qb[64];
-        for (int j = 0; j < 64; j++) x[j] = trial % 3 ? 5.0f * q8_test_uniform() : (float)(j - 32) + 0.5f;
+        for (int j = 0; j < 64; j++) x[j] = trial % 3 ? 5.0f * q8_test_uniform(&rng) : (float)(j - 32) + 0.5f;
         if (trial % 3 == 0) x[0] = 127.0f;
         if (trial == 7) x[9] = NAN;
         if (trial == 8) x[9] = -INFINITY;
@@ -405,8 +404,8 @@ static void test_matmul_q8(void) {
     // multiple of 6, accumulation, and k blocks of 2 groups so that the fma
     // chain crosses blocks (5 groups: blocks of 2, 2, 1)
     int gs = 64;
-    Matrix wf = q8_test_matrix(104, 320, gs);  // forward: y (n, 104) = x (n, 320) W^T
-    Matrix wt = q8_test_matrix(320, 192, gs);  // transposed: y (n, 192) = x (n, 320) W
+    Matrix wf = q8_test_matrix(104, 320, gs, &rng);  // forward: y (n, 104) = x (n, 320) W^T
+    Matrix wt = q8_test_matrix(320, 192, gs, &rng);  // transposed: y (n, 192) = x (n, 320) W
     Q8Scratch q8;
     q8_scratch_init(&q8, 16, 320, gs);
     q8.kc = 2 * gs;
@@ -419,8 +418,8 @@ static void test_matmul_q8(void) {
                 float* x = xmalloc((size_t)n * K * sizeof(float));
                 float* y_fast = xmalloc((size_t)n * M * sizeof(float));
                 float* y_ref = xmalloc((size_t)n * M * sizeof(float));
-                for (int i = 0; i < n * K; i++) x[i] = 3.0f * q8_test_uniform();
-                for (int i = 0; i < n * M; i++) y_fast[i] = y_ref[i] = q8_test_uniform();
+                for (int i = 0; i < n * K; i++) x[i] = 3.0f * q8_test_uniform(&rng);
+                for (int i = 0; i < n * M; i++) y_fast[i] = y_ref[i] = q8_test_uniform(&rng);
                 matmul_q8(y_fast, x, w, n, trans, accumulate, &q8);
                 matmul_q8_portable(y_ref, x, w, n, trans, accumulate);
                 n_same += !memcmp(y_fast, y_ref, (size_t)n * M * sizeof(float));
@@ -429,14 +428,14 @@ static void test_matmul_q8(void) {
             }
     // group size 32 and k = 96: a k block of 24 dwords, not a multiple of the packer's 16
     {
-        Matrix w32 = q8_test_matrix(40, 96, 32), w32t = q8_test_matrix(96, 64, 32);
+        Matrix w32 = q8_test_matrix(40, 96, 32, &rng), w32t = q8_test_matrix(96, 64, 32, &rng);
         Q8Scratch q32;
         q8_scratch_init(&q32, 16, 96, 32);
         for (int trans = 0; trans < 2; trans++) {
             const Matrix* w = trans ? &w32t : &w32;
             int n = 9, K = trans ? w->rows : w->cols, M = trans ? w->cols : w->rows;
             float x[9 * 96], y_fast[9 * 64], y_ref[9 * 64];
-            for (int i = 0; i < n * K; i++) x[i] = q8_test_uniform();
+            for (int i = 0; i < n * K; i++) x[i] = q8_test_uniform(&rng);
             matmul_q8(y_fast, x, w, n, trans, 0, &q32);
             matmul_q8_portable(y_ref, x, w, n, trans, 0);
             n_same += !memcmp(y_fast, y_ref, (size_t)n * M * sizeof(float));
@@ -457,7 +456,7 @@ static void test_matmul_q8(void) {
         int n = 7, K = wt.rows, M = wt.cols, gpr = wt.cols / gs;
         float* x = xmalloc((size_t)n * K * sizeof(float));
         float* y = xmalloc((size_t)n * M * sizeof(float));
-        for (int i = 0; i < n * K; i++) x[i] = 3.0f * q8_test_uniform();
+        for (int i = 0; i < n * K; i++) x[i] = 3.0f * q8_test_uniform(&rng);
         matmul_q8(y, x, &wt, n, 1, 0, &q8);
         double worst = 0.0;
         int8_t tq[64], xq[64];
