@@ -73,10 +73,12 @@ test_all: test_all.c engine.o eval.o train_lib.o sae_lib.o guard_lib.o run.h eva
 
 # Synthetic checkpoints and exported models live in build/ (git-ignored).
 TOK = build/llama3.tok
-$(TOK): export.py tok_export.py ../shared/llama3-tokenizer/tokenizer.json
+# The real Llama-3 tokenizer.json ships gzip-compressed in tests/llama3/.
+LLAMA3_TOKENIZER = tests/llama3/tokenizer.json.gz
+$(TOK): export.py tok_export.py $(LLAMA3_TOKENIZER)
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }
 	@mkdir -p build
-	$(PYTHON) export.py tokenizer ../shared/llama3-tokenizer/tokenizer.json $@
+	$(PYTHON) export.py tokenizer $(LLAMA3_TOKENIZER) $@
 
 test: all $(TOK)
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }

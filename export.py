@@ -570,7 +570,8 @@ def synth(args):
         with open(os.path.join(args.out_dir, fn), "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
-    with open(args.tokenizer, "rb") as src, open(os.path.join(args.out_dir, "tokenizer.json"), "wb") as dst:
+    from tok_export import open_json_bytes
+    with open_json_bytes(args.tokenizer) as src, open(os.path.join(args.out_dir, "tokenizer.json"), "wb") as dst:
         dst.write(src.read())
     print("synth %s seed %d -> %s (%d bytes of weights, %.1fs)" % (args.preset, args.seed, args.out_dir,
                                                                 total, time.time() - t0))
@@ -885,8 +886,8 @@ def main():
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--seed", type=int, default=0)
     here = os.path.dirname(os.path.abspath(__file__))
-    p.add_argument("--tokenizer", default=os.path.join(here, "..", "shared", "llama3-tokenizer",
-                                                       "tokenizer.json"))
+    p.add_argument("--tokenizer", default=os.path.join(here, "tests", "llama3", "tokenizer.json.gz"),
+                   help="tokenizer.json (or .json.gz) copied into the checkpoint")
     p = command("ref", ref, "numpy reference logits dump", "hf_dir", "out")
     p.add_argument("--ids", required=True, help="comma-separated token ids, BOS included")
     p.add_argument("--no-rope-scaling", action="store_true", help="ignore llama3 rope scaling")

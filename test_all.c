@@ -37,8 +37,8 @@ static const char* TOK_PATH = "build/llama3.tok";
 static const char* FIND_PYTHON =
     "PY=''; for p in \"$PYTHON\" python3 /usr/bin/python3 /usr/local/bin/python3; do "
     "[ -n \"$p\" ] && $p -c 'import numpy' 2>/dev/null && PY=$p && break; done; [ -n \"$PY\" ] && ";
-static const char* CASES_INP = "../shared/llama3-tokenizer/llama-bpe-cases.inp";
-static const char* CASES_OUT = "../shared/llama3-tokenizer/llama-bpe-cases.out";
+static const char* CASES_INP = "tests/llama3/llama-bpe-cases.inp";
+static const char* CASES_OUT = "tests/llama3/llama-bpe-cases.out";
 
 // ----------------------------------------------------------------------------
 // Tokenizer

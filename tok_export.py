@@ -20,6 +20,7 @@ exactly: a model that is not BPE, not byte-level, a normalizer, a
 pre-tokenizer other than Llama 3's Split regex + ByteLevel, or added tokens
 that are not special or have lstrip/rstrip/single_word behaviour.
 """
+import gzip
 import json
 import os
 import struct
@@ -27,6 +28,11 @@ import sys
 
 TOK_MAGIC = 0x4B544C55  # "ULTK"
 TOK_VERSION = 1
+
+
+def open_json_bytes(path):
+    """A tokenizer.json, or the gzip-compressed copy the repository ships (.gz)."""
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -72,8 +78,8 @@ def _check_pre_tokenizer(pt, where):
 def export_tokenizer(json_path, out_path):
     """Converts json_path (HF tokenizer.json) into the run.h tokenizer file out_path.
     Returns a small dict describing what was written."""
-    with open(json_path, "r", encoding="utf-8") as f:
-        tj = json.load(f)
+    with open_json_bytes(json_path) as f:
+        tj = json.loads(f.read().decode("utf-8"))
     where = os.path.basename(json_path)
     model = tj.get("model") or {}
     if model.get("type") != "BPE":

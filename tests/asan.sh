@@ -4,7 +4,7 @@
 # POSIX sh.
 #
 # test_all runs ./run, ./train_lora, ./sae and ./guard and reads data/,
-# tests/, build/ and ../shared/ relative to its working directory. So the
+# tests/ and build/ relative to its working directory. So the
 # sanitized binaries live in build/asan/root, next to links to every other
 # entry of the checkout, with their own build/ (fixtures made here by
 # tests/prepare.sh, the tokenizer linked): nothing the normal `make test`
@@ -29,7 +29,6 @@ for f in *; do
     esac
     ln -sfn "../../../$f" "$ROOT/$f"
 done
-ln -sfn ../../../shared build/asan/shared        # ../shared as seen from $ROOT
 mkdir -p "$ROOT/build"
 ln -sfn ../../../llama3.tok "$ROOT/build/llama3.tok"
 (cd "$ROOT" && PYTHON="$PY" sh tests/prepare.sh)

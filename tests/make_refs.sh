@@ -22,7 +22,7 @@ BOS=128000
 
 [ -x "$RUN" ] || { echo "make_refs.sh: $RUN not found (build it with make)" >&2; exit 1; }
 mkdir -p build/synth
-[ -f "$TOK" ] || "$PYTHON" export.py tokenizer ../shared/llama3-tokenizer/tokenizer.json "$TOK"
+[ -f "$TOK" ] || "$PYTHON" export.py tokenizer tests/llama3/tokenizer.json.gz "$TOK"
 
 # "$(cat ...)" drops the file's final newline: the prompt is the text itself
 ids=$("$RUN" -z "$TOK" -m tokenize -i "$(cat tests/ref_prompt.txt)")
