@@ -44,6 +44,9 @@ all: $(PROGRAMS)
 engine.o: run.c run.h unicode_ranges.h
 	$(CC) $(CFLAGS) -DRUN_LIBRARY -c run.c -o $@
 
+cli.o: cli.c cli.h run.h
+	$(CC) $(CFLAGS) -c cli.c -o $@
+
 eval.o: eval.c eval.h run.h
 	$(CC) $(CFLAGS) -c eval.c -o $@
 

@@ -49,13 +49,6 @@ static void str_printf(Str* b, const char* fmt, ...) {
 }
 static char* str_take(Str* b) { if (!b->s) str_add(b, "", 0); return b->s; }
 
-static char* xstrdup(const char* s) {
-    size_t n = strlen(s);
-    char* d = xmalloc(n + 1);
-    memcpy(d, s, n + 1);
-    return d;
-}
-
 // ----------------------------------------------------------------------------
 // Answering
 

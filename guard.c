@@ -38,13 +38,6 @@
 // ----------------------------------------------------------------------------
 // Small helpers
 
-static char* xstrndup(const char* s, size_t n) {
-    char* d = xmalloc(n + 1);
-    memcpy(d, s, n);
-    d[n] = '\0';
-    return d;
-}
-
 // milliseconds with a fraction: a keyword check takes microseconds
 static double now_ms(void) {
     struct timespec ts;
@@ -1002,8 +995,6 @@ int is_refusal(const char* answer, const char* refusal) {
 // Everything below is the program: the guarded model, eval and the CLI (not
 // compiled into the library build, which test_all links)
 #ifndef GUARD_LIBRARY
-
-static char* xstrdup(const char* s) { return xstrndup(s, strlen(s)); }
 
 // ----------------------------------------------------------------------------
 // The guarded model

@@ -57,6 +57,21 @@ void* xcalloc(size_t n, size_t size) {
     return p;
 }
 
+void* xrealloc(void* p, size_t n) {
+    void* q = realloc(p, n ? n : 1);
+    if (!q) { fprintf(stderr, "error: out of memory allocating %zu bytes\n", n); exit(EXIT_FAILURE); }
+    return q;
+}
+
+char* xstrndup(const char* s, size_t n) {
+    char* d = xmalloc(n + 1);
+    memcpy(d, s, n);
+    d[n] = '\0';
+    return d;
+}
+
+char* xstrdup(const char* s) { return xstrndup(s, strlen(s)); }
+
 void* xcalloc_counted(size_t* bytes, int dry, size_t n, size_t size) {
     *bytes += n * size;
     return dry ? NULL : xcalloc(n, size);
@@ -2569,6 +2584,203 @@ int sample(Sampler* s, float* logits) {
 }
 
 // ----------------------------------------------------------------------------
+// Generation: the one decoding loop and the one chat loop (see run.h)
+
+static int argmax(const float* x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
+GenResult generate(Transformer* t, const Tokenizer* tok, float* logits, int pos, const GenConfig* g) {
+    GenResult r = { 0, pos, -1, GEN_MAX_NEW };
+    while (r.n_sampled < g->max_new) {
+        int next = g->sampler ? sample(g->sampler, logits) : argmax(logits, t->config.vocab_size);
+        if (g->out_ids) g->out_ids[r.n_sampled] = next;
+        r.n_sampled++;
+        r.last = next;
+        if (is_stop_token(&t->config, tok, next)) { r.stop = GEN_STOP_TOKEN; break; }
+        if (g->on_token && g->on_token(g->ctx, tok, next)) { r.stop = GEN_FILTERED; break; }
+        if (r.pos + 1 >= t->state.seq_len) { r.stop = GEN_CONTEXT_FULL; break; }
+        logits = forward(t, next, r.pos++);
+    }
+    return r;
+}
+
+int gen_print(void* ctx, const Tokenizer* tok, int id) {
+    print_token(tok, id);
+    return 0;
+}
+
+int gen_append(void* ctx, const Tokenizer* tok, int id) {
+    TextBuf* b = ctx;
+    if (tok->is_special[id]) return 0;   // markup, never text
+    int len;
+    const char* piece = token_piece(tok, id, &len);
+    if (b->len + len < b->cap) { memcpy(b->s + b->len, piece, len); b->len += len; b->s[b->len] = '\0'; }
+    return 0;
+}
+
+void report_speed(int n_prompt, long prompt_ms, int n_gen, long gen_ms) {
+    fprintf(stderr, "\nprompt: %d tokens, %.1f tok/s | generated: %d tokens, %.2f tok/s\n",
+            n_prompt, prompt_ms > 0 ? n_prompt * 1000.0 / prompt_ms : 0.0,
+            n_gen, gen_ms > 0 ? n_gen * 1000.0 / gen_ms : 0.0);
+}
+
+// chat_loop's state: the dialogue as text (for a filter) and in the cache
+typedef struct {
+    Transformer* t;
+    const Tokenizer* tok;
+    const ChatFilter* filter;
+    ChatMessage* conv;   // (cap,) user and assistant messages, owned strings
+    int n_conv, cap;
+    int n_cached;        // tokens of the dialogue in the KV cache
+    char* answer;        // the answer as it is generated, growing
+    size_t answer_len, answer_cap;
+} Chat;
+
+static void chat_push(Chat* c, const char* role, char* content) {
+    if (c->n_conv == c->cap) { c->cap = c->cap ? 2 * c->cap : 8; c->conv = xrealloc(c->conv, c->cap * sizeof(ChatMessage)); }
+    c->conv[c->n_conv].role = role;
+    c->conv[c->n_conv].content = content;
+    c->n_conv++;
+}
+
+// Collects the answer's text, then shows the token (the filter's way, or printed)
+static int chat_on_token(void* ctx, const Tokenizer* tok, int id) {
+    Chat* c = ctx;
+    if (!tok->is_special[id]) {
+        int len;
+        const char* piece = token_piece(tok, id, &len);
+        if (c->answer_len + len + 1 > c->answer_cap) {
+            c->answer_cap = 2 * (c->answer_len + len + 1);
+            c->answer = xrealloc(c->answer, c->answer_cap);
+        }
+        memcpy(c->answer + c->answer_len, piece, len);
+        c->answer_len += len;
+        c->answer[c->answer_len] = '\0';
+    }
+    if (c->filter && c->filter->on_token) return c->filter->on_token(c->filter->ctx, tok, id);
+    print_token(tok, id);
+    return 0;
+}
+
+// Prefills ids at the end of the cached dialogue; dies when they do not fit.
+static float* chat_feed(Chat* c, const int* ids, int n) {
+    int ctx = c->t->state.seq_len;
+    if (c->n_cached + n >= ctx)
+        die("conversation of %d tokens does not fit the context of %d (raise -c)", c->n_cached + n, ctx);
+    float* logits = forward_batch(c->t, ids, n, c->n_cached, NULL);
+    c->n_cached += n;
+    return logits;
+}
+
+// The user's message and the assistant header; returns the prompt's logits.
+static float* chat_prompt(Chat* c, const char* system, const char* user, int* n_prompt) {
+    ChatMessage msgs[2];
+    int m = 0, first = c->n_cached == 0;
+    if (first && system) msgs[m++] = (ChatMessage){ "system", system };
+    msgs[m++] = (ChatMessage){ "user", user };
+    // room for every token (each is at least one byte): a message too long
+    // for the context is reported by chat_feed, never cut
+    size_t cap = strlen(user) + (first && system ? strlen(system) : 0) + 64;
+    if (cap > INT_MAX / 2) die("user message too long");
+    int* ids = xmalloc(cap * sizeof(int));
+    *n_prompt = chat_encode(c->tok, msgs, m, 1, first, ids, (int)cap);
+    float* logits = chat_feed(c, ids, *n_prompt);
+    free(ids);
+    return logits;
+}
+
+// Puts a replacement answer in the cache where the generated one began.
+static void chat_replace_answer(Chat* c, int answer_pos, const char* text) {
+    size_t len = strlen(text);
+    int* ids = xmalloc((len + 1) * sizeof(int));
+    int n = encode(c->tok, text, len, 0, ids, (int)len + 1);
+    c->n_cached = answer_pos;
+    if (n > 0) chat_feed(c, ids, n);
+    free(ids);
+}
+
+// Closes the assistant's message: its final <|eot_id|> goes into the cache
+// (a sampled stop token is never fed by generate). Returns 0 when full.
+static int chat_close_answer(Chat* c, int last) {
+    const Config* cf = &c->t->config;
+    int end = last >= 0 && is_stop_token(cf, c->tok, last) ? last : c->tok->n_eot > 0 ? c->tok->eot_ids[0] : -1;
+    if (end < 0) return 1;
+    if (c->n_cached + 1 >= c->t->state.seq_len) return 0;
+    forward(c->t, end, c->n_cached++);
+    return 1;
+}
+
+// One turn: the prompt, the answer (or the filter's), the closed message.
+// Returns 0 when the context is full (or after the last turn).
+static int chat_turn(Chat* c, Sampler* sampler, const char* system, const char* user, int max_new, int last_turn) {
+    chat_push(c, "user", xstrdup(user));
+    const ChatFilter* f = c->filter;
+    char* kept = f && f->before ? f->before(f->ctx, c->conv, c->n_conv) : NULL;
+    long t0 = time_in_ms();
+    int n_prompt;
+    float* logits = chat_prompt(c, system, user, &n_prompt);
+    int answer_pos = c->n_cached;
+    long t1 = time_in_ms();
+    GenResult r = { 0, answer_pos, -1, GEN_MAX_NEW };
+    if (!kept) {
+        c->answer_len = 0;
+        if (c->answer) c->answer[0] = '\0';
+        GenConfig g = { max_new, sampler, chat_on_token, c, NULL };
+        r = generate(c->t, c->tok, logits, answer_pos, &g);
+        c->n_cached = r.pos;
+        if (f && f->after) kept = f->after(f->ctx, c->conv, c->n_conv, c->answer ? c->answer : "", r.stop == GEN_FILTERED);
+        if (!kept && r.stop == GEN_FILTERED) kept = xstrdup(c->answer ? c->answer : "");
+    }
+    long t2 = time_in_ms();
+    printf("\n");
+    report_speed(n_prompt, t1 - t0, r.n_sampled, t2 - t1);
+    if (kept) {
+        chat_replace_answer(c, answer_pos, kept);
+        chat_push(c, "assistant", kept);
+        r.last = -1;
+    } else {
+        chat_push(c, "assistant", xstrdup(c->answer ? c->answer : ""));
+    }
+    if (last_turn) return 0;
+    if (r.stop == GEN_CONTEXT_FULL || !chat_close_answer(c, r.last)) {
+        fprintf(stderr, "[context of %d positions full]\n", c->t->state.seq_len);
+        return 0;
+    }
+    return 1;
+}
+
+void chat_loop(Transformer* t, const Tokenizer* tok, Sampler* sampler, const char* system, const char* one_turn,
+               int max_new, const ChatFilter* filter) {
+    if (system && !utf8_valid(system, strlen(system))) die("system prompt is not valid UTF-8");
+    if (one_turn && !utf8_valid(one_turn, strlen(one_turn))) die("user message is not valid UTF-8");
+    Chat c = { .t = t, .tok = tok, .filter = filter };
+    if (one_turn) {
+        chat_turn(&c, sampler, system, one_turn, max_new, 1);
+    } else {
+        char* line = NULL;   // one user turn per line of stdin, of any length
+        size_t line_cap = 0;
+        for (;;) {
+            printf("User: ");
+            fflush(stdout);
+            if (getline(&line, &line_cap, stdin) < 0) break;
+            line[strcspn(line, "\n")] = '\0';
+            if (line[0] == '\0') continue;
+            if (!utf8_valid(line, strlen(line))) { fprintf(stderr, "error: not valid UTF-8, type it again\n"); continue; }
+            printf("Assistant: ");
+            fflush(stdout);
+            if (!chat_turn(&c, sampler, system, line, max_new, 0)) break;
+        }
+        free(line);
+    }
+    for (int i = 0; i < c.n_conv; i++) free((char*)c.conv[i].content);
+    free(c.conv);
+    free(c.answer);
+}
+
+// ----------------------------------------------------------------------------
 // CLI (not compiled into the library build)
 #ifndef RUN_LIBRARY
 #include "eval.h"
@@ -2643,116 +2855,22 @@ static int encode_prompt(const Tokenizer* tok, const Config* c, const char* text
     return n;
 }
 
-// Decodes from the current logits until an eos id or max_new tokens; the
-// tokens are appended to history (capacity ctx). Returns the new count.
-static int decode_loop(Transformer* t, const Tokenizer* tok, Sampler* sampler, float* logits,
-                       int* history, int n_hist, int max_new, int* n_generated) {
-    int ctx = t->state.seq_len;
-    *n_generated = 0;
-    while (*n_generated < max_new) {
-        int next = sample(sampler, logits);
-        (*n_generated)++;
-        if (is_stop_token(&t->config, tok, next)) { history[n_hist++] = next; break; }
-        print_token(tok, next);
-        history[n_hist++] = next;
-        if (n_hist >= ctx) { fprintf(stderr, "\n[context of %d positions full]\n", ctx); break; }
-        logits = forward(t, next, n_hist - 1);
-    }
-    return n_hist;
-}
-
-static void report_speed(int n_prompt, long prompt_ms, int n_gen, long gen_ms) {
-    fprintf(stderr, "\nprompt: %d tokens, %.1f tok/s | generated: %d tokens, %.2f tok/s\n",
-            n_prompt, prompt_ms > 0 ? n_prompt * 1000.0 / prompt_ms : 0.0,
-            n_gen, gen_ms > 0 ? n_gen * 1000.0 / gen_ms : 0.0);
-}
-
-static void generate(Transformer* t, const Tokenizer* tok, Sampler* sampler, const char* prompt, int steps) {
+static void generate_mode(Transformer* t, const Tokenizer* tok, Sampler* sampler, const char* prompt, int steps) {
     check_prompt_text("prompt", prompt);
     int* ids;
     int n = encode_prompt(tok, &t->config, prompt, &ids);
     check_fits(n, t->state.seq_len);
-    int* history = xmalloc((size_t)t->state.seq_len * sizeof(int));
-    memcpy(history, ids, n * sizeof(int));
     for (int i = 0; i < n; i++) print_token(tok, ids[i]);
     long t0 = time_in_ms();
     float* logits = forward_batch(t, ids, n, 0, NULL);
     long t1 = time_in_ms();
-    int n_gen;
-    decode_loop(t, tok, sampler, logits, history, n, steps, &n_gen);
+    GenConfig g = { steps, sampler, gen_print, NULL, NULL };
+    GenResult r = generate(t, tok, logits, n, &g);
     long t2 = time_in_ms();
+    if (r.stop == GEN_CONTEXT_FULL) fprintf(stderr, "\n[context of %d positions full]\n", t->state.seq_len);
     printf("\n");
-    report_speed(n, t1 - t0, n_gen, t2 - t1);
-    free(history);
+    report_speed(n, t1 - t0, r.n_sampled, t2 - t1);
     free(ids);
-}
-
-// Chat: the conversation lives in the KV cache; each turn appends the user
-// message's template tokens, then the assistant's answer as generated.
-static void chat(Transformer* t, const Tokenizer* tok, Sampler* sampler, const char* system, const char* user,
-                 int steps) {
-    int ctx = t->state.seq_len;
-    int* history = xmalloc((size_t)ctx * sizeof(int));
-    int n_hist = 0;
-    int* turn = NULL;
-    char* line = NULL;   // one user turn per line of stdin, of any length
-    size_t line_cap = 0;
-    int first = 1;
-    while (1) {
-        const char* user_text = user;
-        if (!user) {
-            fprintf(stdout, "User: ");
-            fflush(stdout);
-            if (getline(&line, &line_cap, stdin) < 0) break;
-            line[strcspn(line, "\n")] = '\0';
-            if (line[0] == '\0') continue;
-            user_text = line;
-        }
-        check_prompt_text("user message", user_text);
-        if (system) check_prompt_text("system prompt", system);
-        ChatMessage msgs[2];
-        int n_msgs = 0;
-        if (first && system) { msgs[n_msgs].role = "system"; msgs[n_msgs].content = system; n_msgs++; }
-        msgs[n_msgs].role = "user"; msgs[n_msgs].content = user_text; n_msgs++;
-        // the first turn starts with BOS; later turns continue the cache.
-        // Room for every token (each is at least one byte): a message too
-        // long for the context is reported below as such, never cut.
-        size_t cap = strlen(user_text) + (first && system ? strlen(system) : 0) + 64;
-        if (cap > INT_MAX / 2) { fprintf(stderr, "error: user message too long\n"); exit(EXIT_FAILURE); }
-        free(turn);
-        turn = xmalloc(cap * sizeof(int));
-        int n_turn = chat_encode(tok, msgs, n_msgs, 1, first, turn, (int)cap);
-        if (n_hist + n_turn >= ctx) {
-            fprintf(stderr, "error: conversation of %d tokens does not fit the context of %d (raise -c)\n",
-                    n_hist + n_turn, ctx);
-            exit(EXIT_FAILURE);
-        }
-        memcpy(history + n_hist, turn, n_turn * sizeof(int));
-        if (!user) { fprintf(stdout, "Assistant: "); fflush(stdout); }
-        long t0 = time_in_ms();
-        float* logits = forward_batch(t, turn, n_turn, n_hist, NULL);
-        n_hist += n_turn;
-        long t1 = time_in_ms();
-        int n_gen;
-        n_hist = decode_loop(t, tok, sampler, logits, history, n_hist, steps, &n_gen);
-        long t2 = time_in_ms();
-        printf("\n");
-        report_speed(n_turn, t1 - t0, n_gen, t2 - t1);
-        if (!user) {
-            // the cache holds every history token but a final eot (sampled,
-            // never fed); an answer cut by -n gets one. Feeding it closes the
-            // assistant message so the next turn continues a valid dialogue.
-            int last = history[n_hist - 1];
-            if (!is_stop_token(&t->config, tok, last) && tok->n_eot > 0) history[n_hist++] = tok->eot_ids[0];
-            if (n_hist >= ctx) { fprintf(stderr, "[context of %d positions full]\n", ctx); break; }
-            forward(t, history[n_hist - 1], n_hist - 1);
-        }
-        first = 0;
-        if (user) break;
-    }
-    free(line);
-    free(turn);
-    free(history);
 }
 
 static void tokenize_mode(const Tokenizer* tok, const char* text) {
@@ -3387,9 +3505,9 @@ int main(int argc, char** argv) {
 
     if (!strcmp(mode, "generate")) {
         if (!prompt) { fprintf(stderr, "error: generate needs a prompt (-i TEXT)\n"); exit(EXIT_FAILURE); }
-        generate(&t, &tok, &sampler, prompt, steps);
+        generate_mode(&t, &tok, &sampler, prompt, steps);
     } else if (!strcmp(mode, "chat")) {
-        chat(&t, &tok, &sampler, system, prompt, steps);
+        chat_loop(&t, &tok, &sampler, system, prompt, steps, NULL);
     } else if (!strcmp(mode, "logits")) {
         if (!prompt || !out_file) { fprintf(stderr, "error: logits needs -i TEXT and -o FILE\n"); exit(EXIT_FAILURE); }
         logits_mode(&t, &tok, prompt, out_file);

@@ -423,10 +423,73 @@ typedef struct {
 int chat_encode(const Tokenizer* tok, const ChatMessage* msgs, int n_msgs, int add_generation_prompt,
                 int add_bos, int* ids, int max_ids);
 
+// ----------------------------------------------------------------------------
+// Generation: the one decoding loop, and the one chat loop, of every program
+
+// Called with each generated token that is not a stop token, before it is
+// fed back. Returns 0 to go on, nonzero to stop there (the token is then not
+// fed): a per-token filter, e.g. the guardrail's output filter at a hit.
+typedef int (*TokenFn)(void* ctx, const Tokenizer* tok, int id);
+
+typedef struct {
+    int max_new;        // tokens to sample at most (a sampled stop token counts)
+    Sampler* sampler;   // NULL: greedy (argmax, the lowest id on ties)
+    TokenFn on_token;   // NULL: none
+    void* ctx;          // passed to on_token
+    int* out_ids;       // NULL, or (max_new,): every sampled token, a stop token included
+} GenConfig;
+
+enum { GEN_MAX_NEW, GEN_STOP_TOKEN, GEN_CONTEXT_FULL, GEN_FILTERED };
+
+typedef struct {
+    int n_sampled;      // tokens sampled, a stop token included
+    int pos;            // the next free KV-cache position
+    int last;           // the last token sampled (-1: none)
+    int stop;           // why it ended: GEN_*
+} GenResult;
+
+// Samples from logits (the prediction for position pos, with 0..pos-1 in the
+// KV cache), then feeds each sampled token at pos, pos+1, ... until a stop
+// token, max_new tokens, a full context (a token is fed only while a
+// position is left after it) or on_token's stop.
+GenResult generate(Transformer* t, const Tokenizer* tok, float* logits, int pos, const GenConfig* g);
+// TokenFns: print_token to stdout; append to a TextBuf (special tokens skipped)
+int gen_print(void* ctx, const Tokenizer* tok, int id);
+typedef struct {
+    char* s;            // (cap,) NUL-terminated; a piece that does not fit is dropped
+    size_t cap, len;
+} TextBuf;
+int gen_append(void* ctx, const Tokenizer* tok, int id);
+
+// An optional per-turn filter of chat_loop (the guardrail plugs in here).
+// With a filter the filter shows the answer (stdout); the loop shows only
+// the "User:"/"Assistant:" prompts, and the tokens when on_token is NULL.
+typedef struct {
+    void* ctx;
+    // Before the model answers conv[0..n) (the last message is the user's
+    // new one): a malloc'd answer to give instead (a refusal), or NULL.
+    char* (*before)(void* ctx, const ChatMessage* conv, int n);
+    TokenFn on_token;   // each generated token, as in GenConfig
+    // After the answer (filtered: on_token stopped it): a malloc'd answer
+    // to keep instead, or NULL to keep it as generated.
+    char* (*after)(void* ctx, const ChatMessage* conv, int n, const char* answer, int filtered);
+} ChatFilter;
+
+// "prompt: N tokens, X tok/s | generated: ..." on stderr
+void report_speed(int n_prompt, long prompt_ms, int n_gen, long gen_ms);
+// The chat: one user turn per line of stdin (or the single turn one_turn),
+// the dialogue kept in the KV cache, each answer closed with <|eot_id|>.
+// A speed line per turn goes to stderr.
+void chat_loop(Transformer* t, const Tokenizer* tok, Sampler* sampler, const char* system, const char* one_turn,
+               int max_new, const ChatFilter* filter);
+
 // Utilities
 long time_in_ms(void);
 void* xmalloc(size_t n);   // malloc that exits with a message on failure
 void* xcalloc(size_t n, size_t size);
+void* xrealloc(void* p, size_t n);
+char* xstrdup(const char* s);
+char* xstrndup(const char* s, size_t n);
 // xcalloc, or with dry != 0 nothing; either way adds n * size to *bytes
 // (buffer sets that are both allocated and sized ahead: train_lora, matmul_q8)
 void* xcalloc_counted(size_t* bytes, int dry, size_t n, size_t size);

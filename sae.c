@@ -937,13 +937,6 @@ static void chat_keep_mask(const Tokenizer* tok, const int* ids, int n, unsigned
     }
 }
 
-static char* xstrndup(const char* s, size_t n) {
-    char* p = xmalloc(n + 1);
-    memcpy(p, s, n);
-    p[n] = '\0';
-    return p;
-}
-
 // The chat row of one QA pair: system (optional), user question, and the
 // assistant answer when with_answer (the prompt only when not).
 static int chat_row_ids(const Tokenizer* tok, const char* system, const char* question, const char* answer,

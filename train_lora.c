@@ -1579,13 +1579,6 @@ static void add_stream_rows(Dataset* d, const int* ids, int n, const Config* c) 
     }
 }
 
-static char* xstrndup(const char* s, size_t n) {
-    char* p = xmalloc(n + 1);
-    memcpy(p, s, n);
-    p[n] = '\0';
-    return p;
-}
-
 // One training example before tokenization
 typedef struct {
     char* text;          // plain text (every token counts), or NULL
