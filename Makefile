@@ -65,14 +65,17 @@ guard: guard.c guard.h run.h eval.h engine.o eval.o
 guard_lib.o: guard.c guard.h run.h
 	$(CC) $(CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
 
-train_lora: train_lora.c train_lora.h run.h eval.h engine.o eval.o
-	$(CC) $(CFLAGS) train_lora.c engine.o eval.o -o $@ $(LDLIBS)
+train_lora.o: train_lora.c train_lora.h run.h
+	$(CC) $(CFLAGS) -c train_lora.c -o $@
 
-train_lib.o: train_lora.c train_lora.h run.h
-	$(CC) $(CFLAGS) -DTRAIN_LIBRARY -c train_lora.c -o $@
+train_lora_cli.o: train_lora_cli.c train_lora.h run.h cli.h eval.h
+	$(CC) $(CFLAGS) -c train_lora_cli.c -o $@
 
-test_all: test_all.c engine.o eval.o train_lib.o sae_lib.o guard_lib.o run.h eval.h train_lora.h sae.h guard.h
-	$(CC) $(CFLAGS) test_all.c engine.o eval.o train_lib.o sae_lib.o guard_lib.o -o $@ $(LDLIBS)
+train_lora: train_lora_cli.o train_lora.o eval.o cli.o engine.o
+	$(CC) $(CFLAGS) train_lora_cli.o train_lora.o eval.o cli.o engine.o -o $@ $(LDLIBS)
+
+test_all: test_all.c engine.o eval.o train_lora.o sae_lib.o guard_lib.o run.h eval.h train_lora.h sae.h guard.h
+	$(CC) $(CFLAGS) test_all.c engine.o eval.o train_lora.o sae_lib.o guard_lib.o -o $@ $(LDLIBS)
 
 # Synthetic checkpoints and exported models live in build/ (git-ignored).
 TOK = build/llama3.tok
@@ -181,12 +184,16 @@ $(FUZZ_DIR)/sae.o: sae.c sae.h run.h eval.h
 	@mkdir -p $(FUZZ_DIR)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -DSAE_LIBRARY -c sae.c -o $@
 
+$(FUZZ_DIR)/train_lora.o: train_lora.c train_lora.h run.h
+	@mkdir -p $(FUZZ_DIR)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c train_lora.c -o $@
+
 # an archive: a target that includes eval.c itself does not pull eval.o
-$(FUZZ_DIR)/libunlearn.a: $(FUZZ_DIR)/engine.o $(FUZZ_DIR)/eval.o $(FUZZ_DIR)/sae.o
+$(FUZZ_DIR)/libunlearn.a: $(FUZZ_DIR)/engine.o $(FUZZ_DIR)/eval.o $(FUZZ_DIR)/sae.o $(FUZZ_DIR)/train_lora.o
 	rm -f $@
 	ar rcs $@ $^
 
-$(FUZZ_DIR)/fuzz_%: fuzz.c $(FUZZ_DIR)/libunlearn.a run.h eval.h sae.h train_lora.h train_lora.c eval.c
+$(FUZZ_DIR)/fuzz_%: fuzz.c $(FUZZ_DIR)/libunlearn.a run.h eval.h sae.h train_lora.h eval.c
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -DFUZZ_TARGET=$* fuzz.c $(FUZZ_DIR)/libunlearn.a -o $@ -lm $(FUZZ_WRAP)
 
 fuzz-build: $(addprefix $(FUZZ_DIR)/fuzz_,$(FUZZ_TARGETS))
@@ -229,19 +236,23 @@ $(ASAN_DIR)/sae_lib.o: sae.c sae.h run.h eval.h | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) -DSAE_LIBRARY -c sae.c -o $@
 $(ASAN_DIR)/guard_lib.o: guard.c guard.h run.h eval.h | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
-$(ASAN_DIR)/train_lib.o: train_lora.c train_lora.h run.h eval.h | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) -DTRAIN_LIBRARY -c train_lora.c -o $@
+$(ASAN_DIR)/cli.o: cli.c cli.h run.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -c cli.c -o $@
+$(ASAN_DIR)/train_lora.o: train_lora.c train_lora.h run.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -c train_lora.c -o $@
+$(ASAN_DIR)/train_lora_cli.o: train_lora_cli.c train_lora.h run.h cli.h eval.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -c train_lora_cli.c -o $@
 $(ASAN_DIR)/root/run: run.c run.h unicode_ranges.h $(ASAN_DIR)/eval.o | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) run.c $(ASAN_DIR)/eval.o -o $@ $(LDLIBS)
 $(ASAN_DIR)/root/sae: sae.c sae.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) sae.c $(ASAN_OBJS) -o $@ $(LDLIBS)
 $(ASAN_DIR)/root/guard: guard.c guard.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) guard.c $(ASAN_OBJS) -o $@ $(LDLIBS)
-$(ASAN_DIR)/root/train_lora: train_lora.c train_lora.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) train_lora.c $(ASAN_OBJS) -o $@ $(LDLIBS)
+$(ASAN_DIR)/root/train_lora: $(ASAN_DIR)/train_lora_cli.o $(ASAN_DIR)/train_lora.o $(ASAN_DIR)/cli.o $(ASAN_OBJS) | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) $(ASAN_DIR)/train_lora_cli.o $(ASAN_DIR)/train_lora.o $(ASAN_DIR)/cli.o $(ASAN_OBJS) -o $@ $(LDLIBS)
 $(ASAN_DIR)/root/test_all: test_all.c run.h eval.h train_lora.h sae.h guard.h $(ASAN_OBJS) \
-                           $(ASAN_DIR)/train_lib.o $(ASAN_DIR)/sae_lib.o $(ASAN_DIR)/guard_lib.o | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) test_all.c $(ASAN_OBJS) $(ASAN_DIR)/train_lib.o $(ASAN_DIR)/sae_lib.o \
+                           $(ASAN_DIR)/train_lora.o $(ASAN_DIR)/sae_lib.o $(ASAN_DIR)/guard_lib.o | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) test_all.c $(ASAN_OBJS) $(ASAN_DIR)/train_lora.o $(ASAN_DIR)/sae_lib.o \
 	    $(ASAN_DIR)/guard_lib.o -o $@ $(LDLIBS)
 
 test-asan: $(ASAN_PROGRAMS) $(TOK)
