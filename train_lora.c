@@ -58,6 +58,7 @@
 #endif
 #include "run.h"
 #include "train_lora.h"
+#include "data.h"
 
 // ----------------------------------------------------------------------------
 // Small utilities
@@ -1607,146 +1608,13 @@ static Example* ev_push(ExampleVec* ev) {
     return &ev->v[ev->n++];
 }
 
-// TSV fields may spell a newline, tab or backslash as \n, \t, \\ .
-static char* tsv_unescape(const char* s, size_t n) {
-    char* out = xmalloc(n + 1);
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] == '\\' && i + 1 < n && (s[i + 1] == 'n' || s[i + 1] == 't' || s[i + 1] == '\\')) {
-            out[k++] = s[i + 1] == 'n' ? '\n' : s[i + 1] == 't' ? '\t' : '\\';
-            i++;
-        } else {
-            out[k++] = s[i];
-        }
-    }
-    out[k] = '\0';
-    return out;
-}
-
-// question TAB answer [TAB more columns, ignored]; '#' lines and a first
-// line "question<TAB>answer..." are skipped
-static void parse_tsv(const char* text, ExampleVec* ev, const char* path) {
-    const char* p = text;
-    int line_no = 0;
-    while (*p) {
-        const char* e = strchr(p, '\n');
-        size_t len = e ? (size_t)(e - p) : strlen(p);
-        const char* next = e ? e + 1 : p + len; // before the '\r' is cut: a last line "...\r" must not stall
-        line_no++;
-        if (len && p[len - 1] == '\r') len--;
-        if (len > 0 && p[0] != '#') {
-            const char* tab = memchr(p, '\t', len);
-            if (!tab) die("%s:%d: expected question<TAB>answer", path, line_no);
-            size_t ql = (size_t)(tab - p);
-            const char* a = tab + 1;
-            const char* tab2 = memchr(a, '\t', len - ql - 1);
-            size_t al = tab2 ? (size_t)(tab2 - a) : len - ql - 1;
-            int header = line_no == 1 && ql == 8 && !strncmp(p, "question", 8);
-            if (!header) example_qa(ev_push(ev), tsv_unescape(p, ql), tsv_unescape(a, al));
-        }
-        p = next;
-    }
-}
-
-static const char* json_ws(const char* p) {
-    while (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n') p++;
-    return p;
-}
-
-static int hexval(char c) {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
-}
-
-static int utf8_put(char* o, unsigned cp) {
-    if (cp < 0x80) { o[0] = (char)cp; return 1; }
-    if (cp < 0x800) { o[0] = (char)(0xC0 | (cp >> 6)); o[1] = (char)(0x80 | (cp & 0x3F)); return 2; }
-    if (cp < 0x10000) {
-        o[0] = (char)(0xE0 | (cp >> 12)); o[1] = (char)(0x80 | ((cp >> 6) & 0x3F)); o[2] = (char)(0x80 | (cp & 0x3F));
-        return 3;
-    }
-    o[0] = (char)(0xF0 | (cp >> 18)); o[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
-    o[2] = (char)(0x80 | ((cp >> 6) & 0x3F)); o[3] = (char)(0x80 | (cp & 0x3F));
-    return 4;
-}
-
-// A JSON string at *pp (pointing at the opening quote): returns it as UTF-8
-// (malloc'd) and advances past the closing quote; NULL if malformed.
-static char* json_string(const char** pp) {
-    const char* p = *pp;
-    if (*p != '"') return NULL;
-    p++;
-    size_t cap = 64, k = 0;
-    char* out = xmalloc(cap);
-    while (*p && *p != '"') {
-        if (k + 8 > cap) { cap *= 2; out = xrealloc(out, cap); }
-        if (*p != '\\') { out[k++] = *p++; continue; }
-        p++;
-        if (!*p) { free(out); return NULL; }
-        char e = *p++;
-        switch (e) {
-            case '"': out[k++] = '"'; break;
-            case '\\': out[k++] = '\\'; break;
-            case '/': out[k++] = '/'; break;
-            case 'b': out[k++] = '\b'; break;
-            case 'f': out[k++] = '\f'; break;
-            case 'n': out[k++] = '\n'; break;
-            case 'r': out[k++] = '\r'; break;
-            case 't': out[k++] = '\t'; break;
-            case 'u': {
-                unsigned cp = 0;
-                for (int i = 0; i < 4; i++) {
-                    int h = hexval(p[i]);
-                    if (h < 0) { free(out); return NULL; }
-                    cp = cp * 16 + h;
-                }
-                p += 4;
-                if (cp >= 0xD800 && cp < 0xDC00 && p[0] == '\\' && p[1] == 'u') {
-                    unsigned lo = 0;
-                    int ok = 1;
-                    for (int i = 0; i < 4 && ok; i++) {
-                        int h = hexval(p[2 + i]);
-                        if (h < 0) ok = 0; else lo = lo * 16 + h;
-                    }
-                    if (ok && lo >= 0xDC00 && lo < 0xE000) { cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00); p += 6; }
-                }
-                if (cp >= 0xD800 && cp < 0xE000) cp = 0xFFFD; // a lone surrogate
-                k += utf8_put(out + k, cp);
-                break;
-            }
-            default: free(out); return NULL;
-        }
-    }
-    if (*p != '"') { free(out); return NULL; }
-    out[k] = '\0';
-    *pp = p + 1;
-    return out;
-}
-
-// Skips one JSON value (string, number, literal, object, array); NULL if malformed.
-static const char* json_skip(const char* p) {
-    p = json_ws(p);
-    if (*p == '"') {
-        char* s = json_string(&p);
-        if (!s) return NULL;
-        free(s);
-        return p;
-    }
-    if (*p == '{' || *p == '[') {
-        int depth = 0;
-        while (*p) {
-            if (*p == '"') { char* s = json_string(&p); if (!s) return NULL; free(s); continue; }
-            if (*p == '{' || *p == '[') depth++;
-            if (*p == '}' || *p == ']') { depth--; if (depth == 0) return p + 1; }
-            p++;
-        }
-        return NULL;
-    }
-    const char* start = p;
-    while (*p && *p != ',' && *p != '}' && *p != ']' && *p != '\n') p++;
-    return p > start ? p : NULL;
+// question TAB answer [TAB more columns, ignored] (data.h's QA TSV reader;
+// it takes text over)
+static void parse_tsv(char* text, size_t len, ExampleVec* ev, const char* path) {
+    QAFile f;
+    qa_parse(&f, path, text, len);
+    for (int i = 0; i < f.n; i++) example_qa(ev_push(ev), xstrdup(f.rows[i].question), xstrdup(f.rows[i].answer));
+    qa_free(&f);
 }
 
 static int is_question_key(const char* k) {
@@ -1758,100 +1626,57 @@ static int is_answer_key(const char* k) {
 }
 
 // "messages": [{"role": "...", "content": "..."}, ...]
-static const char* json_messages(const char* p, Example* e, const char* path, int line_no) {
-    if (*p != '[') die("%s:%d: \"messages\" must be an array", path, line_no);
-    p = json_ws(p + 1);
-    int cap = 8;
-    e->msgs = xmalloc(cap * sizeof(ChatMessage));
-    while (*p != ']') {
-        if (*p != '{') die("%s:%d: a message must be an object", path, line_no);
-        p = json_ws(p + 1);
-        char *role = NULL, *content = NULL;
-        while (*p != '}') {
-            char* key = json_string(&p);
-            if (!key) die("%s:%d: malformed JSON key", path, line_no);
-            p = json_ws(p);
-            if (*p != ':') die("%s:%d: expected ':'", path, line_no);
-            p = json_ws(p + 1);
-            if (!strcmp(key, "role") || !strcmp(key, "content")) {
-                char* v = json_string(&p);
-                if (!v) die("%s:%d: \"%s\" must be a string", path, line_no, key);
-                if (key[0] == 'r') { free(role); role = v; } else { free(content); content = v; }
-            } else {
-                p = json_skip(p);
-                if (!p) die("%s:%d: malformed JSON value", path, line_no);
-            }
-            free(key);
-            p = json_ws(p);
-            if (*p == ',') p = json_ws(p + 1);
-            else if (*p != '}') die("%s:%d: expected ',' or '}'", path, line_no);
-        }
-        p = json_ws(p + 1);
-        if (!role || !content) die("%s:%d: a message needs \"role\" and \"content\"", path, line_no);
+static void example_messages(Example* e, const JsonValue* msgs, const char* path, int line_no) {
+    if (msgs->type != JSON_ARRAY) die("%s:%d: \"messages\" must be an array", path, line_no);
+    e->msgs = xmalloc((msgs->n ? msgs->n : 1) * sizeof(ChatMessage));
+    for (int i = 0; i < msgs->n; i++) {
+        const JsonValue* m = &msgs->items[i];
+        if (m->type != JSON_OBJECT) die("%s:%d: a message must be an object", path, line_no);
+        const char* role = json_get_string(m, "role");
+        const char* content = json_get_string(m, "content");
+        if (!role || !content) die("%s:%d: a message needs \"role\" and \"content\" strings", path, line_no);
         if (strcmp(role, "system") && strcmp(role, "user") && strcmp(role, "assistant"))
             die("%s:%d: unknown role \"%s\" (system, user, assistant)", path, line_no, role);
-        if (e->n_msgs == cap) { cap *= 2; e->msgs = xrealloc(e->msgs, cap * sizeof(ChatMessage)); }
-        e->msgs[e->n_msgs].role = role;
-        e->msgs[e->n_msgs].content = content;
+        e->msgs[e->n_msgs].role = xstrdup(role);
+        e->msgs[e->n_msgs].content = xstrdup(content);
         e->n_msgs++;
-        if (*p == ',') p = json_ws(p + 1);
-        else if (*p != ']') die("%s:%d: expected ',' or ']'", path, line_no);
     }
-    return p + 1;
 }
 
-static void parse_jsonl(const char* text, ExampleVec* ev, const char* path) {
-    int line_no = 0;
-    const char* p = text;
-    while (*p) {
-        // one object per line; blank lines are allowed
-        const char* eol = strchr(p, '\n');
-        line_no++;
-        const char* q = json_ws(p);
-        if (q >= (eol ? eol : p + strlen(p))) { p = eol ? eol + 1 : p + strlen(p); continue; }
-        p = q;
-        if (*p != '{') die("%s:%d: expected a JSON object per line", path, line_no);
-        p = json_ws(p + 1);
-        Example e;
-        memset(&e, 0, sizeof(e));
-        char *question = NULL, *answer = NULL;
-        int has_messages = 0;
-        while (*p != '}') {
-            char* key = json_string(&p);
-            if (!key) die("%s:%d: malformed JSON key", path, line_no);
-            p = json_ws(p);
-            if (*p != ':') die("%s:%d: expected ':'", path, line_no);
-            p = json_ws(p + 1);
-            if (!strcmp(key, "messages")) {
-                p = json_messages(p, &e, path, line_no);
-                has_messages = 1;
-            } else if ((!strcmp(key, "text") || is_question_key(key) || is_answer_key(key)) && *p == '"') {
-                char* v = json_string(&p);
-                if (!v) die("%s:%d: malformed JSON string", path, line_no);
-                char** slot = !strcmp(key, "text") ? &e.text : is_question_key(key) ? &question : &answer;
-                free(*slot);
-                *slot = v;
-            } else {
-                p = json_skip(p);
-                if (!p) die("%s:%d: malformed JSON value", path, line_no);
-            }
-            free(key);
-            p = json_ws(p);
-            if (*p == ',') p = json_ws(p + 1);
-            else if (*p != '}') die("%s:%d: expected ',' or '}'", path, line_no);
+// One object per line (data.h's JSON-lines reader): "text", "messages", or
+// a question key and an answer key (a key given twice: the last counts)
+static void parse_jsonl(const char* text, size_t len, ExampleVec* ev, const char* path) {
+    JsonLines jl;
+    jsonl_init(&jl, path, text, len);
+    JsonValue v;
+    while (jsonl_next(&jl, &v)) {
+        int line_no = jl.line_no;
+        if (v.type != JSON_OBJECT) die("%s:%d: expected a JSON object per line", path, line_no);
+        const char *plain = NULL, *question = NULL, *answer = NULL;
+        const JsonValue* messages = NULL;
+        for (int k = 0; k < v.n; k++) {
+            const char* key = v.keys[k];
+            const JsonValue* x = &v.items[k];
+            if (!strcmp(key, "messages")) messages = x;
+            else if (x->type != JSON_STRING) continue;
+            else if (!strcmp(key, "text")) plain = x->string;
+            else if (is_question_key(key)) question = x->string;
+            else if (is_answer_key(key)) answer = x->string;
         }
-        p++;
-        if (e.text || has_messages) {
-            free(question); free(answer);
-            if (e.text && has_messages) die("%s:%d: an example has \"text\" or \"messages\", not both", path, line_no);
-            *ev_push(ev) = e;
+        if (plain && messages) die("%s:%d: an example has \"text\" or \"messages\", not both", path, line_no);
+        if (plain || messages) {
+            Example* e = ev_push(ev);
+            memset(e, 0, sizeof(*e));
+            if (plain) e->text = xstrdup(plain);
+            else example_messages(e, messages, path, line_no);
         } else if (question && answer) {
-            example_qa(ev_push(ev), question, answer);
+            example_qa(ev_push(ev), xstrdup(question), xstrdup(answer));
         } else {
             die("%s:%d: an example needs \"text\", \"messages\", or \"question\" and \"answer\"", path, line_no);
         }
-        p = json_ws(p);
+        json_free(&v);
     }
+    jsonl_close(&jl);
 }
 
 // A conversation in the Llama-3 template, one row; the tokens of every
@@ -1990,13 +1815,14 @@ void dataset_load(Dataset* d, const Tokenizer* tok, const Config* c, const char*
         if (pack) dataset_pack(d, c);
         return;
     }
-    // TSV and JSONL rows are parsed as C strings: a NUL would silently end the file
-    if (strlen(text) != len) die("%s holds a NUL byte", path);
-    if (!utf8_valid(text, len)) die("%s is not valid UTF-8", path);
+    // the readers refuse a NUL byte (rows are C strings) and invalid UTF-8
     ExampleVec ev = {0};
-    if (kind == 1) parse_tsv(text, &ev, path);
-    else parse_jsonl(text, &ev, path);
-    free(text);
+    if (kind == 1) {
+        parse_tsv(text, len, &ev, path);
+    } else {
+        parse_jsonl(text, len, &ev, path);
+        free(text);
+    }
     if (ev.n == 0) die("%s has no examples", path);
     for (int i = 0; i < ev.n; i++) {
         Example* e = &ev.v[i];
