@@ -222,7 +222,7 @@ float* rmu_direction(int dim, uint64_t seed);
 uint64_t train_step_seed(uint64_t seed, int step, int micro);
 
 // ----------------------------------------------------------------------------
-// Data sets (train_lora --help, "Data", says what each file format holds).
+// Data sets (train_lora train --help, "Formats", says what each file holds).
 // Every row has T+1 tokens (inputs tokens[0..T-1], targets tokens[1..T])
 // and T weights (1 = this prediction counts; 0 = prompt, padding). In chat
 // rows only the assistant's tokens and their <|eot_id|> count.

@@ -8,7 +8,7 @@
 #                bandwidth and sgemm rate measured in the same process, and
 #                the roofline fractions (see run bench --help)
 #   train_lora   LoRA training on the full Llama-3.2-1B shape (128256 vocab),
-#                B*T = 256 (-b 1 -T 256), rank 8 on q,v, fp32 and int8 base:
+#                B*T = 256 (--batch 1 --seq-len 256), rank 8 on q,v, fp32 and int8 base:
 #                tok/s per optimizer step, and the peak RSS of the process
 #   sae train    a TopK SAE (d 2048, 16384 latents, k 32) on layer 7 of the
 #                same model: capture tok/s (the forward through layers 0..7
