@@ -73,7 +73,9 @@ void cli_print_common(FILE* f, const CommonOpts* o) {
         else fprintf(f, "  -c N             context length = KV cache size (default min(model max, 4096))\n");
     }
     if (a & CLI_OUT) fprintf(f, "  -o PATH          %s\n", o->out_help ? o->out_help : "output file");
-    if (a & CLI_LORA) fprintf(f, "  --lora FILE      apply a LoRA adapter (from train_lora) unmerged; works over int8\n");
+    if (a & CLI_LORA)
+        fprintf(f, "  --lora FILE      %s\n",
+                o->lora_help ? o->lora_help : "apply a LoRA adapter (from train_lora) unmerged; works over int8");
     if (a & CLI_SYSTEM) fprintf(f, "  --system TEXT    system prompt (default none)\n");
     fprintf(f, "  -h, --help       this text\n");
 }

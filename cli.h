@@ -41,6 +41,7 @@ typedef struct {
     // what each flag means here, for --help (NULL: the common wording)
     const char* input_help;
     const char* out_help;
+    const char* lora_help;
 } CommonOpts;
 
 // A subcommand of a program: its name, its main (argv[0] is the name), one line.

@@ -68,12 +68,12 @@ if [ "$MODE" = toy ]; then
     #   whp       lr 1e-3 (forget 73% after 150 steps)
     #   rmu       the default (c 6.5, alpha 1200, down only): no effect; alpha
     #             100: forget 62%; c 50, alpha 10, every projection: below
-    LORA="-z $TOK --forget $SETS/forget.jsonl --retain $SETS/retain.jsonl -b 4 --rank 8 --alpha 16 --seed 1 --log-every 10 --save-every 1000"
-    GA="--objective ga --pack -T 256 --lr 1e-3 --steps 40"
-    GRADDIFF="--objective graddiff --pack -T 256 --lambda 10 --retain-batch 8 --lr 1e-3 --steps 175"
-    NPO="--objective npo --pack -T 256 --beta 0.1 --lambda 5 --retain-batch 8 --lr 1e-3 --steps 200"
-    WHP="--objective whp -T 96 --dict data/generic_translations.tsv --lr 5e-3 --steps 150"
-    RMU="--objective rmu --pack -T 256 --targets all --rmu-c 50 --rmu-alpha 10 --lr 5e-3 --steps 140"
+    LORA="-z $TOK --forget $SETS/forget.jsonl --retain $SETS/retain.jsonl --batch 4 --rank 8 --alpha 16 -s 1 --log-every 10 --save-every 1000"
+    GA="--objective ga --pack --seq-len 256 --lr 1e-3 --steps 40"
+    GRADDIFF="--objective graddiff --pack --seq-len 256 --lambda 10 --retain-batch 8 --lr 1e-3 --steps 175"
+    NPO="--objective npo --pack --seq-len 256 --beta 0.1 --lambda 5 --retain-batch 8 --lr 1e-3 --steps 200"
+    WHP="--objective whp --seq-len 96 --dict data/generic_translations.tsv --lr 5e-3 --steps 150"
+    RMU="--objective rmu --pack --seq-len 256 --targets all --rmu-c 50 --rmu-alpha 10 --lr 5e-3 --steps 140"
     # SAE: TopK on the residual stream after block 1 (of 4), 8x expansion
     # (1024 latents, k 32), 1M tokens of the trained statements and
     # trained-phrasing QA; latents scored on that QA, forget vs retain, by
@@ -88,7 +88,7 @@ if [ "$MODE" = toy ]; then
     SAE_LAYER=1; SAE_TOKENS=1M; SAE_RULE=sq_ratio; SAE_TAU=0.05; SAE_N=100; SAE_C=12; SAE_GATE=0
     # Relearning attack: plain fine-tuning (sft) on the training examples of
     # every 10th forget fact (gen_toy.py's relearn.jsonl), a few steps.
-    RELEARN="-z $TOK --objective sft --forget $SETS/relearn.jsonl --pack -T 256 -b 4 --rank 8 --alpha 16 --lr 1e-3 --steps 30 --seed 1 --log-every 10 --save-every 1000"
+    RELEARN="-z $TOK --objective sft --forget $SETS/relearn.jsonl --pack --seq-len 256 --batch 4 --rank 8 --alpha 16 --lr 1e-3 --steps 30 -s 1 --log-every 10 --save-every 1000"
     # The guardrail's system prompt: one of guard_prompts.tsv's "trained"
     # phrasings (the toy model learned "do not discuss X" for other topics
     # only). The project's default prompt (data/guard_system_prompt.txt, 368
@@ -128,7 +128,7 @@ else
     EVAL="-z $TOK --sets $SETS --max-jailbreak 5 --max-new 48"
     # untuned starting points (scaled down from the toy world's learning
     # rates); check the report against the targets and sweep as the toy did
-    LORA="-z $TOK --forget $REAL/harry_potter_dataset.txt --retain $REAL/wiki2_perp.txt -T 256 -b 2 --rank 8 --alpha 16 --seed 1 --log-every 5 --save-every 25"
+    LORA="-z $TOK --forget $REAL/harry_potter_dataset.txt --retain $REAL/wiki2_perp.txt --seq-len 256 --batch 2 --rank 8 --alpha 16 -s 1 --log-every 5 --save-every 25"
     GA="--objective ga --lr 2e-5 --steps 50"
     GRADDIFF="--objective graddiff --lambda 5 --lr 5e-5 --steps 100"
     NPO="--objective npo --beta 0.1 --lambda 5 --lr 5e-5 --steps 100"
@@ -137,7 +137,7 @@ else
     # the middle layer: n_layers is the int32 at byte 16 of the model header (run.h)
     SAE_LAYER=$(( $(od -An -t d4 -j 16 -N 4 "$BASE" | tr -d ' ') / 2 ))
     SAE_TOKENS=2M; SAE_RULE=freq; SAE_TAU=0.02; SAE_N=20; SAE_C=50; SAE_GATE=0
-    RELEARN="-z $TOK --objective sft --forget $SETS/relearn.tsv -T 128 -b 4 --rank 8 --alpha 16 --lr 1e-4 --steps 20 --seed 1 --log-every 5 --save-every 1000"
+    RELEARN="-z $TOK --objective sft --forget $SETS/relearn.tsv --seq-len 128 --batch 4 --rank 8 --alpha 16 --lr 1e-4 --steps 20 -s 1 --log-every 5 --save-every 1000"
     GUARD_PROMPT=
 fi
 mkdir -p "$OUT" "$B"
@@ -163,7 +163,7 @@ timed() {
 if [ "$MODE" = real ]; then
     # a short measurement: 2 training steps and 5 answers, then extrapolate
     say "measuring speed on $BASE (2 training steps, 5 questions)"
-    run ./train_lora "$BASE" $LORA $GRADDIFF --steps 2 -o "$B/probe.lora" --log "$B/probe.csv"
+    run ./train_lora train "$BASE" $LORA $GRADDIFF --steps 2 -o "$B/probe.lora" --log "$B/probe.csv"
     step_s=$(awk -F, 'NR > 1 { t = $11 } END { printf "%.1f", t / 2 }' "$B/probe.csv")
     head -n 5 "$SETS/forget_qa.tsv" > "$B/probe_qa.tsv"
     run ./run eval "$BASE" -z "$TOK" --forget-qa "$B/probe_qa.tsv" --max-new 48 --name probe -o "$B/probe"
@@ -208,7 +208,7 @@ for obj in ga graddiff npo whp rmu; do
     esac
     say "LoRA $obj: training ($args)"
     rm -f "$B/$obj.lora" "$B/$obj.lora.state"
-    timed secs ./train_lora "$BASE" $LORA $args -o "$B/$obj.lora" --log "$B/$obj.csv"
+    timed secs ./train_lora train "$BASE" $LORA $args -o "$B/$obj.lora" --log "$B/$obj.csv"
     say "LoRA $obj: trained in ${secs}s; eval"
     run ./train_lora eval "$BASE" --lora "$B/$obj.lora" $EVAL --train-seconds "$secs" --name "$obj" -o "$OUT/$obj"
     METHODS="$METHODS,$obj"
@@ -248,7 +248,7 @@ relearn_eval() { # NAME PROG MODEL ADAPTER [method options...]
     run ./$prog eval "$model" --lora "$adapter" "$@" $EVAL --parts forget_qa --name "$name" -o "$OUT/$name.relearn"
 }
 say "relearning attack: fine-tuning the base model on 10% of the forget facts"
-run ./train_lora "$BASE" $RELEARN -o "$B/relearn_base.lora" --log "$B/relearn_base.csv"
+run ./train_lora train "$BASE" $RELEARN -o "$B/relearn_base.lora" --log "$B/relearn_base.csv"
 relearn_eval $BN run "$BASE" "$B/relearn_base.lora"
 relearn_eval guard-prompt guard "$BASE" "$B/relearn_base.lora" $SYS
 relearn_eval guard-filters guard "$BASE" "$B/relearn_base.lora" --input-filter --output-filter
@@ -257,13 +257,13 @@ relearn_eval sae-clamp sae "$BASE" "$B/relearn_base.lora" --sae "$B/sae.bin" --l
     -N "$SAE_N" --mode clamp -c "$SAE_C" --gate "$SAE_GATE" --no-selftest 1
 if [ -n "$GOLD" ]; then
     say "relearning attack: the gold model"
-    run ./train_lora "$GOLD" $RELEARN -o "$B/relearn_gold.lora" --log "$B/relearn_gold.csv"
+    run ./train_lora train "$GOLD" $RELEARN -o "$B/relearn_gold.lora" --log "$B/relearn_gold.csv"
     relearn_eval $GN run "$GOLD" "$B/relearn_gold.lora"
 fi
 for obj in ga graddiff npo whp rmu; do
     say "relearning attack: $obj (adapter merged, then fine-tuned)"
-    run ./train_lora merge "$BASE" "$B/$obj.lora" "$B/$obj.merged.bin"
-    run ./train_lora "$B/$obj.merged.bin" $RELEARN -o "$B/relearn_$obj.lora" --log "$B/relearn_$obj.csv"
+    run ./train_lora merge "$BASE" --lora "$B/$obj.lora" -o "$B/$obj.merged.bin"
+    run ./train_lora train "$B/$obj.merged.bin" $RELEARN -o "$B/relearn_$obj.lora" --log "$B/relearn_$obj.csv"
     relearn_eval "$obj" run "$B/$obj.merged.bin" "$B/relearn_$obj.lora"
     rm -f "$B/$obj.merged.bin"
 done

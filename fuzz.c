@@ -79,18 +79,15 @@
 #error "unknown FUZZ_TARGET (see the top of fuzz.c)"
 #endif
 
-// The code under test. traindata and evaldata reach the static loaders by
-// including their source (train_lora.c's main is renamed out of the way).
-#if TARGET == FT_traindata
-#define main train_lora_program_main
-#include "train_lora.c"
-#undef main
-#elif TARGET == FT_evaldata
+// The code under test. evaldata reaches eval.c's static loaders by including
+// its source; the others link the objects (train_lora's loaders are in train_lora.h).
+#if TARGET == FT_evaldata
 #include "eval.c"
 #else
 #include "run.h"
 #include "eval.h"
 #include "sae.h"
+#include "train_lora.h"
 #endif
 
 // ----------------------------------------------------------------------------
@@ -518,10 +515,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         const char* dict = as_file(0, data, dl);
         const char* text = nul ? as_file(1, nul + 1, size - dl - 1) : as_file(1, data, 0);
         GUARDED(nt = load_dict(dict, &terms); dataset_whp(&d, &g_tok, &c, text, terms, nt, T));
-        if (!g_exited) {
-            for (int k = 0; k < nt; k++) { free(terms[k].from); free(terms[k].to); }
-            free(terms);
-        }
+        if (!g_exited) free_dict(terms, nt);
     } else {
         static const char* formats[3] = {"text", "tsv", "jsonl"};
         GUARDED(dataset_load(&d, &g_tok, &c, as_file(0, data, size), formats[kind], system, T, pack));

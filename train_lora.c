@@ -4,19 +4,13 @@
 // AdamW, and the unlearning objectives (GA, GradDiff, KL, NPO, SimNPO, WHP,
 // RMU) plus plain SFT for knowledge injection and relearning attacks.
 //
-//   ./train_lora MODEL.bin -z TOK --objective graddiff --forget F --retain R -o ADAPTER
-//   ./train_lora --init dim=64,n_layers=2,... -z TOK --full --forget DATA -o MODEL.bin
-//   ./train_lora merge MODEL.bin ADAPTER OUT.bin [--int8]
-//   ./train_lora --help
-//
 // The style is llm.c's train_gpt2.c: explicit activation buffers with their
 // shapes, one *_forward / *_backward pair per operation, a backward that
 // walks the layers in reverse, gradients accumulated with +=. The forward
 // is the engine's (run.c forward_chunk) op for op, through the same kernels
 // (matmul, gemm, rmsnorm, softmax, rope_rotate, embed_row), so its logits
 // are bit-identical to run.c's (tested, fp32 and int8, with an adapter).
-// Compiled with -DTRAIN_LIBRARY there is no main() and test_all links it
-// (declarations in train_lora.h).
+// The program around it (options, the training driver) is train_lora_cli.c.
 //
 // How the pieces fit:
 //   - The frozen base is the mapped model file (fp32 or Q8_0). Its forward
@@ -64,14 +58,14 @@
 #endif
 #include "run.h"
 #include "train_lora.h"
-#include "eval.h"
+#include "data.h"
 
 // ----------------------------------------------------------------------------
 // Small utilities
 
 // Threads only where the work pays for them: with small tensors an OpenMP
 // region costs more than it saves, and idle OpenMP threads spinning next to
-// OpenBLAS's own threads slow both down (2x on a 2-core machine).
+// OpenBLAS's own threads slow both down.
 #define PAR(work) ((double)(work) > 1048576.0)
 
 static uint64_t hash64(uint64_t x) { return splitmix64(&x); }
@@ -87,6 +81,19 @@ static float rng_normal(uint64_t* state) {
 
 uint64_t train_dropout_seed(uint64_t seed, int layer, int target) {
     return hash64(seed ^ hash64(((uint64_t)layer << 8) | (uint64_t)target));
+}
+
+uint64_t train_step_seed(uint64_t seed, int step, int micro) {
+    return hash64(seed ^ hash64(((uint64_t)step << 16) | (uint64_t)micro));
+}
+
+float* rmu_direction(int dim, uint64_t seed) {
+    float* u = xmalloc(dim * sizeof(float));
+    uint64_t rng = hash64(seed ^ 0x726d75ull);
+    double norm = 0.0;
+    for (int j = 0; j < dim; j++) { u[j] = rng_uniform(&rng); norm += (double)u[j] * u[j]; }
+    for (int j = 0; j < dim; j++) u[j] = (float)(u[j] / sqrt(norm));
+    return u;
 }
 
 int lora_dropout_keep(uint64_t layer_seed, size_t index, float p) {
@@ -306,6 +313,16 @@ static void pack_model_header(unsigned char* h, const Config* c) {
 
 // Q8_0 as export.py quantize_q8 does: scale = max|w| / 127 per group,
 // q = round-half-even(w / scale), an all-zero group gets scale 0.
+void train_check_config(const Config* c, const char* what) {
+    unsigned char h[MODEL_HEADER_BYTES];
+    pack_model_header(h, c);
+    char err[256];
+    Config chk;
+    // the header alone: no file size to compare yet
+    if (parse_model_header(h, MODEL_HEADER_BYTES, &chk, err, sizeof(err)) != 0 && !strstr(err, "file size"))
+        die("%s: %s", what, err);
+}
+
 static void quantize_q8(int8_t* q, float* s, const float* w, size_t rows, int cols, int gs) {
     #pragma omp parallel for schedule(static) if (PAR(rows * cols))
     for (size_t r = 0; r < rows; r++) {
@@ -1483,11 +1500,6 @@ int parse_targets(const char* s) {
     return mask ? mask : -1;
 }
 
-
-#ifndef TRAIN_LIBRARY
-// ============================================================================
-// The program: data, batches, checkpoints, the training loop, the CLI
-
 // ----------------------------------------------------------------------------
 // Data sets. Every row has T+1 tokens (inputs tokens[0..T-1], targets
 // tokens[1..T]) and T weights (1 = this prediction counts; 0 = prompt,
@@ -1502,31 +1514,15 @@ int parse_targets(const char* s) {
 //                      {"question": ..., "answer": ...}
 // In chat rows only the assistant's tokens and their <|eot_id|> count.
 
-typedef struct {
-    int n, cap, T;
-    int* tokens;      // (n, T+1)
-    float* weights;   // (n, T)
-    int Tt;           // WHP: positions per translated row (0 = none)
-    int* trans;       // (n, Tt) translated inputs
-    int* label_pos;   // (n, T)
-    int* len;         // (n,) tokens in use (<= T+1), the rest is padding
-    int* pos;         // (n, T) positions of packed rows (--pack), or NULL
-    long n_tokens;    // counted target tokens
-    int truncated;    // chat examples cut at T+1 tokens
-    int skipped;      // chat examples with no counted token within T+1 tokens
-} Dataset;
-
 static void dataset_reserve(Dataset* d, int cap) {
     if (cap <= d->cap) return;
-    d->tokens = realloc(d->tokens, (size_t)cap * (d->T + 1) * sizeof(int));
-    d->weights = realloc(d->weights, (size_t)cap * d->T * sizeof(float));
-    d->len = realloc(d->len, (size_t)cap * sizeof(int));
-    if (!d->len) die("out of memory for the data set");
+    d->tokens = xrealloc(d->tokens, (size_t)cap * (d->T + 1) * sizeof(int));
+    d->weights = xrealloc(d->weights, (size_t)cap * d->T * sizeof(float));
+    d->len = xrealloc(d->len, (size_t)cap * sizeof(int));
     if (d->Tt > 0) {
-        d->trans = realloc(d->trans, (size_t)cap * d->Tt * sizeof(int));
-        d->label_pos = realloc(d->label_pos, (size_t)cap * d->T * sizeof(int));
+        d->trans = xrealloc(d->trans, (size_t)cap * d->Tt * sizeof(int));
+        d->label_pos = xrealloc(d->label_pos, (size_t)cap * d->T * sizeof(int));
     }
-    if (!d->tokens || !d->weights || (d->Tt > 0 && (!d->trans || !d->label_pos))) die("out of memory for the data set");
     d->cap = cap;
 }
 
@@ -1551,7 +1547,7 @@ static int dataset_add_row(Dataset* d, int pad) {
     return r;
 }
 
-static void dataset_free(Dataset* d) {
+void dataset_free(Dataset* d) {
     free(d->tokens); free(d->weights); free(d->trans); free(d->label_pos); free(d->len); free(d->pos);
     memset(d, 0, sizeof(*d));
 }
@@ -1596,8 +1592,8 @@ static void example_free(Example* e) {
 static void example_qa(Example* e, char* q, char* a) {
     memset(e, 0, sizeof(*e));
     e->msgs = xmalloc(2 * sizeof(ChatMessage));
-    e->msgs[0].role = xstrndup("user", 4); e->msgs[0].content = q;
-    e->msgs[1].role = xstrndup("assistant", 9); e->msgs[1].content = a;
+    e->msgs[0].role = xstrdup("user"); e->msgs[0].content = q;
+    e->msgs[1].role = xstrdup("assistant"); e->msgs[1].content = a;
     e->n_msgs = 2;
     e->is_qa = 1;
 }
@@ -1607,152 +1603,18 @@ typedef struct { Example* v; int n, cap; } ExampleVec;
 static Example* ev_push(ExampleVec* ev) {
     if (ev->n == ev->cap) {
         ev->cap = ev->cap ? 2 * ev->cap : 64;
-        ev->v = realloc(ev->v, (size_t)ev->cap * sizeof(Example));
-        if (!ev->v) die("out of memory");
+        ev->v = xrealloc(ev->v, (size_t)ev->cap * sizeof(Example));
     }
     return &ev->v[ev->n++];
 }
 
-// TSV fields may spell a newline, tab or backslash as \n, \t, \\ .
-static char* tsv_unescape(const char* s, size_t n) {
-    char* out = xmalloc(n + 1);
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] == '\\' && i + 1 < n && (s[i + 1] == 'n' || s[i + 1] == 't' || s[i + 1] == '\\')) {
-            out[k++] = s[i + 1] == 'n' ? '\n' : s[i + 1] == 't' ? '\t' : '\\';
-            i++;
-        } else {
-            out[k++] = s[i];
-        }
-    }
-    out[k] = '\0';
-    return out;
-}
-
-// question TAB answer [TAB more columns, ignored]; '#' lines and a first
-// line "question<TAB>answer..." are skipped
-static void parse_tsv(const char* text, ExampleVec* ev, const char* path) {
-    const char* p = text;
-    int line_no = 0;
-    while (*p) {
-        const char* e = strchr(p, '\n');
-        size_t len = e ? (size_t)(e - p) : strlen(p);
-        const char* next = e ? e + 1 : p + len; // before the '\r' is cut: a last line "...\r" must not stall
-        line_no++;
-        if (len && p[len - 1] == '\r') len--;
-        if (len > 0 && p[0] != '#') {
-            const char* tab = memchr(p, '\t', len);
-            if (!tab) die("%s:%d: expected question<TAB>answer", path, line_no);
-            size_t ql = (size_t)(tab - p);
-            const char* a = tab + 1;
-            const char* tab2 = memchr(a, '\t', len - ql - 1);
-            size_t al = tab2 ? (size_t)(tab2 - a) : len - ql - 1;
-            int header = line_no == 1 && ql == 8 && !strncmp(p, "question", 8);
-            if (!header) example_qa(ev_push(ev), tsv_unescape(p, ql), tsv_unescape(a, al));
-        }
-        p = next;
-    }
-}
-
-static const char* json_ws(const char* p) {
-    while (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n') p++;
-    return p;
-}
-
-static int hexval(char c) {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
-}
-
-static int utf8_put(char* o, unsigned cp) {
-    if (cp < 0x80) { o[0] = (char)cp; return 1; }
-    if (cp < 0x800) { o[0] = (char)(0xC0 | (cp >> 6)); o[1] = (char)(0x80 | (cp & 0x3F)); return 2; }
-    if (cp < 0x10000) {
-        o[0] = (char)(0xE0 | (cp >> 12)); o[1] = (char)(0x80 | ((cp >> 6) & 0x3F)); o[2] = (char)(0x80 | (cp & 0x3F));
-        return 3;
-    }
-    o[0] = (char)(0xF0 | (cp >> 18)); o[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
-    o[2] = (char)(0x80 | ((cp >> 6) & 0x3F)); o[3] = (char)(0x80 | (cp & 0x3F));
-    return 4;
-}
-
-// A JSON string at *pp (pointing at the opening quote): returns it as UTF-8
-// (malloc'd) and advances past the closing quote; NULL if malformed.
-static char* json_string(const char** pp) {
-    const char* p = *pp;
-    if (*p != '"') return NULL;
-    p++;
-    size_t cap = 64, k = 0;
-    char* out = xmalloc(cap);
-    while (*p && *p != '"') {
-        if (k + 8 > cap) { cap *= 2; out = realloc(out, cap); if (!out) die("out of memory"); }
-        if (*p != '\\') { out[k++] = *p++; continue; }
-        p++;
-        if (!*p) { free(out); return NULL; }
-        char e = *p++;
-        switch (e) {
-            case '"': out[k++] = '"'; break;
-            case '\\': out[k++] = '\\'; break;
-            case '/': out[k++] = '/'; break;
-            case 'b': out[k++] = '\b'; break;
-            case 'f': out[k++] = '\f'; break;
-            case 'n': out[k++] = '\n'; break;
-            case 'r': out[k++] = '\r'; break;
-            case 't': out[k++] = '\t'; break;
-            case 'u': {
-                unsigned cp = 0;
-                for (int i = 0; i < 4; i++) {
-                    int h = hexval(p[i]);
-                    if (h < 0) { free(out); return NULL; }
-                    cp = cp * 16 + h;
-                }
-                p += 4;
-                if (cp >= 0xD800 && cp < 0xDC00 && p[0] == '\\' && p[1] == 'u') {
-                    unsigned lo = 0;
-                    int ok = 1;
-                    for (int i = 0; i < 4 && ok; i++) {
-                        int h = hexval(p[2 + i]);
-                        if (h < 0) ok = 0; else lo = lo * 16 + h;
-                    }
-                    if (ok && lo >= 0xDC00 && lo < 0xE000) { cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00); p += 6; }
-                }
-                if (cp >= 0xD800 && cp < 0xE000) cp = 0xFFFD; // a lone surrogate
-                k += utf8_put(out + k, cp);
-                break;
-            }
-            default: free(out); return NULL;
-        }
-    }
-    if (*p != '"') { free(out); return NULL; }
-    out[k] = '\0';
-    *pp = p + 1;
-    return out;
-}
-
-// Skips one JSON value (string, number, literal, object, array); NULL if malformed.
-static const char* json_skip(const char* p) {
-    p = json_ws(p);
-    if (*p == '"') {
-        char* s = json_string(&p);
-        if (!s) return NULL;
-        free(s);
-        return p;
-    }
-    if (*p == '{' || *p == '[') {
-        int depth = 0;
-        while (*p) {
-            if (*p == '"') { char* s = json_string(&p); if (!s) return NULL; free(s); continue; }
-            if (*p == '{' || *p == '[') depth++;
-            if (*p == '}' || *p == ']') { depth--; if (depth == 0) return p + 1; }
-            p++;
-        }
-        return NULL;
-    }
-    const char* start = p;
-    while (*p && *p != ',' && *p != '}' && *p != ']' && *p != '\n') p++;
-    return p > start ? p : NULL;
+// question TAB answer [TAB more columns, ignored] (data.h's QA TSV reader;
+// it takes text over)
+static void parse_tsv(char* text, size_t len, ExampleVec* ev, const char* path) {
+    QAFile f;
+    qa_parse(&f, path, text, len);
+    for (int i = 0; i < f.n; i++) example_qa(ev_push(ev), xstrdup(f.rows[i].question), xstrdup(f.rows[i].answer));
+    qa_free(&f);
 }
 
 static int is_question_key(const char* k) {
@@ -1764,100 +1626,57 @@ static int is_answer_key(const char* k) {
 }
 
 // "messages": [{"role": "...", "content": "..."}, ...]
-static const char* json_messages(const char* p, Example* e, const char* path, int line_no) {
-    if (*p != '[') die("%s:%d: \"messages\" must be an array", path, line_no);
-    p = json_ws(p + 1);
-    int cap = 8;
-    e->msgs = xmalloc(cap * sizeof(ChatMessage));
-    while (*p != ']') {
-        if (*p != '{') die("%s:%d: a message must be an object", path, line_no);
-        p = json_ws(p + 1);
-        char *role = NULL, *content = NULL;
-        while (*p != '}') {
-            char* key = json_string(&p);
-            if (!key) die("%s:%d: malformed JSON key", path, line_no);
-            p = json_ws(p);
-            if (*p != ':') die("%s:%d: expected ':'", path, line_no);
-            p = json_ws(p + 1);
-            if (!strcmp(key, "role") || !strcmp(key, "content")) {
-                char* v = json_string(&p);
-                if (!v) die("%s:%d: \"%s\" must be a string", path, line_no, key);
-                if (key[0] == 'r') { free(role); role = v; } else { free(content); content = v; }
-            } else {
-                p = json_skip(p);
-                if (!p) die("%s:%d: malformed JSON value", path, line_no);
-            }
-            free(key);
-            p = json_ws(p);
-            if (*p == ',') p = json_ws(p + 1);
-            else if (*p != '}') die("%s:%d: expected ',' or '}'", path, line_no);
-        }
-        p = json_ws(p + 1);
-        if (!role || !content) die("%s:%d: a message needs \"role\" and \"content\"", path, line_no);
+static void example_messages(Example* e, const JsonValue* msgs, const char* path, int line_no) {
+    if (msgs->type != JSON_ARRAY) die("%s:%d: \"messages\" must be an array", path, line_no);
+    e->msgs = xmalloc((msgs->n ? msgs->n : 1) * sizeof(ChatMessage));
+    for (int i = 0; i < msgs->n; i++) {
+        const JsonValue* m = &msgs->items[i];
+        if (m->type != JSON_OBJECT) die("%s:%d: a message must be an object", path, line_no);
+        const char* role = json_get_string(m, "role");
+        const char* content = json_get_string(m, "content");
+        if (!role || !content) die("%s:%d: a message needs \"role\" and \"content\" strings", path, line_no);
         if (strcmp(role, "system") && strcmp(role, "user") && strcmp(role, "assistant"))
             die("%s:%d: unknown role \"%s\" (system, user, assistant)", path, line_no, role);
-        if (e->n_msgs == cap) { cap *= 2; e->msgs = realloc(e->msgs, cap * sizeof(ChatMessage)); if (!e->msgs) die("out of memory"); }
-        e->msgs[e->n_msgs].role = role;
-        e->msgs[e->n_msgs].content = content;
+        e->msgs[e->n_msgs].role = xstrdup(role);
+        e->msgs[e->n_msgs].content = xstrdup(content);
         e->n_msgs++;
-        if (*p == ',') p = json_ws(p + 1);
-        else if (*p != ']') die("%s:%d: expected ',' or ']'", path, line_no);
     }
-    return p + 1;
 }
 
-static void parse_jsonl(const char* text, ExampleVec* ev, const char* path) {
-    int line_no = 0;
-    const char* p = text;
-    while (*p) {
-        // one object per line; blank lines are allowed
-        const char* eol = strchr(p, '\n');
-        line_no++;
-        const char* q = json_ws(p);
-        if (q >= (eol ? eol : p + strlen(p))) { p = eol ? eol + 1 : p + strlen(p); continue; }
-        p = q;
-        if (*p != '{') die("%s:%d: expected a JSON object per line", path, line_no);
-        p = json_ws(p + 1);
-        Example e;
-        memset(&e, 0, sizeof(e));
-        char *question = NULL, *answer = NULL;
-        int has_messages = 0;
-        while (*p != '}') {
-            char* key = json_string(&p);
-            if (!key) die("%s:%d: malformed JSON key", path, line_no);
-            p = json_ws(p);
-            if (*p != ':') die("%s:%d: expected ':'", path, line_no);
-            p = json_ws(p + 1);
-            if (!strcmp(key, "messages")) {
-                p = json_messages(p, &e, path, line_no);
-                has_messages = 1;
-            } else if ((!strcmp(key, "text") || is_question_key(key) || is_answer_key(key)) && *p == '"') {
-                char* v = json_string(&p);
-                if (!v) die("%s:%d: malformed JSON string", path, line_no);
-                char** slot = !strcmp(key, "text") ? &e.text : is_question_key(key) ? &question : &answer;
-                free(*slot);
-                *slot = v;
-            } else {
-                p = json_skip(p);
-                if (!p) die("%s:%d: malformed JSON value", path, line_no);
-            }
-            free(key);
-            p = json_ws(p);
-            if (*p == ',') p = json_ws(p + 1);
-            else if (*p != '}') die("%s:%d: expected ',' or '}'", path, line_no);
+// One object per line (data.h's JSON-lines reader): "text", "messages", or
+// a question key and an answer key (a key given twice: the last counts)
+static void parse_jsonl(const char* text, size_t len, ExampleVec* ev, const char* path) {
+    JsonLines jl;
+    jsonl_init(&jl, path, text, len);
+    JsonValue v;
+    while (jsonl_next(&jl, &v)) {
+        int line_no = jl.line_no;
+        if (v.type != JSON_OBJECT) die("%s:%d: expected a JSON object per line", path, line_no);
+        const char *plain = NULL, *question = NULL, *answer = NULL;
+        const JsonValue* messages = NULL;
+        for (int k = 0; k < v.n; k++) {
+            const char* key = v.keys[k];
+            const JsonValue* x = &v.items[k];
+            if (!strcmp(key, "messages")) messages = x;
+            else if (x->type != JSON_STRING) continue;
+            else if (!strcmp(key, "text")) plain = x->string;
+            else if (is_question_key(key)) question = x->string;
+            else if (is_answer_key(key)) answer = x->string;
         }
-        p++;
-        if (e.text || has_messages) {
-            free(question); free(answer);
-            if (e.text && has_messages) die("%s:%d: an example has \"text\" or \"messages\", not both", path, line_no);
-            *ev_push(ev) = e;
+        if (plain && messages) die("%s:%d: an example has \"text\" or \"messages\", not both", path, line_no);
+        if (plain || messages) {
+            Example* e = ev_push(ev);
+            memset(e, 0, sizeof(*e));
+            if (plain) e->text = xstrdup(plain);
+            else example_messages(e, messages, path, line_no);
         } else if (question && answer) {
-            example_qa(ev_push(ev), question, answer);
+            example_qa(ev_push(ev), xstrdup(question), xstrdup(answer));
         } else {
             die("%s:%d: an example needs \"text\", \"messages\", or \"question\" and \"answer\"", path, line_no);
         }
-        p = json_ws(p);
+        json_free(&v);
     }
+    jsonl_close(&jl);
 }
 
 // A conversation in the Llama-3 template, one row; the tokens of every
@@ -1958,7 +1777,7 @@ static void dataset_pack(Dataset* d, const Config* c) {
     free(used); free(order); free(bin_of); free(head); free(next); free(free_tokens);
 }
 
-static double dataset_padding(const Dataset* d) {
+double dataset_padding(const Dataset* d) {
     double used = 0.0;
     for (int r = 0; r < d->n; r++) used += d->len[r] - 1; // inputs in use
     return 1.0 - used / ((double)d->n * d->T);
@@ -1976,7 +1795,7 @@ static int* encode_all(const Tokenizer* tok, const char* text, size_t len, int* 
     return ids;
 }
 
-static void dataset_load(Dataset* d, const Tokenizer* tok, const Config* c, const char* path, const char* format,
+void dataset_load(Dataset* d, const Tokenizer* tok, const Config* c, const char* path, const char* format,
                          const char* system, int T, int pack) {
     int kind = 0; // 0 text, 1 tsv, 2 jsonl
     if (!strcmp(format, "auto")) kind = ends_with(path, ".tsv") ? 1 : (ends_with(path, ".jsonl") ? 2 : 0);
@@ -1996,13 +1815,14 @@ static void dataset_load(Dataset* d, const Tokenizer* tok, const Config* c, cons
         if (pack) dataset_pack(d, c);
         return;
     }
-    // TSV and JSONL rows are parsed as C strings: a NUL would silently end the file
-    if (strlen(text) != len) die("%s holds a NUL byte", path);
-    if (!utf8_valid(text, len)) die("%s is not valid UTF-8", path);
+    // the readers refuse a NUL byte (rows are C strings) and invalid UTF-8
     ExampleVec ev = {0};
-    if (kind == 1) parse_tsv(text, &ev, path);
-    else parse_jsonl(text, &ev, path);
-    free(text);
+    if (kind == 1) {
+        parse_tsv(text, len, &ev, path);
+    } else {
+        parse_jsonl(text, len, &ev, path);
+        free(text);
+    }
     if (ev.n == 0) die("%s has no examples", path);
     for (int i = 0; i < ev.n; i++) {
         Example* e = &ev.v[i];
@@ -2020,7 +1840,7 @@ static void dataset_load(Dataset* d, const Tokenizer* tok, const Config* c, cons
         example_free(e);
     }
     free(ev.v);
-    if (d->n == 0) die("%s: no example has anything to learn within %d positions (raise -T)", path, T);
+    if (d->n == 0) die("%s: no example has anything to learn within %d positions (raise --seq-len)", path, T);
     if (d->skipped)
         fprintf(stderr, "warning: %s: %d examples with no assistant token within %d positions were skipped\n", path,
                 d->skipped, T);
@@ -2030,9 +1850,7 @@ static void dataset_load(Dataset* d, const Tokenizer* tok, const Config* c, cons
 
 // --- WHP: anchored terms -> generic translations ------------------------------
 
-typedef struct { char* from; char* to; size_t from_len; } Term;
-
-static int load_dict(const char* path, Term** out) {
+int load_dict(const char* path, Term** out) {
     size_t len;
     char* text = read_file(path, &len);
     if (strlen(text) != len) die("%s holds a NUL byte", path);
@@ -2048,7 +1866,7 @@ static int load_dict(const char* path, Term** out) {
         if (l > 0 && p[0] != '#') {
             char* tab = memchr(p, '\t', l);
             if (!tab || tab == p) die("%s:%d: expected anchored<TAB>generic", path, line_no);
-            if (n == cap) { cap *= 2; t = realloc(t, cap * sizeof(Term)); if (!t) die("out of memory"); }
+            if (n == cap) { cap *= 2; t = xrealloc(t, cap * sizeof(Term)); }
             const char* to = tab + 1;
             const char* tab2 = memchr(to, '\t', l - (size_t)(tab - p) - 1); // further columns are ignored
             t[n].from = xstrndup(p, (size_t)(tab - p));
@@ -2064,10 +1882,15 @@ static int load_dict(const char* path, Term** out) {
     return n;
 }
 
+void free_dict(Term* terms, int n) {
+    for (int k = 0; k < n; k++) { free(terms[k].from); free(terms[k].to); }
+    free(terms);
+}
+
 typedef struct { int* v; size_t n, cap; } IntVec;
 
 static void iv_push(IntVec* a, int x) {
-    if (a->n == a->cap) { a->cap = a->cap ? 2 * a->cap : 1024; a->v = realloc(a->v, a->cap * sizeof(int)); if (!a->v) die("out of memory"); }
+    if (a->n == a->cap) { a->cap = a->cap ? 2 * a->cap : 1024; a->v = xrealloc(a->v, a->cap * sizeof(int)); }
     a->v[a->n++] = x;
 }
 
@@ -2104,7 +1927,7 @@ static void whp_segment(const Tokenizer* tok, const char* s, size_t len, const c
 // (which reads original token X) is labelled by the base model's prediction
 // at the aligned position of the translated row. Predictions inside an
 // anchored term are not counted.
-static void dataset_whp(Dataset* d, const Tokenizer* tok, const Config* c, const char* path, Term* terms, int nt,
+void dataset_whp(Dataset* d, const Tokenizer* tok, const Config* c, const char* path, Term* terms, int nt,
                         int T) {
     if (c->bos_id < 0) die("the whp objective needs a model with a BOS token");
     size_t len;
@@ -2186,13 +2009,6 @@ static void dataset_whp(Dataset* d, const Tokenizer* tok, const Config* c, const
 // ----------------------------------------------------------------------------
 // Batches: a seeded shuffle per epoch; (epoch, cursor) is the whole state
 
-typedef struct {
-    const Dataset* d;
-    uint64_t seed;
-    int epoch, cursor;
-    int* perm;
-} Loader;
-
 static void loader_shuffle(Loader* ld) {
     int n = ld->d->n;
     for (int i = 0; i < n; i++) ld->perm[i] = i;
@@ -2203,7 +2019,7 @@ static void loader_shuffle(Loader* ld) {
     }
 }
 
-static void loader_init(Loader* ld, const Dataset* d, uint64_t seed, int epoch, int cursor) {
+void loader_init(Loader* ld, const Dataset* d, uint64_t seed, int epoch, int cursor) {
     ld->d = d;
     ld->seed = seed;
     ld->epoch = epoch;
@@ -2212,7 +2028,7 @@ static void loader_init(Loader* ld, const Dataset* d, uint64_t seed, int epoch, 
     loader_shuffle(ld);
 }
 
-static void batch_alloc(Batch* b, int B, int T, int Tt, int packed) {
+void batch_alloc(Batch* b, int B, int T, int Tt, int packed) {
     memset(b, 0, sizeof(*b));
     b->B = B; b->T = T; b->Tt = Tt;
     if (packed) b->pos = xcalloc((size_t)B * T, sizeof(int));
@@ -2225,7 +2041,7 @@ static void batch_alloc(Batch* b, int B, int T, int Tt, int packed) {
     }
 }
 
-static void batch_free(Batch* b) {
+void batch_free(Batch* b) {
     free(b->pos);
     free(b->inputs); free(b->targets); free(b->weights); free(b->trans_inputs); free(b->label_pos);
 }
@@ -2245,7 +2061,7 @@ static void batch_set_row(Batch* b, int r, const Dataset* d, int ex) {
     }
 }
 
-static void loader_next(Loader* ld, Batch* b) {
+void loader_next(Loader* ld, Batch* b) {
     for (int r = 0; r < b->B; r++) {
         batch_set_row(b, r, ld->d, ld->perm[ld->cursor]);
         if (++ld->cursor == ld->d->n) { ld->epoch++; ld->cursor = 0; loader_shuffle(ld); }
@@ -2253,349 +2069,9 @@ static void loader_next(Loader* ld, Batch* b) {
 }
 
 // ----------------------------------------------------------------------------
-// Training state (--resume): everything the next step depends on
-//
-//   0   uint32 magic "ULTS", 4 int32 version, 8 int32 step, 12 int32 full,
-//   16  int64 n_params, 24 int32 forget epoch, 28 forget cursor,
-//   32  int32 retain epoch, 36 retain cursor, 40 uint64 seed,
-//   48  int32 rank, 52 target_mask, 56 layer_begin, 60 layer_end, 64..127 zero
-//   then params, AdamW m, AdamW v (n_params fp32 each)
-
-#define STATE_MAGIC 0x53544c55u  // "ULTS"
-#define STATE_VERSION 1
-#define STATE_HEADER 128
-
-typedef struct {
-    int step, full, f_epoch, f_cursor, r_epoch, r_cursor, rank, mask, lb, le;
-    int64_t n_params;
-    uint64_t seed;
-} StateHeader;
-
-static int save_state(const TrainModel* m, const char* path, const StateHeader* sh) {
-    size_t n = m->n_params, size = STATE_HEADER + 3 * n * sizeof(float);
-    unsigned char* buf = xcalloc(size, 1);
-    uint32_t magic = STATE_MAGIC;
-    int32_t v[] = {STATE_VERSION, sh->step, sh->full};
-    memcpy(buf, &magic, 4);
-    memcpy(buf + 4, v, sizeof(v));
-    memcpy(buf + 16, &sh->n_params, 8);
-    int32_t lv[] = {sh->f_epoch, sh->f_cursor, sh->r_epoch, sh->r_cursor};
-    memcpy(buf + 24, lv, sizeof(lv));
-    memcpy(buf + 40, &sh->seed, 8);
-    int32_t lo[] = {sh->rank, sh->mask, sh->lb, sh->le};
-    memcpy(buf + 48, lo, sizeof(lo));
-    memcpy(buf + STATE_HEADER, m->params, n * sizeof(float));
-    memcpy(buf + STATE_HEADER + n * sizeof(float), m->adam_m, n * sizeof(float));
-    memcpy(buf + STATE_HEADER + 2 * n * sizeof(float), m->adam_v, n * sizeof(float));
-    int rc = write_file_atomic(path, buf, size);
-    free(buf);
-    return rc;
-}
-
-static void load_state(TrainModel* m, const char* path, StateHeader* sh) {
-    size_t len;
-    char* buf = read_file(path, &len);
-    uint32_t magic;
-    int32_t v[3], lv[4], lo[4];
-    if (len < STATE_HEADER) die("%s is not a training state file", path);
-    memcpy(&magic, buf, 4);
-    memcpy(v, buf + 4, sizeof(v));
-    if (magic != STATE_MAGIC || v[0] != STATE_VERSION) die("%s is not a training state file (or another version)", path);
-    sh->step = v[1];
-    sh->full = v[2];
-    memcpy(&sh->n_params, buf + 16, 8);
-    memcpy(lv, buf + 24, sizeof(lv));
-    memcpy(&sh->seed, buf + 40, 8);
-    memcpy(lo, buf + 48, sizeof(lo));
-    sh->f_epoch = lv[0]; sh->f_cursor = lv[1]; sh->r_epoch = lv[2]; sh->r_cursor = lv[3];
-    sh->rank = lo[0]; sh->mask = lo[1]; sh->lb = lo[2]; sh->le = lo[3];
-    if (sh->full != m->full || sh->n_params != (int64_t)m->n_params ||
-        (!m->full && (sh->rank != m->lora.rank || sh->mask != m->lora.target_mask || sh->lb != m->lora.layer_begin ||
-                      sh->le != m->lora.layer_end)))
-        die("%s was saved by a run with other trainable parameters (--full, --rank, --targets, --layers)", path);
-    size_t n = m->n_params;
-    if (len != STATE_HEADER + 3 * n * sizeof(float)) die("%s: size does not match its header (truncated?)", path);
-    memcpy(m->params, buf + STATE_HEADER, n * sizeof(float));
-    memcpy(m->adam_m, buf + STATE_HEADER + n * sizeof(float), n * sizeof(float));
-    memcpy(m->adam_v, buf + STATE_HEADER + 2 * n * sizeof(float), n * sizeof(float));
-    free(buf);
-}
-
-// ----------------------------------------------------------------------------
-// Options
-
-typedef struct {
-    const char* model_path;
-    const char* tok_path;
-    const char* out_path;
-    const char* forget_path;
-    const char* retain_path;
-    const char* format;
-    const char* system;
-    const char* init_spec;
-    const char* adapter_init;
-    const char* dict_path;
-    const char* reinforced_path;
-    const char* log_path;
-    const char* gold_path;
-    int objective, retain_loss;   // retain_loss -1 = per objective
-    int full, rank, targets, layer_begin, layer_end, T, B, B_retain, accum, steps, warmup, cosine;
-    int save_every, log_every, resume, halt_after, eval_every, eval_rows, rmu_layer, dump_rows, pack;
-    float alpha, dropout, lr, min_lr_frac, wd, b1, b2, eps, clip, gamma, lambda, beta, delta, rmu_c, rmu_alpha,
-          whp_alpha, stop_forget_nll;
-    uint64_t seed;
-} Options;
-
-static void usage(void) {
-    fprintf(stderr,
-"Usage:  train_lora MODEL.bin -z TOK [options] -o ADAPTER      LoRA unlearning / finetuning\n"
-"        train_lora MODEL.bin -z TOK --full [options] -o OUT.bin  train every weight\n"
-"        train_lora --init SPEC -z TOK --full [options] -o OUT.bin a new model from scratch\n"
-"        train_lora merge MODEL.bin ADAPTER OUT.bin [--int8]      merge an adapter into a model file\n"
-"        train_lora eval MODEL.bin --lora ADAPTER -z TOK --sets DIR  the shared harness (eval --help)\n"
-"Example: train_lora llama3.q8.bin -z llama3.tok --objective graddiff --forget hp.txt \\\n"
-"           --retain wiki.txt -o hp.lora --steps 200\n"
-"Data: plain text files are one token stream cut into rows of -T positions,\n"
-"      each row starting with BOS; .tsv is question<TAB>answer[<TAB>...] chat QA;\n"
-"      .jsonl holds {\"text\": ...} (every token counts), {\"messages\": [{\"role\",\n"
-"      \"content\"}, ...]} (Llama-3 chat template, assistant turns count) or\n"
-"      {\"question\": ..., \"answer\": ...}. One example per row unless --pack\n"
-"      (the data line reports the padding).\n"
-"  -z FILE            tokenizer file (from export.py tokenizer), required\n"
-"  --forget FILE      forget set; the training data of sft (alias --data), required\n"
-"  --retain FILE      retain set (required by graddiff, kl, rmu; optional for the others)\n"
-"  --format F         auto|text|tsv|jsonl (default auto: by file extension)\n"
-"  --system TEXT      system prompt added to question/answer rows (default none)\n"
-"  --pack             pack several examples per row, each with its own positions and\n"
-"                     attention (as if alone): no padding waste for short examples\n"
-"  -T N               positions per row (default 256)\n"
-"  -b N               forget rows per micro-batch (default 4)\n"
-"  --retain-batch N   retain rows per micro-batch (default: -b)\n"
-"  --accum N          micro-batches per optimizer step (default 1)\n"
-"Objective:\n"
-"  --objective NAME   sft|ga|graddiff|kl|npo|simnpo|whp|rmu (default graddiff)\n"
-"                     sft: descent on --forget (knowledge injection, relearning attacks)\n"
-"                     ga: ascent on forget; graddiff: ascent on forget + lambda * descent on retain\n"
-"                     kl: ascent on forget + lambda * KL(base || model) on retain\n"
-"                     npo: (2/beta) log(1 + (pi/pi_base)^beta) per forget sequence, pi_base =\n"
-"                          the base with the adapter off\n"
-"                     simnpo: (2/beta) softplus(beta * mean log pi + delta), no reference\n"
-"                     whp: KL to the base model's predictions on the text with anchored\n"
-"                          terms translated (--dict), optionally v_b - a*ReLU(v_r - v_b)\n"
-"                     rmu: layer --rmu-layer activations -> c*u on forget, kept on retain\n"
-"  --retain-loss L    none|nll|kl (default: none for ga, kl for kl, else nll when --retain is given)\n"
-"  --gamma X          weight of the forget term (default 1)\n"
-"  --lambda X         weight of the retain term (default 1)\n"
-"  --beta X           NPO/SimNPO beta (default 0.1 for npo, 4.5 for simnpo)\n"
-"  --delta X          SimNPO margin (default 0)\n"
-"  --rmu-layer L      RMU layer (default 7, or n_layers/2 for smaller models)\n"
-"  --rmu-c X          RMU steering coefficient c (default 6.5)\n"
-"  --rmu-alpha X      RMU retain weight (default 1200)\n"
-"  --dict FILE        WHP dictionary, lines \"anchored<TAB>generic\" (required for whp)\n"
-"  --reinforced FILE  WHP reinforced adapter (default none)\n"
-"  --whp-alpha X      WHP alpha (default 1)\n"
-"Trainable parameters:\n"
-"  --full             train every weight (embeddings, norms, matrices); -o is a model file\n"
-"  --init SPEC        start from a random model, SPEC = dim=D,hidden_dim=H,n_layers=L,\n"
-"                     n_heads=N,n_kv_heads=K[,head_dim=D/N][,max_seq_len=2048]\n"
-"                     [,rope_theta=500000][,norm_eps=1e-5][,tied=1][,vocab_size=tokenizer's]\n"
-"  --rank R           LoRA rank (default 8)\n"
-"  --alpha A          LoRA alpha, scale = alpha/rank (default 16)\n"
-"  --dropout P        LoRA dropout (default 0)\n"
-"  --targets LIST     q,k,v,o,gate,up,down | all | attn | mlp (default all; rmu: down)\n"
-"  --layers A-B       adapted layers, inclusive (default all; rmu: l-2..l)\n"
-"  --adapter-init F   start from this adapter (its rank, alpha, targets and layers)\n"
-"Optimisation:\n"
-"  --steps N          optimizer steps (default 100)\n"
-"  --lr X             peak learning rate (default 1e-4)\n"
-"  --warmup N         linear warmup steps (default 0)\n"
-"  --schedule S       constant|cosine after warmup (default constant)\n"
-"  --min-lr-frac F    cosine floor as a fraction of --lr (default 0)\n"
-"  --wd X             AdamW weight decay, not on norms (default 0)\n"
-"  --adam-b1 X        (default 0.9)   --adam-b2 X (default 0.999)   --adam-eps X (default 1e-8)\n"
-"  --clip X           clip the gradient norm to X, 0 = off (default 1)\n"
-"  --seed N           data order, init, dropout (default 1337)\n"
-"Stopping:\n"
-"  --eval-every N     every N steps, mean NLL on the first --eval-rows rows of each set\n"
-"                     (default 0 = off; 10 when a stop level is set)\n"
-"  --eval-rows N      (default 32)\n"
-"  --stop-forget-nll X  stop once the eval forget NLL reaches X (MUSE's rule with a gold\n"
-"                     level; default none: --steps is the budget)\n"
-"  --gold MODEL.bin   the stop level is this model's eval forget NLL (the retrained model;\n"
-"                     default none)\n"
-"Output:\n"
-"  -o FILE            adapter (LoRA) or model file (--full), required\n"
-"  --save-every N     checkpoint every N steps, and always at the end (default 50)\n"
-"  --log FILE         CSV log (default OUT.csv)\n"
-"  --log-every N      progress line every N steps (default 1)\n"
-"  --resume           continue from OUT.state (bit for bit)\n"
-"  --halt-after N     stop after N steps of this run, checkpoint saved (default 0 = off)\n"
-"  --dump-rows N      print the first N forget rows (each target token, [counted] or not;\n"
-"                     whp: <- the translated token whose prediction labels it) and exit\n"
-"  -h, --help         this text\n");
-    exit(EXIT_FAILURE);
-}
-
-static int parse_int_opt(const char* flag, const char* s) {
-    char* end;
-    long v = strtol(s, &end, 10);
-    if (*s == '\0' || *end != '\0' || v < -2147483647L || v > 2147483647L) die("%s expects an integer, got '%s'", flag, s);
-    return (int)v;
-}
-
-static float parse_float_opt(const char* flag, const char* s) {
-    char* end;
-    float v = strtof(s, &end);
-    if (*s == '\0' || *end != '\0' || !isfinite(v)) die("%s expects a number, got '%s'", flag, s);
-    return v;
-}
-
-static void parse_options(Options* o, int argc, char** argv) {
-    memset(o, 0, sizeof(*o));
-    o->format = "auto";
-    o->objective = OBJ_GRADDIFF;
-    o->retain_loss = -1;
-    o->rank = 8; o->alpha = 16.0f; o->targets = -1; o->layer_begin = -1; o->layer_end = -1;
-    o->T = 256; o->B = 4; o->B_retain = -1; o->accum = 1; o->steps = 100; o->lr = 1e-4f;
-    o->b1 = 0.9f; o->b2 = 0.999f; o->eps = 1e-8f; o->clip = 1.0f; o->seed = 1337;
-    o->gamma = 1.0f; o->lambda = 1.0f; o->beta = -1.0f; o->rmu_layer = -1; o->rmu_c = 6.5f; o->rmu_alpha = 1200.0f;
-    o->whp_alpha = 1.0f; o->save_every = 50; o->log_every = 1; o->eval_rows = 32; o->stop_forget_nll = NAN;
-    int i = 1;
-    if (argc >= 2 && argv[1][0] != '-') { o->model_path = argv[1]; i = 2; }
-    for (; i < argc; i++) {
-        const char* f = argv[i];
-        if (!strcmp(f, "-h") || !strcmp(f, "--help")) usage();
-        // flags without a value
-        if (!strcmp(f, "--full")) { o->full = 1; continue; }
-        if (!strcmp(f, "--resume")) { o->resume = 1; continue; }
-        if (!strcmp(f, "--pack")) { o->pack = 1; continue; }
-        if (i + 1 >= argc) die("%s needs a value (see --help)", f);
-        const char* v = argv[++i];
-        if (!strcmp(f, "-z")) o->tok_path = v;
-        else if (!strcmp(f, "-o")) o->out_path = v;
-        else if (!strcmp(f, "--forget") || !strcmp(f, "--data")) o->forget_path = v;
-        else if (!strcmp(f, "--retain")) o->retain_path = v;
-        else if (!strcmp(f, "--format")) o->format = v;
-        else if (!strcmp(f, "--system")) o->system = v;
-        else if (!strcmp(f, "--init")) o->init_spec = v;
-        else if (!strcmp(f, "--adapter-init")) o->adapter_init = v;
-        else if (!strcmp(f, "--dict")) o->dict_path = v;
-        else if (!strcmp(f, "--reinforced")) o->reinforced_path = v;
-        else if (!strcmp(f, "--log")) o->log_path = v;
-        else if (!strcmp(f, "--gold")) o->gold_path = v;
-        else if (!strcmp(f, "--objective")) {
-            o->objective = objective_from_name(v);
-            if (o->objective < 0) die("unknown objective '%s' (sft, ga, graddiff, kl, npo, simnpo, whp, rmu)", v);
-        } else if (!strcmp(f, "--retain-loss")) {
-            if (!strcmp(v, "none")) o->retain_loss = RETAIN_NONE;
-            else if (!strcmp(v, "nll")) o->retain_loss = RETAIN_NLL;
-            else if (!strcmp(v, "kl")) o->retain_loss = RETAIN_KL;
-            else die("unknown --retain-loss '%s' (none, nll, kl)", v);
-        } else if (!strcmp(f, "--targets")) {
-            o->targets = parse_targets(v);
-            if (o->targets < 0) die("bad --targets '%s' (a list of q,k,v,o,gate,up,down, or all, attn, mlp)", v);
-        } else if (!strcmp(f, "--layers")) {
-            int a, b;
-            char extra;
-            if (sscanf(v, "%d-%d%c", &a, &b, &extra) == 2) { o->layer_begin = a; o->layer_end = b + 1; }
-            else if (sscanf(v, "%d%c", &a, &extra) == 1) { o->layer_begin = a; o->layer_end = a + 1; }
-            else die("bad --layers '%s' (A-B, inclusive)", v);
-        } else if (!strcmp(f, "--schedule")) {
-            if (!strcmp(v, "cosine")) o->cosine = 1;
-            else if (!strcmp(v, "constant")) o->cosine = 0;
-            else die("unknown --schedule '%s' (constant, cosine)", v);
-        }
-        else if (!strcmp(f, "--rank")) o->rank = parse_int_opt(f, v);
-        else if (!strcmp(f, "-T")) o->T = parse_int_opt(f, v);
-        else if (!strcmp(f, "-b")) o->B = parse_int_opt(f, v);
-        else if (!strcmp(f, "--retain-batch")) o->B_retain = parse_int_opt(f, v);
-        else if (!strcmp(f, "--accum")) o->accum = parse_int_opt(f, v);
-        else if (!strcmp(f, "--steps")) o->steps = parse_int_opt(f, v);
-        else if (!strcmp(f, "--warmup")) o->warmup = parse_int_opt(f, v);
-        else if (!strcmp(f, "--save-every")) o->save_every = parse_int_opt(f, v);
-        else if (!strcmp(f, "--log-every")) o->log_every = parse_int_opt(f, v);
-        else if (!strcmp(f, "--halt-after")) o->halt_after = parse_int_opt(f, v);
-        else if (!strcmp(f, "--eval-every")) o->eval_every = parse_int_opt(f, v);
-        else if (!strcmp(f, "--eval-rows")) o->eval_rows = parse_int_opt(f, v);
-        else if (!strcmp(f, "--rmu-layer")) o->rmu_layer = parse_int_opt(f, v);
-        else if (!strcmp(f, "--dump-rows")) o->dump_rows = parse_int_opt(f, v);
-        else if (!strcmp(f, "--seed")) o->seed = (uint64_t)parse_int_opt(f, v);
-        else if (!strcmp(f, "--alpha")) o->alpha = parse_float_opt(f, v);
-        else if (!strcmp(f, "--dropout")) o->dropout = parse_float_opt(f, v);
-        else if (!strcmp(f, "--lr")) o->lr = parse_float_opt(f, v);
-        else if (!strcmp(f, "--min-lr-frac")) o->min_lr_frac = parse_float_opt(f, v);
-        else if (!strcmp(f, "--wd")) o->wd = parse_float_opt(f, v);
-        else if (!strcmp(f, "--adam-b1")) o->b1 = parse_float_opt(f, v);
-        else if (!strcmp(f, "--adam-b2")) o->b2 = parse_float_opt(f, v);
-        else if (!strcmp(f, "--adam-eps")) o->eps = parse_float_opt(f, v);
-        else if (!strcmp(f, "--clip")) o->clip = parse_float_opt(f, v);
-        else if (!strcmp(f, "--gamma")) o->gamma = parse_float_opt(f, v);
-        else if (!strcmp(f, "--lambda")) o->lambda = parse_float_opt(f, v);
-        else if (!strcmp(f, "--beta")) o->beta = parse_float_opt(f, v);
-        else if (!strcmp(f, "--delta")) o->delta = parse_float_opt(f, v);
-        else if (!strcmp(f, "--rmu-c")) o->rmu_c = parse_float_opt(f, v);
-        else if (!strcmp(f, "--rmu-alpha")) o->rmu_alpha = parse_float_opt(f, v);
-        else if (!strcmp(f, "--whp-alpha")) o->whp_alpha = parse_float_opt(f, v);
-        else if (!strcmp(f, "--stop-forget-nll")) o->stop_forget_nll = parse_float_opt(f, v);
-        else die("unknown option %s (see --help)", f);
-    }
-    if (!o->tok_path) die("a tokenizer is required (-z FILE; see --help)");
-    if (!o->out_path) die("an output file is required (-o FILE; see --help)");
-    if (!o->model_path && !o->init_spec) die("a model file (first argument) or --init SPEC is required (see --help)");
-    if (o->model_path && o->init_spec) die("give a model file or --init, not both");
-    if (o->init_spec && !o->full) die("--init creates a model to train from scratch: it needs --full");
-    if (!o->forget_path) die("--forget FILE is required (the training data for sft)");
-    if (o->dump_rows < 0) die("--dump-rows must be >= 0");
-    if (o->T < 2 || o->B < 1 || o->accum < 1 || o->steps < 0 || o->warmup < 0 || o->rank < 1 || o->log_every < 1 ||
-        o->save_every < 0 || o->eval_rows < 1)
-        die("-T, -b, --accum, --rank, --log-every must be positive; --steps, --warmup, --save-every non-negative");
-    if (o->B_retain < 0) o->B_retain = o->B;
-    if (o->lr < 0 || o->clip < 0 || o->wd < 0 || o->dropout < 0 || o->dropout >= 1) die("invalid --lr, --clip, --wd or --dropout");
-    if (o->beta < 0) o->beta = o->objective == OBJ_SIMNPO ? 4.5f : 0.1f;
-    if (o->beta <= 0) die("--beta must be > 0");
-    if (o->retain_loss < 0) {
-        if (o->objective == OBJ_GA) o->retain_loss = RETAIN_NONE;
-        else if (o->objective == OBJ_KL) o->retain_loss = RETAIN_KL;
-        else o->retain_loss = o->retain_path ? RETAIN_NLL : RETAIN_NONE;
-    }
-    int needs_retain = o->objective == OBJ_GRADDIFF || o->objective == OBJ_KL || o->retain_loss != RETAIN_NONE;
-    if (needs_retain && !o->retain_path) die("objective %s needs --retain FILE", objective_name(o->objective));
-    if (o->objective == OBJ_WHP && !o->dict_path) die("objective whp needs --dict FILE");
-    if (o->objective == OBJ_WHP && o->pack) die("--pack is not supported with whp");
-    if (o->reinforced_path && o->objective != OBJ_WHP) die("--reinforced is for the whp objective");
-}
-
-// "dim=64,n_layers=2,..." over a config with the defaults already set
-static void parse_init_spec(const char* spec, Config* c) {
-    char* s = xstrndup(spec, strlen(spec));
-    for (char* tok = strtok(s, ","); tok; tok = strtok(NULL, ",")) {
-        char* eq = strchr(tok, '=');
-        if (!eq) die("--init: expected key=value, got '%s'", tok);
-        *eq = '\0';
-        const char* k = tok;
-        const char* v = eq + 1;
-        if (!strcmp(k, "dim")) c->dim = parse_int_opt(k, v);
-        else if (!strcmp(k, "hidden_dim")) c->hidden_dim = parse_int_opt(k, v);
-        else if (!strcmp(k, "n_layers")) c->n_layers = parse_int_opt(k, v);
-        else if (!strcmp(k, "n_heads")) c->n_heads = parse_int_opt(k, v);
-        else if (!strcmp(k, "n_kv_heads")) c->n_kv_heads = parse_int_opt(k, v);
-        else if (!strcmp(k, "head_dim")) c->head_dim = parse_int_opt(k, v);
-        else if (!strcmp(k, "vocab_size")) c->vocab_size = parse_int_opt(k, v);
-        else if (!strcmp(k, "max_seq_len")) c->max_seq_len = parse_int_opt(k, v);
-        else if (!strcmp(k, "rope_theta")) c->rope_theta = parse_float_opt(k, v);
-        else if (!strcmp(k, "norm_eps")) c->norm_eps = parse_float_opt(k, v);
-        else if (!strcmp(k, "tied")) c->tied_embeddings = parse_int_opt(k, v);
-        else die("--init: unknown key '%s'", k);
-    }
-    free(s);
-    if (c->n_heads > 0 && c->head_dim == 0 && c->dim % c->n_heads == 0) c->head_dim = c->dim / c->n_heads;
-    if (c->n_kv_heads == 0) c->n_kv_heads = c->n_heads;
-}
-
-// ----------------------------------------------------------------------------
 // Evaluation for early stopping: mean NLL over the first rows of a set
 
-static double eval_nll(TrainModel* m, const Dataset* d, int rows, Batch* b) {
+double train_eval_nll(TrainModel* m, const Dataset* d, int rows, Batch* b) {
     double S = 0.0, W = 0.0;
     int L = m->config.n_layers, B = b->B;
     if (rows > d->n) rows = d->n;
@@ -2611,410 +2087,3 @@ static double eval_nll(TrainModel* m, const Dataset* d, int rows, Batch* b) {
     }
     return W > 0 ? S / W : NAN;
 }
-
-// the same measure for another model file, through the engine
-static double eval_nll_engine(const char* path, const Dataset* d, int rows, int vocab) {
-    Transformer t;
-    build_transformer(&t, path, d->T);
-    if (t.config.vocab_size != vocab) die("--gold %s has another vocabulary", path);
-    int T = d->T, V = vocab;
-    float* logits = xmalloc((size_t)T * V * sizeof(float));
-    double S = 0.0, W = 0.0;
-    if (rows > d->n) rows = d->n;
-    for (int r = 0; r < rows; r++) {
-        const int* tk = d->tokens + (size_t)r * (T + 1);
-        const int* pos = d->pos ? d->pos + (size_t)r * T : NULL;
-        // each sequence of the row on its own (a packed row holds several)
-        for (int s0 = 0, s1; s0 < T; s0 = s1) {
-            for (s1 = s0 + 1; s1 < T && pos && pos[s1] != 0; s1++) {}
-            if (!pos) s1 = T;
-            forward_batch(&t, tk + s0, s1 - s0, 0, logits + (size_t)s0 * V);
-        }
-        for (int i = 0; i < T; i++) {
-            float w = d->weights[(size_t)r * T + i];
-            if (w == 0.0f) continue;
-            const float* z = logits + (size_t)i * V;
-            float mx = z[0];
-            for (int j = 1; j < V; j++) if (z[j] > mx) mx = z[j];
-            double sum = 0.0;
-            for (int j = 0; j < V; j++) sum += exp((double)(z[j] - mx));
-            S += w * (mx + log(sum) - z[tk[i + 1]]);
-            W += w;
-        }
-    }
-    free(logits);
-    free_transformer(&t);
-    return W > 0 ? S / W : NAN;
-}
-
-// ----------------------------------------------------------------------------
-// The training loop
-
-static float lr_at(const Options* o, int step) {
-    if (step < o->warmup) return o->lr * (float)(step + 1) / (float)o->warmup;
-    if (!o->cosine) return o->lr;
-    int span = o->steps - o->warmup;
-    float progress = span > 0 ? (float)(step - o->warmup) / (float)span : 1.0f;
-    float floor_lr = o->lr * o->min_lr_frac;
-    return floor_lr + 0.5f * (o->lr - floor_lr) * (1.0f + cosf((float)M_PI * progress));
-}
-
-static void format_eta(char* buf, size_t n, double seconds) {
-    if (!(seconds >= 0) || seconds > 1e8) { snprintf(buf, n, "?"); return; }
-    long s = (long)(seconds + 0.5);
-    if (s >= 3600) snprintf(buf, n, "%ldh%02ldm", s / 3600, (s / 60) % 60);
-    else if (s >= 60) snprintf(buf, n, "%ldm%02lds", s / 60, s % 60);
-    else snprintf(buf, n, "%lds", s);
-}
-
-static void csv_field(FILE* f, double v) {
-    if (isnan(v)) fprintf(f, ",");
-    else fprintf(f, ",%.6g", v);
-}
-
-static void checkpoint(TrainModel* m, const Options* o, const char* state_path, int step, const Loader* lf,
-                       const Loader* lr) {
-    StateHeader sh = {0};
-    sh.step = step; sh.full = m->full; sh.n_params = (int64_t)m->n_params; sh.seed = o->seed;
-    sh.f_epoch = lf->epoch; sh.f_cursor = lf->cursor;
-    if (lr) { sh.r_epoch = lr->epoch; sh.r_cursor = lr->cursor; }
-    if (!m->full) { sh.rank = m->lora.rank; sh.mask = m->lora.target_mask; sh.lb = m->lora.layer_begin; sh.le = m->lora.layer_end; }
-    if (save_state(m, state_path, &sh) != 0) die("cannot write %s: %s", state_path, strerror(errno));
-    int rc = m->full ? save_model_fp32(m, o->out_path) : lora_save(&m->lora, &m->config, o->out_path);
-    if (rc != 0) die("cannot write %s: %s", o->out_path, strerror(errno));
-}
-
-// --resume: the log keeps its header and the rows of the steps up to the
-// checkpoint. A killed run may have logged steps after its last checkpoint
-// (they run again now) or half a line; those go, so the resumed log reads as
-// one uninterrupted run. Returns 1 when the log exists (with its header).
-static int trim_log(const char* path, int step) {
-    FILE* f = fopen(path, "rb");
-    if (!f) return 0;
-    fclose(f);
-    size_t len, keep = 0;
-    char* text = read_file(path, &len);
-    for (size_t at = 0; at < len;) {
-        const char* nl = memchr(text + at, '\n', len - at);
-        if (!nl) break;                               // a partial last line
-        if (at > 0 && atol(text + at) > step) break;  // a step after the checkpoint
-        at = keep = (size_t)(nl - text) + 1;
-    }
-    if (keep < len && write_file_atomic(path, text, keep) != 0) die("cannot write %s: %s", path, strerror(errno));
-    free(text);
-    return keep > 0;
-}
-
-static int train_main(int argc, char** argv) {
-    Options o;
-    parse_options(&o, argc, argv);
-    Tokenizer tok;
-    build_tokenizer(&tok, o.tok_path);
-
-    // the model
-    TrainModel m;
-    if (o.init_spec) {
-        Config c;
-        memset(&c, 0, sizeof(c));
-        c.vocab_size = tok.vocab_size; c.max_seq_len = 2048; c.rope_theta = 500000.0f; c.norm_eps = 1e-5f;
-        c.tied_embeddings = 1; c.bos_id = tok.bos_id;
-        for (int i = 0; i < tok.n_eot && c.n_eos < MAX_EOS; i++) c.eos_ids[c.n_eos++] = tok.eot_ids[i];
-        parse_init_spec(o.init_spec, &c);
-        // validate exactly as the loader will when the model is read back
-        unsigned char h[MODEL_HEADER_BYTES];
-        pack_model_header(h, &c);
-        char err[256];
-        Config chk;
-        int rc = parse_model_header(h, MODEL_HEADER_BYTES, &chk, err, sizeof(err));
-        if (rc != 0 && strstr(err, "file size") == NULL) die("--init: %s", err);
-        train_model_random(&m, &c, o.seed);
-    } else {
-        train_model_from_file(&m, o.model_path);
-    }
-    Config* c = &m.config;
-    if (tok.vocab_size != c->vocab_size)
-        die("tokenizer has %d tokens but the model has %d: wrong tokenizer for this model", tok.vocab_size, c->vocab_size);
-    if (o.T > c->max_seq_len) die("-T %d exceeds the model's maximum of %d positions", o.T, c->max_seq_len);
-    int L = c->n_layers, obj = o.objective;
-    if (obj == OBJ_RMU) {
-        if (o.rmu_layer < 0) o.rmu_layer = L > 8 ? 7 : L / 2;
-        if (o.rmu_layer >= L) die("--rmu-layer %d: the model has %d layers", o.rmu_layer, L);
-        if (o.targets < 0) o.targets = 1 << LORA_DOWN;
-        if (o.layer_begin < 0) { o.layer_begin = o.rmu_layer >= 2 ? o.rmu_layer - 2 : 0; o.layer_end = o.rmu_layer + 1; }
-        if (!o.full && o.layer_end > o.rmu_layer + 1) die("rmu: LoRA layers must be <= --rmu-layer %d", o.rmu_layer);
-    }
-    if (o.targets < 0) o.targets = (1 << LORA_N_TARGETS) - 1;
-    if (o.layer_begin < 0) { o.layer_begin = 0; o.layer_end = L; }
-    if (o.layer_begin < 0 || o.layer_end > L || o.layer_begin >= o.layer_end)
-        die("--layers: the model has layers 0-%d", L - 1);
-    int need_ref_model = obj == OBJ_NPO || obj == OBJ_WHP || obj == OBJ_RMU || o.retain_loss == RETAIN_KL;
-    if (o.full) {
-        train_setup_full(&m, need_ref_model);
-    } else if (o.adapter_init) {
-        Lora init;
-        char err[512];
-        if (lora_read(&init, c, o.adapter_init, err, sizeof(err)) != 0) die("%s", err);
-        train_setup_lora(&m, init.rank, init.alpha, o.dropout, init.target_mask, init.layer_begin, init.layer_end, o.seed);
-        for (int l = init.layer_begin; l < init.layer_end; l++)
-            for (int t = 0; t < LORA_N_TARGETS; t++) {
-                if (!init.pairs[l][t].a) continue;
-                int in, out;
-                lora_dims(c, t, &in, &out);
-                memcpy(m.lora.pairs[l][t].a, init.pairs[l][t].a, (size_t)init.rank * in * sizeof(float));
-                memcpy(m.lora.pairs[l][t].b, init.pairs[l][t].b, (size_t)out * init.rank * sizeof(float));
-            }
-        free_lora(&init);
-    } else {
-        train_setup_lora(&m, o.rank, o.alpha, o.dropout, o.targets, o.layer_begin, o.layer_end, o.seed);
-    }
-
-    // the objective
-    ObjectiveConfig oc;
-    memset(&oc, 0, sizeof(oc));
-    oc.objective = obj; oc.retain_loss = o.retain_loss; oc.gamma = o.gamma; oc.lambda = o.lambda;
-    oc.beta = o.beta; oc.delta = o.delta; oc.rmu_layer = o.rmu_layer; oc.rmu_c = o.rmu_c; oc.rmu_alpha = o.rmu_alpha;
-    oc.whp_alpha = o.whp_alpha;
-    Lora reinforced;
-    if (o.reinforced_path) {
-        char err[512];
-        if (lora_read(&reinforced, c, o.reinforced_path, err, sizeof(err)) != 0) die("%s", err);
-        if (reinforced.rank > 64) die("--reinforced: rank %d > 64 is not supported", reinforced.rank);
-        oc.whp_reinforced = &reinforced;
-    }
-    if (obj == OBJ_RMU) {
-        // a fixed random unit vector (uniform [0,1) entries, normalised, as WMDP's RMU)
-        oc.rmu_u = xmalloc(c->dim * sizeof(float));
-        uint64_t rng = hash64(o.seed ^ 0x726d75ull);
-        double norm = 0.0;
-        for (int j = 0; j < c->dim; j++) { oc.rmu_u[j] = rng_uniform(&rng); norm += (double)oc.rmu_u[j] * oc.rmu_u[j]; }
-        for (int j = 0; j < c->dim; j++) oc.rmu_u[j] = (float)(oc.rmu_u[j] / sqrt(norm));
-    }
-
-    // data
-    Dataset forget, retain;
-    int has_retain = o.retain_path && (o.retain_loss != RETAIN_NONE || obj == OBJ_RMU);
-    long t_load = time_in_ms();
-    if (obj == OBJ_WHP) {
-        Term* terms;
-        int nt = load_dict(o.dict_path, &terms);
-        dataset_whp(&forget, &tok, c, o.forget_path, terms, nt, o.T);
-        for (int i = 0; i < nt; i++) { free(terms[i].from); free(terms[i].to); }
-        free(terms);
-    } else {
-        dataset_load(&forget, &tok, c, o.forget_path, o.format, o.system, o.T, o.pack);
-    }
-    if (has_retain) dataset_load(&retain, &tok, c, o.retain_path, o.format, o.system, o.T, o.pack);
-    // padding: positions that hold no token (short chat rows in long -T rows waste compute: --pack)
-    printf("data: forget %s: %d rows, %ld counted tokens, %.0f%% padding", o.forget_path, forget.n, forget.n_tokens,
-           100.0 * dataset_padding(&forget));
-    if (has_retain)
-        printf(" | retain %s: %d rows, %ld counted tokens, %.0f%% padding", o.retain_path, retain.n, retain.n_tokens,
-               100.0 * dataset_padding(&retain));
-    printf(" (%.1fs)\n", (time_in_ms() - t_load) / 1000.0);
-
-    if (o.dump_rows) {
-        // what the loss sees: each target token, in brackets when it counts
-        for (int r = 0; r < o.dump_rows && r < forget.n; r++) {
-            printf("row %d:", r);
-            for (int i = 0; i < o.T; i++) {
-                int id = forget.tokens[(size_t)r * (o.T + 1) + i + 1], len;
-                const char* piece = token_piece(&tok, id, &len);
-                int on = forget.weights[(size_t)r * o.T + i] > 0;
-                if (forget.pos && i > 0 && forget.pos[(size_t)r * o.T + i] == 0) printf(" ||"); // a packed sequence starts
-                printf(" %s%d:'", on ? "[" : "", id);
-                for (int k = 0; k < len; k++) putchar(piece[k] == '\n' ? '|' : piece[k]);
-                printf("'%s", on ? "]" : "");
-                if (on && forget.label_pos) {
-                    // WHP: the translated token this position reads (its prediction is the label)
-                    int lp = forget.label_pos[(size_t)r * o.T + i];
-                    int tid = forget.trans[(size_t)r * forget.Tt + lp];
-                    piece = token_piece(&tok, tid, &len);
-                    printf("<-'");
-                    for (int k = 0; k < len; k++) putchar(piece[k] == '\n' ? '|' : piece[k]);
-                    printf("'");
-                }
-            }
-            printf("\n");
-        }
-        exit(EXIT_SUCCESS);
-    }
-
-    // buffers
-    int Tt = forget.Tt, T = o.T;
-    int B_max = o.B > o.B_retain ? o.B : o.B_retain;
-    int T_cap = Tt > T ? Tt : T;
-    train_alloc_acts(&m, B_max * T_cap, T_cap, obj == OBJ_WHP || o.retain_loss == RETAIN_KL, obj == OBJ_RMU);
-    Batch fb, rb;
-    batch_alloc(&fb, o.B, T, Tt, o.pack);
-    if (has_retain) batch_alloc(&rb, o.B_retain, T, 0, o.pack);
-    printf("model: dim %d, %d layers, vocab %d, %s | trainable: %s, %zu parameters | objective %s\n", c->dim, L,
-            c->vocab_size, c->weight_type == WEIGHT_Q8 ? "int8" : "fp32",
-            m.full ? "every weight" : "LoRA", m.n_params, objective_name(obj));
-    printf("memory: weights %.1f MiB (%s), activations %.1f MiB, trainable state %.1f MiB\n",
-           (m.file ? (double)m.file->file_size : (double)full_param_count(c) * 4) / 1048576.0,
-           m.file ? "mapped" : "in memory", m.acts_bytes / 1048576.0,
-           m.n_params * 4.0 * (m.no_decay ? 4.25 : 4.0) / 1048576.0);
-
-    // state
-    size_t olen = strlen(o.out_path);
-    char* state_path = xmalloc(olen + 7);
-    snprintf(state_path, olen + 7, "%s.state", o.out_path);
-    char* log_path = NULL;
-    if (o.log_path) log_path = xstrndup(o.log_path, strlen(o.log_path));
-    else { log_path = xmalloc(olen + 5); snprintf(log_path, olen + 5, "%s.csv", o.out_path); }
-    int step = 0;
-    Loader lf, lr;
-    StateHeader sh = {0};
-    if (o.resume) {
-        load_state(&m, state_path, &sh);
-        if (sh.seed != o.seed) die("%s was saved with --seed %llu", state_path, (unsigned long long)sh.seed);
-        step = sh.step;
-        printf("resumed from %s at step %d\n", state_path, step);
-    }
-    loader_init(&lf, &forget, o.seed ^ 0xf0f0ull, sh.f_epoch, sh.f_cursor);
-    if (has_retain) loader_init(&lr, &retain, o.seed ^ 0x0f0full, sh.r_epoch, sh.r_cursor);
-    if (lf.cursor >= forget.n || (has_retain && lr.cursor >= retain.n)) die("%s does not match these data sets", state_path);
-    int have_log = o.resume && trim_log(log_path, step);
-    FILE* log = fopen(log_path, have_log ? "a" : "w");
-    if (!log) die("cannot write %s: %s", log_path, strerror(errno));
-    if (!have_log)
-        fprintf(log, "step,loss,forget_term,retain_term,forget_nll,retain_nll,retain_kl,grad_norm,lr,tokens_per_s,"
-                     "elapsed_s,eta_s,eval_forget_nll,eval_retain_nll\n");
-
-    // early stopping by a gold level
-    Batch eb;
-    batch_alloc(&eb, B_max, T, 0, o.pack);
-    float stop_level = o.stop_forget_nll;
-    if (o.gold_path) {
-        stop_level = (float)eval_nll_engine(o.gold_path, &forget, o.eval_rows, c->vocab_size);
-        printf("gold: %s has eval forget NLL %.4f: training stops once the forget NLL reaches it\n",
-                o.gold_path, stop_level);
-        if (!o.eval_every) o.eval_every = 10;
-    }
-    if (!isnan(stop_level) && !o.eval_every) o.eval_every = 10;
-
-    long t_start = time_in_ms();
-    int steps_run = 0, last_saved = step;
-    double ema_tok_s = 0.0;
-    while (step < o.steps) {
-        long t0 = time_in_ms();
-        train_zero_grads(&m);
-        LossTerms sum;
-        memset(&sum, 0, sizeof(sum));
-        double fn = 0, rn = 0, rk = 0;
-        int nfn = 0, nrn = 0, nrk = 0;
-        for (int micro = 0; micro < o.accum; micro++) {
-            loader_next(&lf, &fb);
-            if (has_retain) loader_next(&lr, &rb);
-            m.dropout_seed = hash64(o.seed ^ hash64(((uint64_t)step << 16) | (uint64_t)micro));
-            LossTerms lt;
-            train_objective(&m, &oc, &fb, has_retain ? &rb : NULL, 1.0f / o.accum, 1, &lt);
-            sum.loss += lt.loss / o.accum;
-            sum.forget_term += lt.forget_term / o.accum;
-            sum.retain_term += lt.retain_term / o.accum;
-            sum.tokens += lt.tokens;
-            if (!isnan(lt.forget_nll)) { fn += lt.forget_nll; nfn++; }
-            if (!isnan(lt.retain_nll)) { rn += lt.retain_nll; nrn++; }
-            if (!isnan(lt.retain_kl)) { rk += lt.retain_kl; nrk++; }
-        }
-        double gnorm = train_grad_norm(&m);
-        if (!isfinite(sum.loss) || !isfinite(gnorm)) {
-            fclose(log);
-            char kept[1024];
-            if (last_saved > 0 || o.resume) snprintf(kept, sizeof(kept), "the last good checkpoint (step %d) is kept in %s", last_saved, o.out_path);
-            else snprintf(kept, sizeof(kept), "no checkpoint had been saved yet (see --save-every)");
-            fprintf(stderr, "error: the loss is %s at step %d (grad norm %g): training stopped, %s\n",
-                    isfinite(sum.loss) ? "finite but the gradient is not" : "NaN or Inf", step + 1, gnorm, kept);
-            exit(EXIT_FAILURE);
-        }
-        if (o.clip > 0 && gnorm > o.clip) train_scale_grads(&m, (float)(o.clip / (gnorm + 1e-6)));
-        float lr_now = lr_at(&o, step);
-        train_adamw(&m, lr_now, o.b1, o.b2, o.eps, o.wd, step + 1);
-        step++;
-        steps_run++;
-        long t1 = time_in_ms();
-        double dt = (t1 - t0) / 1000.0, tok_s = dt > 0 ? sum.tokens / dt : 0.0;
-        ema_tok_s = steps_run == 1 ? tok_s : 0.9 * ema_tok_s + 0.1 * tok_s;
-        double elapsed = (t1 - t_start) / 1000.0;
-        double eta = elapsed / steps_run * (o.steps - step);
-        double f_nll = nfn ? fn / nfn : NAN, r_nll = nrn ? rn / nrn : NAN, r_kl = nrk ? rk / nrk : NAN;
-        double ef = NAN, er = NAN;
-        int stop = 0;
-        if (o.eval_every && (step % o.eval_every == 0 || step == o.steps)) {
-            ef = eval_nll(&m, &forget, o.eval_rows, &eb);
-            if (has_retain) er = eval_nll(&m, &retain, o.eval_rows, &eb);
-            printf("eval step %d | forget nll %.4f", step, ef);
-            if (has_retain) printf(" | retain nll %.4f", er);
-            if (!isnan(stop_level)) printf(" | stop level %.4f", stop_level);
-            printf("\n");
-            if (!isnan(stop_level) && ef >= stop_level) stop = 1;
-        }
-        if (step % o.log_every == 0 || step == o.steps || stop) {
-            char eta_s[32];
-            format_eta(eta_s, sizeof(eta_s), eta);
-            printf("step %d/%d | loss %.4f", step, o.steps, sum.loss);
-            if (!isnan(f_nll)) printf(" | forget nll %.4f", f_nll);
-            if (!isnan(r_nll)) printf(" | retain nll %.4f", r_nll);
-            if (!isnan(r_kl)) printf(" | retain kl %.4f", fmax(r_kl, 0.0)); // >= 0 up to rounding
-            if (obj == OBJ_RMU || obj == OBJ_NPO || obj == OBJ_SIMNPO || obj == OBJ_WHP)
-                printf(" | forget term %.4f", sum.forget_term);
-            if (obj == OBJ_RMU) printf(" | retain term %.4f", sum.retain_term);
-            printf(" | gnorm %.3f | lr %.2e | %.0f tok/s | ETA %s\n", gnorm, lr_now, ema_tok_s, eta_s);
-            fflush(stdout);
-        }
-        fprintf(log, "%d", step);
-        csv_field(log, sum.loss); csv_field(log, sum.forget_term); csv_field(log, sum.retain_term);
-        csv_field(log, f_nll); csv_field(log, r_nll); csv_field(log, r_kl); csv_field(log, gnorm);
-        csv_field(log, lr_now); csv_field(log, tok_s); csv_field(log, elapsed); csv_field(log, eta);
-        csv_field(log, ef); csv_field(log, er);
-        fprintf(log, "\n");
-        fflush(log);
-        int halt = o.halt_after > 0 && steps_run >= o.halt_after;
-        if ((o.save_every && step % o.save_every == 0) || step == o.steps || stop || halt) {
-            checkpoint(&m, &o, state_path, step, &lf, has_retain ? &lr : NULL);
-            last_saved = step;
-        }
-        if (stop) { printf("early stop at step %d: eval forget NLL %.4f >= %.4f\n", step, ef, stop_level); break; }
-        if (halt) { printf("halted after %d steps (resume with --resume)\n", steps_run); break; }
-    }
-    if (steps_run == 0) checkpoint(&m, &o, state_path, step, &lf, has_retain ? &lr : NULL);
-    fclose(log);
-    printf("saved %s (%s) at step %d; log %s\n", o.out_path, m.full ? "model" : "adapter", step, log_path);
-    batch_free(&fb);
-    if (has_retain) { batch_free(&rb); free(lr.perm); dataset_free(&retain); }
-    batch_free(&eb);
-    free(lf.perm);
-    dataset_free(&forget);
-    free(oc.rmu_u);
-    if (o.reinforced_path) free_lora(&reinforced);
-    free(state_path); free(log_path);
-    train_model_free(&m);
-    free_tokenizer(&tok);
-    return 0;
-}
-
-static int merge_main(int argc, char** argv) {
-    if (argc < 5 || argc > 6) die("usage: train_lora merge MODEL.bin ADAPTER OUT.bin [--int8]");
-    int int8 = 0;
-    if (argc == 6) {
-        if (strcmp(argv[5], "--int8")) die("unknown option %s (merge takes only --int8)", argv[5]);
-        int8 = 1;
-    }
-    long t0 = time_in_ms();
-    if (merge_model(argv[2], argv[3], argv[4], int8) != 0) die("cannot write %s: %s", argv[4], strerror(errno));
-    printf("merged %s into %s -> %s (%s, %.1fs)\n", argv[3], argv[2], argv[4], int8 ? "int8" : "fp32",
-            (time_in_ms() - t0) / 1000.0);
-    return 0;
-}
-
-int main(int argc, char** argv) {
-    if (argc >= 2 && !strcmp(argv[1], "merge")) return merge_main(argc, argv);
-    if (argc >= 2 && !strcmp(argv[1], "eval")) {
-        // the shared harness with the trained adapter applied (--lora ADAPTER)
-        EvalMethod m = {.prog = "train_lora", .kind = "lora"};
-        return eval_main(argc - 1, argv + 1, &m);
-    }
-    if (argc < 2) usage();
-    return train_main(argc, argv);
-}
-#endif

@@ -1,8 +1,9 @@
 // train_lora.h -- the training side of unlearn.c (implemented in train_lora.c).
 //
 // Hand-written forward-with-cache and backward through Llama-3, LoRA and
-// full-weight training, the unlearning objectives. test_all links
-// train_lora.c compiled with -DTRAIN_LIBRARY (no main) and calls these.
+// full-weight training, the unlearning objectives, the training data and
+// its batches. The train_lora program (train_lora_cli.c), test_all and
+// fuzz.c link train_lora.o and call these.
 #ifndef TRAIN_LORA_H
 #define TRAIN_LORA_H
 
@@ -212,5 +213,64 @@ int merge_model(const char* model_path, const char* adapter_path, const char* ou
 int parse_targets(const char* s);
 const char* objective_name(int objective);
 int objective_from_name(const char* s);   // -1 when unknown
+
+// Dies ("what: ...") unless c is a config the model loader accepts
+void train_check_config(const Config* c, const char* what);
+// RMU's fixed random direction: (dim,) uniform [0,1) entries, normalised (as WMDP's RMU); malloc'd
+float* rmu_direction(int dim, uint64_t seed);
+// The dropout seed of micro-batch `micro` of optimizer step `step` (TrainModel.dropout_seed)
+uint64_t train_step_seed(uint64_t seed, int step, int micro);
+
+// ----------------------------------------------------------------------------
+// Data sets (train_lora train --help, "Formats", says what each file holds).
+// Every row has T+1 tokens (inputs tokens[0..T-1], targets tokens[1..T])
+// and T weights (1 = this prediction counts; 0 = prompt, padding). In chat
+// rows only the assistant's tokens and their <|eot_id|> count.
+
+typedef struct {
+    int n, cap, T;
+    int* tokens;      // (n, T+1)
+    float* weights;   // (n, T)
+    int Tt;           // WHP: positions per translated row (0 = none)
+    int* trans;       // (n, Tt) translated inputs
+    int* label_pos;   // (n, T)
+    int* len;         // (n,) tokens in use (<= T+1), the rest is padding
+    int* pos;         // (n, T) positions of packed rows (--pack), or NULL
+    long n_tokens;    // counted target tokens
+    int truncated;    // chat examples cut at T+1 tokens
+    int skipped;      // chat examples with no counted token within T+1 tokens
+} Dataset;
+
+// Reads path (format auto|text|tsv|jsonl; auto goes by the extension) into
+// rows of T targets; system: a system prompt for question/answer rows, or
+// NULL; pack: several examples per row (--pack). Dies on bad input.
+void dataset_load(Dataset* d, const Tokenizer* tok, const Config* c, const char* path, const char* format,
+                  const char* system, int T, int pack);
+void dataset_free(Dataset* d);
+double dataset_padding(const Dataset* d);   // fraction of positions that hold no token
+
+// WHP: a dictionary of anchored terms and their generic translations
+// (lines "anchored<TAB>generic"), and rows labelled through it
+typedef struct { char* from; char* to; size_t from_len; } Term;
+int load_dict(const char* path, Term** out);   // returns the number of terms
+void free_dict(Term* terms, int n);
+void dataset_whp(Dataset* d, const Tokenizer* tok, const Config* c, const char* path, Term* terms, int nt, int T);
+
+// Batches: a seeded shuffle per epoch; (epoch, cursor) is the whole state
+typedef struct {
+    const Dataset* d;
+    uint64_t seed;
+    int epoch, cursor;
+    int* perm;
+} Loader;
+
+void loader_init(Loader* ld, const Dataset* d, uint64_t seed, int epoch, int cursor);
+void loader_next(Loader* ld, Batch* b);   // the next B rows (a new shuffle at each epoch's end)
+void batch_alloc(Batch* b, int B, int T, int Tt, int packed);
+void batch_free(Batch* b);
+
+// Mean NLL per counted token over the first rows of d (B rows at a time
+// through b), the adapter on: the early-stopping measure
+double train_eval_nll(TrainModel* m, const Dataset* d, int rows, Batch* b);
 
 #endif

@@ -6,7 +6,7 @@
 #      "retrain" model of TOFU/MUSE: the standard unlearning is judged by);
 #   2. data/train_tokenizer.py learns a byte-level BPE on the full corpus,
 #      with Llama-3's pre-tokenizer and special tokens;
-#   3. train_lora --init --full trains each model from scratch, same recipe,
+#   3. train_lora train --init --full trains each model from scratch, same recipe,
 #      same seed, same number of steps;
 #   4. run -m qa measures what each model knows (greedy chat answers).
 #
@@ -23,7 +23,7 @@ STEPS=${STEPS:-6000}
 # dims are multiples of 64 so Q8_0 works: 4 layers, 4 query heads of 32,
 # 2 key/value heads (GQA like Llama 3), untied classifier off (tied)
 SPEC=dim=128,hidden_dim=512,n_layers=4,n_heads=4,n_kv_heads=2,max_seq_len=512
-RECIPE="--objective sft --pack -T 256 -b 4 --lr 3e-3 --warmup 50 --schedule cosine --min-lr-frac 0.05 --seed 1 --log-every 100"
+RECIPE="--objective sft --pack --seq-len 256 --batch 4 --lr 3e-3 --warmup 50 --schedule cosine --min-lr-frac 0.05 -s 1 --log-every 100"
 
 mkdir -p "$OUT" "$B"
 echo "== corpus and evaluation sets (data/gen_toy.py)"
@@ -35,7 +35,7 @@ echo "== tokenizer (data/train_tokenizer.py)"
 
 for m in base gold; do
     echo "== toy-$m: training from scratch, $STEPS steps"
-    ./train_lora --init "$SPEC" -z "$OUT/toy.tok" --full --forget "$B/$m/corpus.jsonl" $RECIPE \
+    ./train_lora train --init "$SPEC" -z "$OUT/toy.tok" --full --forget "$B/$m/corpus.jsonl" $RECIPE \
         --steps "$STEPS" --save-every "$STEPS" --log "$B/toy-$m.csv" -o "$B/toy-$m.bin"
     mv "$B/toy-$m.bin" "$OUT/toy-$m.bin"
 done

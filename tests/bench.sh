@@ -8,7 +8,7 @@
 #                bandwidth and sgemm rate measured in the same process, and
 #                the roofline fractions (see run bench --help)
 #   train_lora   LoRA training on the full Llama-3.2-1B shape (128256 vocab),
-#                B*T = 256 (-b 1 -T 256), rank 8 on q,v, fp32 and int8 base:
+#                B*T = 256 (--batch 1 --seq-len 256), rank 8 on q,v, fp32 and int8 base:
 #                tok/s per optimizer step, and the peak RSS of the process
 #   sae train    a TopK SAE (d 2048, 16384 latents, k 32) on layer 7 of the
 #                same model: capture tok/s (the forward through layers 0..7
@@ -112,8 +112,8 @@ lora_bench() {
     echo "== train_lora $DIR/$model: $steps steps of B*T = 256, rank 8, q,v"
     warm $DIR/$model
     rm -f $WORK/lora-$tag.lora $WORK/lora-$tag.lora.csv $WORK/lora-$tag.lora.state
-    logged lora-$tag "$PY" -c "$PEAK_RSS" $WORK/lora-$tag.rss ./train_lora $DIR/$model -z "$TOK" \
-        --objective sft --forget "$TEXT" -b 1 -T 256 --rank 8 --targets q,v --steps $steps \
+    logged lora-$tag "$PY" -c "$PEAK_RSS" $WORK/lora-$tag.rss ./train_lora train $DIR/$model -z "$TOK" \
+        --objective sft --forget "$TEXT" --batch 1 --seq-len 256 --rank 8 --targets q,v --steps $steps \
         --save-every 0 -o $WORK/lora-$tag.lora --log $WORK/lora-$tag.lora.csv
     [ -s $WORK/lora-$tag.lora.csv ] && [ -s $WORK/lora-$tag.rss ] || { echo "error: train_lora wrote no log or RSS for $model"; exit 1; }
     # B*T = 256 positions over each step's time (differences of the log's
