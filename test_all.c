@@ -3334,8 +3334,8 @@ static void test_eval_cli(void) {
           "train_lora eval: kind %s, the adapter changes perplexity (%s vs plain %s)", a, b, c);
     // sae eval: an SAE trained here on the tiny model, latents 0 and 1 zeroed
     rc = tt_sh("./sae train build/models/tiny-3.2.f32.bin -z build/llama3.tok --layer 0 --data "
-               "build/test_eval/forget_mia.txt build/test_eval/forget_text.txt -T 16 --tokens 4k -b 64 --buffer 256 "
-               "-k 4 --expansion 2 -o build/test_eval/tiny.sae", NULL);
+               "build/test_eval/forget_mia.txt build/test_eval/forget_text.txt --seq-len 16 --tokens 4k --batch 64 --buffer 256 "
+               "--topk 4 --expansion 2 -o build/test_eval/tiny.sae", NULL);
     snprintf(cmd, sizeof(cmd), "./sae eval %s %s --sae build/test_eval/tiny.sae --latents 0,1 --mode zero "
              "--no-selftest 1 --name sz -o build/test_eval/sz", m, opts);
     int rc2 = tt_sh(cmd, NULL);
