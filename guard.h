@@ -7,6 +7,7 @@
 
 #include <stddef.h>
 #include "run.h"
+#include "data.h"   // the jailbreak set is JSON lines
 
 #define GUARD_KEYWORDS "data/harry_potter_keywords.txt"
 #define GUARD_SYSTEM_PROMPT "data/guard_system_prompt.txt"
@@ -146,26 +147,6 @@ void judge_init(Judge* j, const char* model_path, const char* tok_path, int form
                 const char* policy_path, int mode, float threshold, int ctx);
 void free_judge(Judge* j);
 void judge_run(Judge* j, const ChatMessage* conv, int n_conv, int want_categories, Verdict* v);
-
-// ----------------------------------------------------------------------------
-// A small JSON reader (the jailbreak set is JSON lines)
-
-enum { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT };
-
-typedef struct JsonValue {
-    int type;
-    double number;            // JSON_NUMBER, JSON_BOOL (0/1)
-    char* string;             // JSON_STRING (UTF-8, NUL-terminated)
-    int n;                    // JSON_ARRAY, JSON_OBJECT: item count
-    struct JsonValue* items;  // (n,)
-    char** keys;              // JSON_OBJECT: (n,)
-} JsonValue;
-
-// Parses one JSON value from text (surrounding whitespace allowed). Returns
-// 0 on success, else writes a one-line reason to err.
-int json_parse(const char* text, size_t len, JsonValue* v, char* err, size_t errlen);
-void json_free(JsonValue* v);
-const JsonValue* json_get(const JsonValue* obj, const char* key); // NULL when absent
 
 // ----------------------------------------------------------------------------
 // Metrics of `guard eval` (small on purpose; the shared eval.c replaces them)

@@ -14,6 +14,7 @@
 #include <sys/wait.h>
 #include "run.h"
 #include "guard.h"
+#include "data.h"
 #include "train_lora.h"
 #include "eval.h"
 
@@ -1688,6 +1689,84 @@ static int guard_first_word(const char* s, char* word, int cap) {
         if (n) p += n - 1;
     }
     return 0;
+}
+
+// The shared readers of data.h: a QA TSV (skips, unescaping, the third
+// field, CRLF) and JSON lines (blank lines, line numbers), and their errors.
+static void data_write(const char* path, const char* text, size_t len) {
+    FILE* f = fopen(path, "wb");
+    if (!f || fwrite(text, 1, len, f) != len) die("cannot write %s", path);
+    fclose(f);
+}
+
+static void data_read_qa(const char* path) { QAFile f; qa_read(&f, path); qa_free(&f); }
+static void data_read_jsonl(const char* path) {
+    JsonLines jl;
+    JsonValue v;
+    jsonl_open(&jl, path);
+    while (jsonl_next(&jl, &v)) json_free(&v);
+    jsonl_close(&jl);
+}
+
+// 1 when read(path) dies (exit 1) with a message holding needle (in a child process).
+static int data_dies(void (*read)(const char*), const char* path, const char* needle) {
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        if (!freopen("build/data_err.txt", "w", stderr)) _exit(2);
+        read(path);
+        _exit(0);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    size_t len;
+    char* err = read_file("build/data_err.txt", &len);
+    int ok = WIFEXITED(status) && WEXITSTATUS(status) == 1 && strstr(err, needle) != NULL;
+    free(err);
+    return ok;
+}
+
+static void test_data_readers(void) {
+    const char* tsv = "question\tanswer\tsplit\n# a comment\n\nWho?\tHe\\nShe\ttrained\tx\r\nTab\\there\tb\\\\c\n"
+                      "Last\tone";
+    data_write("build/data_qa.tsv", tsv, strlen(tsv));
+    QAFile f;
+    qa_read(&f, "build/data_qa.tsv");
+    int ok = f.n == 3 && !strcmp(f.rows[0].question, "Who?") && !strcmp(f.rows[0].answer, "He\nShe") &&
+             !strcmp(f.rows[0].third, "trained") && f.rows[0].line == 4 && !strcmp(f.rows[1].question, "Tab\there") &&
+             !strcmp(f.rows[1].answer, "b\\c") && !f.rows[1].third && !strcmp(f.rows[2].answer, "one") && f.rows[2].line == 6;
+    qa_free(&f);
+    check(ok, "data: a QA TSV: header, comment and blank lines skipped, \\n \\t \\\\ unescaped, third field, CRLF, line numbers");
+    const char* jl_text = "{\"a\": 1}\n\n  \t\n[\"x\", {\"b\": \"\\u00e9\"}]\r\n";
+    data_write("build/data_ok.jsonl", jl_text, strlen(jl_text));
+    JsonLines jl;
+    JsonValue v;
+    jsonl_open(&jl, "build/data_ok.jsonl");
+    int n = 0, lines[2] = {0};
+    ok = 1;
+    while (jsonl_next(&jl, &v)) {
+        if (n < 2) lines[n] = jl.line_no;
+        ok &= n == 0 ? json_get(&v, "a") && json_get(&v, "a")->number == 1.0
+                     : v.type == JSON_ARRAY && !strcmp(json_get_string(&v.items[1], "b"), "\xc3\xa9");
+        n++;
+        json_free(&v);
+    }
+    jsonl_close(&jl);
+    check(ok && n == 2 && lines[0] == 1 && lines[1] == 4, "data: JSON lines: blank lines skipped, values and line numbers right");
+    data_write("build/data_bad.jsonl", "{\"a\": 1}\n{\"a\": }\n", 17);
+    data_write("build/data_nul.jsonl", "{\"a\": 1}\n\0\n", 11);
+    data_write("build/data_bad1.tsv", "Who?\tHe\nno answer here\n", 23);
+    data_write("build/data_bad2.tsv", "Who?\t\ttrained\n", 14);
+    data_write("build/data_nul.tsv", "Who?\tH\0e\n", 9);
+    data_write("build/data_utf8.tsv", "Who?\tcaf\xc3\x28\n", 11);
+    int dies = data_dies(data_read_jsonl, "build/data_bad.jsonl", "build/data_bad.jsonl:2: bad JSON") +
+               data_dies(data_read_jsonl, "build/data_nul.jsonl", "NUL byte") +
+               data_dies(data_read_qa, "build/data_bad1.tsv", "build/data_bad1.tsv:2: expected question<TAB>answer") +
+               data_dies(data_read_qa, "build/data_bad2.tsv", "build/data_bad2.tsv:1:") +
+               data_dies(data_read_qa, "build/data_nul.tsv", "NUL byte") +
+               data_dies(data_read_qa, "build/data_utf8.tsv", "not valid UTF-8");
+    check(dies == 6, "data: %d/6 bad files (bad JSON line, NUL, a row without answer, an empty answer, bad UTF-8) die "
+          "naming file and line", dies);
 }
 
 static void test_guard_cli(void) {
@@ -3915,6 +3994,7 @@ int main(void) {
     test_guard_judge_prompt(&tok);
     test_guard_system_prompt(&tok);
     test_guard_json();
+    test_data_readers();
     test_guard_cli();
     test_train_gradcheck();
     test_train_matches_engine();
