@@ -27,15 +27,16 @@
 #include "cli.h"
 #include "sae.h"
 #include "eval.h"
+#include "data.h"
 
 // ----------------------------------------------------------------------------
 // Data: rows of token ids with a mask of the content positions.
 //
 //   text files: cut into rows of T positions, each BOS + T-1 tokens of text
 //               (the same rows as train_lora and run -m ppl)
-//   .tsv files: "question<TAB>answer[<TAB>split]" lines, each one row in the
-//               Llama-3 chat template (user question, assistant answer); a
-//               first line starting with "question" is a header
+//   .tsv files: "question<TAB>answer[<TAB>split]" lines (data.h reads
+//               them), each one row in the Llama-3 chat template (user
+//               question, assistant answer)
 // Content positions are everything but BOS and the chat template: the
 // special tokens, the role name between <|start_header_id|> and
 // <|end_header_id|>, and the "\n\n" right after <|end_header_id|>. Only
@@ -106,72 +107,71 @@ static int chat_row_ids(const Tokenizer* tok, const char* system, const char* qu
     return chat_encode(tok, msgs, m, !with_answer, 1, ids, cap);
 }
 
-static void load_rows(RowSet* set, const Tokenizer* tok, const char* path, int T, int split, const char* system) {
+// The chat row of one QA pair, cut to T positions, and its content mask.
+static void add_qa_row(RowSet* set, const Tokenizer* tok, const char* system, const char* question, const char* answer,
+                       int T, int split) {
+    int cap = (int)(strlen(question) + strlen(answer) + (system ? strlen(system) : 0)) + 64;   // ids <= bytes + template
+    int* ids = xmalloc((size_t)cap * sizeof(int));
+    int n = chat_row_ids(tok, system, question, answer, 1, ids, cap);
+    if (n > T) n = T;
+    Row* r = new_row(set);
+    r->n = n;
+    r->ids = xmalloc((size_t)n * sizeof(int));
+    memcpy(r->ids, ids, (size_t)n * sizeof(int));
+    r->keep = xmalloc((size_t)n);
+    chat_keep_mask(tok, r->ids, n, r->keep);
+    r->question = xstrdup(question);
+    r->answer = xstrdup(answer);
+    r->split = split;
+    free(ids);
+}
+
+// A .tsv of QA rows (data.h's reader); a third field forget|retain sets a
+// row's split, otherwise split (-1: forget, and any other third field is an error).
+static void load_qa_rows(RowSet* set, const Tokenizer* tok, const char* path, int T, int split, const char* system) {
+    QAFile f;
+    qa_read(&f, path);
+    for (int i = 0; i < f.n; i++) {
+        const QARow* q = &f.rows[i];
+        int row_split = split;
+        if (q->third) {
+            if (!strncmp(q->third, "forget", 6)) row_split = 0;
+            else if (!strncmp(q->third, "retain", 6)) row_split = 1;
+            else if (split < 0) die("%s:%d: split must be 'forget' or 'retain', got '%s'", path, q->line, q->third);
+        }
+        add_qa_row(set, tok, system, q->question, q->answer, T, row_split < 0 ? 0 : row_split);
+    }
+    qa_free(&f);
+}
+
+// Text: rows of BOS + T-1 tokens.
+static void load_text_rows(RowSet* set, const Tokenizer* tok, const char* path, int T, int split) {
     size_t len;
     char* text = read_file(path, &len);
     if (!utf8_valid(text, len)) die("%s is not valid UTF-8", path);
-    if (ends_with(path, ".tsv") && strlen(text) != len) die("%s holds a NUL byte", path); // rows are C strings
-    int before = set->n;
-    if (ends_with(path, ".tsv")) {
-        int line_no = 0;
-        for (char* line = text; line && *line;) {
-            char* next = strchr(line, '\n');
-            size_t ll = next ? (size_t)(next - line) : strlen(line);
-            if (next) next++;
-            line_no++;
-            if (ll && line[ll - 1] == '\r') ll--;
-            char* l = xstrndup(line, ll);
-            line = next;
-            char* tab1 = strchr(l, '\t');
-            if (ll == 0 || l[0] == '#' || (line_no == 1 && !strncmp(l, "question", 8))) { free(l); continue; }
-            if (!tab1) die("%s:%d: expected question<TAB>answer", path, line_no);
-            *tab1 = '\0';
-            char* ans = tab1 + 1;
-            char* tab2 = strchr(ans, '\t');
-            int row_split = split;
-            if (tab2) {
-                *tab2 = '\0';
-                const char* sp = tab2 + 1;
-                if (!strncmp(sp, "forget", 6)) row_split = 0;
-                else if (!strncmp(sp, "retain", 6)) row_split = 1;
-                else if (split < 0) die("%s:%d: split must be 'forget' or 'retain', got '%s'", path, line_no, sp);
-            }
-            if (row_split < 0) row_split = 0;
-            int cap = (int)(strlen(l) + strlen(ans) + (system ? strlen(system) : 0)) + 64;   // ids <= bytes + template
-            int* ids = xmalloc((size_t)cap * sizeof(int));
-            int n = chat_row_ids(tok, system, l, ans, 1, ids, cap);
-            if (n > T) n = T;
-            Row* r = new_row(set);
-            r->n = n;
-            r->ids = xmalloc((size_t)n * sizeof(int));
-            memcpy(r->ids, ids, (size_t)n * sizeof(int));
-            r->keep = xmalloc((size_t)n);
-            chat_keep_mask(tok, r->ids, n, r->keep);
-            r->question = xstrdup(l);
-            r->answer = xstrdup(ans);
-            r->split = row_split;
-            free(ids);
-            free(l);
-        }
-    } else {
-        int* ids = xmalloc((len + 1) * sizeof(int));
-        int n = encode(tok, text, len, 0, ids, (int)len + 1);
-        for (int start = 0; start < n; start += T - 1) {
-            int m = n - start < T - 1 ? n - start : T - 1;
-            Row* r = new_row(set);
-            r->n = m + 1;
-            r->ids = xmalloc((size_t)(m + 1) * sizeof(int));
-            r->keep = xmalloc((size_t)(m + 1));
-            r->ids[0] = tok->bos_id;
-            r->keep[0] = 0;
-            memcpy(r->ids + 1, ids + start, (size_t)m * sizeof(int));
-            memset(r->keep + 1, 1, (size_t)m);
-            r->split = split < 0 ? 0 : split;
-        }
-        free(ids);
+    int* ids = xmalloc((len + 1) * sizeof(int));
+    int n = encode(tok, text, len, 0, ids, (int)len + 1);
+    for (int start = 0; start < n; start += T - 1) {
+        int m = n - start < T - 1 ? n - start : T - 1;
+        Row* r = new_row(set);
+        r->n = m + 1;
+        r->ids = xmalloc((size_t)(m + 1) * sizeof(int));
+        r->keep = xmalloc((size_t)(m + 1));
+        r->ids[0] = tok->bos_id;
+        r->keep[0] = 0;
+        memcpy(r->ids + 1, ids + start, (size_t)m * sizeof(int));
+        memset(r->keep + 1, 1, (size_t)m);
+        r->split = split < 0 ? 0 : split;
     }
-    if (set->n == before) die("%s has no rows", path);
+    free(ids);
     free(text);
+}
+
+static void load_rows(RowSet* set, const Tokenizer* tok, const char* path, int T, int split, const char* system) {
+    int before = set->n;
+    if (ends_with(path, ".tsv")) load_qa_rows(set, tok, path, T, split, system);
+    else load_text_rows(set, tok, path, T, split);
+    if (set->n == before) die("%s has no rows", path);
 }
 
 static int64_t content_tokens(const RowSet* set) {
