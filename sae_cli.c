@@ -32,8 +32,8 @@
 // ----------------------------------------------------------------------------
 // Data: rows of token ids with a mask of the content positions.
 //
-//   text files: cut into rows of T positions, each BOS + T-1 tokens of text
-//               (the same rows as train_lora and run -m ppl)
+//   text files: cut into rows of T = --seq-len positions, each BOS + T-1 tokens
+//               (the same rows as train_lora and the perplexity of run)
 //   .tsv files: "question<TAB>answer[<TAB>split]" lines (data.h reads
 //               them), each one row in the Llama-3 chat template (user
 //               question, assistant answer)
@@ -254,7 +254,7 @@ static int capture_content(Transformer* t, const Row* r, int layer, float* tmp, 
 // by every run with the same model file, layer and data:
 //   uint32 magic "ULAC", int32 version 1, int32 dim, int32 engine layer,
 //   int64 n_tokens, int64 model file size, int64 data fingerprint
-//   (total bytes of the data files and -T), then 24 zero bytes;
+//   (total bytes of the data files and --seq-len), then 24 zero bytes;
 //   then fp32 (n_tokens, dim).
 #define CACHE_MAGIC 0x43414c55u  // "ULAC"
 #define CACHE_HEADER 64
