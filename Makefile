@@ -56,11 +56,14 @@ data.o: data.c data.h run.h
 run: run.c run.h unicode_ranges.h eval.o data.o
 	$(CC) $(CFLAGS) run.c eval.o data.o -o $@ $(LDLIBS)
 
-sae: sae.c sae.h run.h eval.h data.h engine.o eval.o data.o
-	$(CC) $(CFLAGS) sae.c engine.o eval.o data.o -o $@ $(LDLIBS)
+sae.o: sae.c sae.h run.h
+	$(CC) $(CFLAGS) -c sae.c -o $@
 
-sae_lib.o: sae.c sae.h run.h
-	$(CC) $(CFLAGS) -DSAE_LIBRARY -c sae.c -o $@
+sae_cli.o: sae_cli.c sae.h run.h cli.h eval.h data.h
+	$(CC) $(CFLAGS) -c sae_cli.c -o $@
+
+sae: sae_cli.o sae.o eval.o cli.o data.o engine.o
+	$(CC) $(CFLAGS) sae_cli.o sae.o eval.o cli.o data.o engine.o -o $@ $(LDLIBS)
 
 guard: guard.c guard.h run.h eval.h data.h engine.o eval.o data.o
 	$(CC) $(CFLAGS) guard.c engine.o eval.o data.o -o $@ $(LDLIBS)
@@ -68,17 +71,14 @@ guard: guard.c guard.h run.h eval.h data.h engine.o eval.o data.o
 guard_lib.o: guard.c guard.h run.h data.h
 	$(CC) $(CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
 
-train_lora.o: train_lora.c train_lora.h run.h data.h
-	$(CC) $(CFLAGS) -c train_lora.c -o $@
+train_lora: train_lora.c train_lora.h run.h eval.h data.h engine.o eval.o data.o
+	$(CC) $(CFLAGS) train_lora.c engine.o eval.o data.o -o $@ $(LDLIBS)
 
-train_lora_cli.o: train_lora_cli.c train_lora.h run.h cli.h eval.h
-	$(CC) $(CFLAGS) -c train_lora_cli.c -o $@
+train_lib.o: train_lora.c train_lora.h run.h
+	$(CC) $(CFLAGS) -DTRAIN_LIBRARY -c train_lora.c -o $@
 
-train_lora: train_lora_cli.o train_lora.o eval.o cli.o data.o engine.o
-	$(CC) $(CFLAGS) train_lora_cli.o train_lora.o eval.o cli.o data.o engine.o -o $@ $(LDLIBS)
-
-test_all: test_all.c engine.o eval.o data.o train_lora.o sae_lib.o guard_lib.o run.h eval.h data.h train_lora.h sae.h guard.h
-	$(CC) $(CFLAGS) test_all.c engine.o eval.o data.o train_lora.o sae_lib.o guard_lib.o -o $@ $(LDLIBS)
+test_all: test_all.c engine.o eval.o data.o train_lib.o sae.o guard_lib.o run.h eval.h data.h train_lora.h sae.h guard.h
+	$(CC) $(CFLAGS) test_all.c engine.o eval.o data.o train_lib.o sae.o guard_lib.o -o $@ $(LDLIBS)
 
 # Synthetic checkpoints and exported models live in build/ (git-ignored).
 TOK = build/llama3.tok
@@ -187,20 +187,16 @@ $(FUZZ_DIR)/data.o: data.c data.h run.h
 	@mkdir -p $(FUZZ_DIR)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c data.c -o $@
 
-$(FUZZ_DIR)/sae.o: sae.c sae.h run.h eval.h
+$(FUZZ_DIR)/sae.o: sae.c sae.h run.h
 	@mkdir -p $(FUZZ_DIR)
-	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -DSAE_LIBRARY -c sae.c -o $@
-
-$(FUZZ_DIR)/train_lora.o: train_lora.c train_lora.h run.h data.h
-	@mkdir -p $(FUZZ_DIR)
-	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c train_lora.c -o $@
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c sae.c -o $@
 
 # an archive: a target that includes eval.c itself does not pull eval.o
-$(FUZZ_DIR)/libunlearn.a: $(FUZZ_DIR)/engine.o $(FUZZ_DIR)/eval.o $(FUZZ_DIR)/data.o $(FUZZ_DIR)/sae.o $(FUZZ_DIR)/train_lora.o
+$(FUZZ_DIR)/libunlearn.a: $(FUZZ_DIR)/engine.o $(FUZZ_DIR)/eval.o $(FUZZ_DIR)/data.o $(FUZZ_DIR)/sae.o
 	rm -f $@
 	ar rcs $@ $^
 
-$(FUZZ_DIR)/fuzz_%: fuzz.c $(FUZZ_DIR)/libunlearn.a run.h eval.h data.h sae.h train_lora.h eval.c
+$(FUZZ_DIR)/fuzz_%: fuzz.c $(FUZZ_DIR)/libunlearn.a run.h eval.h data.h sae.h train_lora.h train_lora.c eval.c
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -DFUZZ_TARGET=$* fuzz.c $(FUZZ_DIR)/libunlearn.a -o $@ -lm $(FUZZ_WRAP)
 
 fuzz-build: $(addprefix $(FUZZ_DIR)/fuzz_,$(FUZZ_TARGETS))
@@ -241,27 +237,27 @@ $(ASAN_DIR)/eval.o: eval.c eval.h run.h | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) -c eval.c -o $@
 $(ASAN_DIR)/data.o: data.c data.h run.h | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) -c data.c -o $@
-$(ASAN_DIR)/sae_lib.o: sae.c sae.h run.h eval.h | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) -DSAE_LIBRARY -c sae.c -o $@
-$(ASAN_DIR)/guard_lib.o: guard.c guard.h run.h eval.h data.h | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
+$(ASAN_DIR)/sae.o: sae.c sae.h run.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -c sae.c -o $@
+$(ASAN_DIR)/sae_cli.o: sae_cli.c sae.h run.h cli.h eval.h data.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -c sae_cli.c -o $@
 $(ASAN_DIR)/cli.o: cli.c cli.h run.h | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) -c cli.c -o $@
-$(ASAN_DIR)/train_lora.o: train_lora.c train_lora.h run.h data.h | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) -c train_lora.c -o $@
-$(ASAN_DIR)/train_lora_cli.o: train_lora_cli.c train_lora.h run.h cli.h eval.h | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) -c train_lora_cli.c -o $@
+$(ASAN_DIR)/guard_lib.o: guard.c guard.h run.h eval.h data.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
+$(ASAN_DIR)/train_lib.o: train_lora.c train_lora.h run.h eval.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -DTRAIN_LIBRARY -c train_lora.c -o $@
 $(ASAN_DIR)/root/run: run.c run.h unicode_ranges.h $(ASAN_DIR)/eval.o $(ASAN_DIR)/data.o | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) run.c $(ASAN_DIR)/eval.o $(ASAN_DIR)/data.o -o $@ $(LDLIBS)
-$(ASAN_DIR)/root/sae: sae.c sae.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) sae.c $(ASAN_OBJS) -o $@ $(LDLIBS)
+$(ASAN_DIR)/root/sae: $(ASAN_DIR)/sae_cli.o $(ASAN_DIR)/sae.o $(ASAN_DIR)/cli.o $(ASAN_OBJS) | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) $(ASAN_DIR)/sae_cli.o $(ASAN_DIR)/sae.o $(ASAN_DIR)/cli.o $(ASAN_OBJS) -o $@ $(LDLIBS)
 $(ASAN_DIR)/root/guard: guard.c guard.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) guard.c $(ASAN_OBJS) -o $@ $(LDLIBS)
-$(ASAN_DIR)/root/train_lora: $(ASAN_DIR)/train_lora_cli.o $(ASAN_DIR)/train_lora.o $(ASAN_DIR)/cli.o $(ASAN_OBJS) | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) $(ASAN_DIR)/train_lora_cli.o $(ASAN_DIR)/train_lora.o $(ASAN_DIR)/cli.o $(ASAN_OBJS) -o $@ $(LDLIBS)
+$(ASAN_DIR)/root/train_lora: train_lora.c train_lora.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) train_lora.c $(ASAN_OBJS) -o $@ $(LDLIBS)
 $(ASAN_DIR)/root/test_all: test_all.c run.h eval.h train_lora.h sae.h guard.h $(ASAN_OBJS) \
-                           $(ASAN_DIR)/train_lora.o $(ASAN_DIR)/sae_lib.o $(ASAN_DIR)/guard_lib.o | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) test_all.c $(ASAN_OBJS) $(ASAN_DIR)/train_lora.o $(ASAN_DIR)/sae_lib.o \
+                           $(ASAN_DIR)/train_lib.o $(ASAN_DIR)/sae.o $(ASAN_DIR)/guard_lib.o | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) test_all.c $(ASAN_OBJS) $(ASAN_DIR)/train_lib.o $(ASAN_DIR)/sae.o \
 	    $(ASAN_DIR)/guard_lib.o -o $@ $(LDLIBS)
 
 test-asan: $(ASAN_PROGRAMS) $(TOK)

@@ -229,13 +229,13 @@ fi
 say "SAE: training on layer $SAE_LAYER ($SAE_TOKENS tokens), scoring latents, clamping the top $SAE_N"
 t0=$(date +%s)
 rm -f "$B/sae.acts"
-run ./sae train "$BASE" -z "$TOK" --layer "$SAE_LAYER" --data $SAE_DATA --tokens "$SAE_TOKENS" --seed 1 \
+run ./sae train "$BASE" -z "$TOK" --layer "$SAE_LAYER" --data $SAE_DATA --tokens "$SAE_TOKENS" -s 1 \
     --log-every 100 -o "$B/sae.bin" --cache "$B/sae.acts"
 run ./sae score "$BASE" -z "$TOK" --sae "$B/sae.bin" --forget "$SAE_F" --retain "$SAE_R" --tau "$SAE_TAU" \
-    --rule "$SAE_RULE" --keywords data/harry_potter_keywords.txt -N "$SAE_N" -o "$B/sae_latents.csv"
+    --rule "$SAE_RULE" --keywords data/harry_potter_keywords.txt --select "$SAE_N" -o "$B/sae_latents.csv"
 secs=$(( $(date +%s) - t0 ))
 say "SAE: trained and scored in ${secs}s; eval"
-run ./sae eval "$BASE" --sae "$B/sae.bin" --latents "$B/sae_latents.csv" -N "$SAE_N" --mode clamp -c "$SAE_C" --gate "$SAE_GATE" \
+run ./sae eval "$BASE" --sae "$B/sae.bin" --latents "$B/sae_latents.csv" --select "$SAE_N" --mode clamp --clamp "$SAE_C" --gate "$SAE_GATE" \
     $EVAL --train-seconds "$secs" --name sae-clamp -o "$OUT/sae-clamp"
 METHODS="$METHODS,sae-clamp"
 
@@ -254,7 +254,7 @@ relearn_eval guard-prompt guard "$BASE" "$B/relearn_base.lora" $SYS
 relearn_eval guard-filters guard "$BASE" "$B/relearn_base.lora" --input-filter --output-filter
 relearn_eval guard-all guard "$BASE" "$B/relearn_base.lora" $SYS --input-filter --output-filter
 relearn_eval sae-clamp sae "$BASE" "$B/relearn_base.lora" --sae "$B/sae.bin" --latents "$B/sae_latents.csv" \
-    -N "$SAE_N" --mode clamp -c "$SAE_C" --gate "$SAE_GATE" --no-selftest 1
+    --select "$SAE_N" --mode clamp --clamp "$SAE_C" --gate "$SAE_GATE" --no-selftest 1
 if [ -n "$GOLD" ]; then
     say "relearning attack: the gold model"
     run ./train_lora train "$GOLD" $RELEARN -o "$B/relearn_gold.lora" --log "$B/relearn_gold.csv"

@@ -2670,7 +2670,8 @@ static float* chat_feed(Chat* c, const int* ids, int n) {
     int ctx = c->t->state.seq_len;
     if (c->n_cached + n >= ctx)
         die("conversation of %d tokens does not fit the context of %d (raise -c)", c->n_cached + n, ctx);
-    float* logits = forward_batch(c->t, ids, n, c->n_cached, NULL);
+    const ChatFilter* f = c->filter;
+    float* logits = f && f->prefill ? f->prefill(f->ctx, c->t, ids, n, c->n_cached) : forward_batch(c->t, ids, n, c->n_cached, NULL);
     c->n_cached += n;
     return logits;
 }

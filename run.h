@@ -473,6 +473,9 @@ typedef struct {
     // After the answer (filtered: on_token stopped it): a malloc'd answer
     // to keep instead, or NULL to keep it as generated.
     char* (*after)(void* ctx, const ChatMessage* conv, int n, const char* answer, int filtered);
+    // Feeds a turn's prompt (NULL: forward_batch), for a hook that judges a
+    // whole prompt: the SAE gate runs it again once it opens inside it.
+    float* (*prefill)(void* ctx, Transformer* t, const int* ids, int n, int pos0);
 } ChatFilter;
 
 // "prompt: N tokens, X tok/s | generated: ..." on stderr

@@ -1,40 +1,29 @@
 // sae.c -- sparse autoencoders on the residual stream of Llama-3, in plain C:
-// activation capture, TopK SAE training (Gao et al. 2024), measuring,
-// finding the Harry Potter latents, and clamping them during generation.
-//
-//   ./sae train    MODEL.bin -z TOK --layer L --data FILE... -o SAE.bin
-//   ./sae measure  MODEL.bin -z TOK --sae SAE.bin --forget F --retain R
-//   ./sae score    MODEL.bin -z TOK --sae SAE.bin --forget F --retain R -o latents.csv
-//   ./sae generate MODEL.bin -z TOK --sae SAE.bin --latents latents.csv --mode clamp -c 50 -N 20 -i PROMPT
-//   ./sae chat | eval ...  (same intervention options)
-//   ./sae planted  (a synthetic planted dictionary; no model)
-//   ./sae info SAE.bin
-//   ./sae --help
+// the method. The SAE file, encoding and decoding, TopK SAE training (Gao
+// et al. 2024: forward, backward, Adam step), activation capture, latent
+// scoring, and the clamping hook that edits the residual stream during
+// generation. The program (subcommands, options, drivers) is sae_cli.c.
 //
 // Everything reads the model through the engine (run.h): activations come
 // from the engine's per-layer residual hook, and the interventions are that
 // same hook editing the residual stream in place. No forward pass is copied.
-// The SAE maths and the file format are documented in sae.h. Compiled with
-// -DSAE_LIBRARY there is no main() and test_all links these functions.
+// The SAE maths and the file format are documented in sae.h.
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
-#include <stdarg.h>
 #include <setjmp.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <unistd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <limits.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 #include "run.h"
 #include "sae.h"
-#include "eval.h"
 
 // ----------------------------------------------------------------------------
 // Small utilities
@@ -57,6 +46,8 @@ static float dot(const float* a, const float* b, int n) {
 static void axpy(float* y, float a, const float* x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
+
+float sae_norm(const float* x, int n) { return sqrtf(dot(x, x, n)); }
 
 // ----------------------------------------------------------------------------
 // The SAE file (format in sae.h). In memory, one block holds the whole file
@@ -395,7 +386,7 @@ void sae_init_from_data(Sae* s, const float* x, int m, int median, uint64_t seed
     for (int i = 0; i < n; i++) {
         float* w = s->W_dec + (size_t)i * d;
         for (int j = 0; j < d; j++) w[j] = rand_normal(&rng);
-        float norm = sqrtf(dot(w, w, d));
+        float norm = sae_norm(w, d);
         for (int j = 0; j < d; j++) w[j] /= norm;
     }
     memcpy(s->W_enc, s->W_dec, (size_t)n * d * sizeof(float));
@@ -459,20 +450,37 @@ static float lr_at(const SaeTrainConfig* c, int step) {
     return lr;
 }
 
-SaeTrainStats sae_train_grad(SaeTrainer* tr, const float* x, int B) {
-    Sae* s = tr->sae;
-    const SaeTrainConfig* c = &tr->cfg;
-    int d = s->d, n = s->n, topk = s->arch == SAE_TOPK;
-    if (B > tr->cap_rows) die("sae_train_step: batch %d above the trainer's %d", B, tr->cap_rows);
-    SaeLayout L = sae_layout(d, n, s->arch);
-    float* gW_enc = tr->grad + L.W_enc / sizeof(float);
-    float* gb_enc = tr->grad + L.b_enc / sizeof(float);
-    float* gW_dec = tr->grad + L.W_dec / sizeof(float);
-    float* gb_dec = tr->grad + L.b_dec / sizeof(float);
-    size_t count = s->memory_size / sizeof(float);
-    memset(tr->grad, 0, count * sizeof(float));
+// One gradient pass (sae_train_grad) over a batch, in blocks of R rows with
+// at most cap active latents each (k + k_aux for TopK, n for ReLU).
+typedef struct {
+    const SaeTrainer* tr;
+    const float* x;       // (B, d) the batch
+    double D;             // sum_b |x_b - mean(x)|^2, the FVU denominator
+    unsigned char* dead;  // (n,) latents without firing for dead_tokens tokens
+    int k_aux;            // AuxK latents per row this step (0 = off)
+    float aux_scale;      // min(n_dead / k_aux, 1)
+    float l1_unit;        // d(L1 term)/d f_bi (ReLU)
+    int R, cap;
+    float* pre;           // (R, n) pre-activations of a block of rows
+    int* e_idx;           // (R, cap) each row's entries: active latents, then the AuxK ones
+    float* e_val;         // (R, cap) f (or the AuxK code)
+    float* e_dpre;        // (R, cap) dLoss/dpre
+    int* n_main;          // (R,) active entries per row
+    int* n_all;           // (R,) all entries per row
+    float* G;             // (R, d) dLoss/dx^ per row
+    float* GA;            // (R, d) dLoss/d(AuxK reconstruction) per row
+    int* lat_count;       // (n + 1,) entries per latent, prefix-summed
+    int* lat_entry;       // (R * cap,) entries grouped by latent
+    unsigned char* fired; // (n,) latents active in this batch
+    double* db_thread;    // (threads, d) the b_dec gradient of each thread
+} GradPass;
 
-    // batch variance (the FVU denominator) and the centred inputs
+// Per-thread sums of the loss terms
+typedef struct { double sse, aux_sse, l1_sum, l0_sum; } GradSums;
+
+// Centres the batch on b_dec (xc = x - b_dec) and returns its variance sum D.
+static double center_batch(const Sae* s, const float* x, int B, float* xc) {
+    int d = s->d;
     double* mean = xcalloc(d, sizeof(double));
     for (int b = 0; b < B; b++) for (int j = 0; j < d; j++) mean[j] += x[(size_t)b * d + j];
     for (int j = 0; j < d; j++) mean[j] /= B;
@@ -481,141 +489,185 @@ SaeTrainStats sae_train_grad(SaeTrainer* tr, const float* x, int B) {
         for (int j = 0; j < d; j++) { double e = x[(size_t)b * d + j] - mean[j]; D += e * e; }
     if (D <= 0.0) D = 1e-12;
     free(mean);
-    float* xc = tr->xc;
     for (int b = 0; b < B; b++) for (int j = 0; j < d; j++) xc[(size_t)b * d + j] = x[(size_t)b * d + j] - s->b_dec[j];
+    return D;
+}
 
-    // dead latents and the AuxK setting of this step
-    unsigned char* dead = xcalloc(n, 1);
+// The dead latents and this step's AuxK setting, the L1 unit, the buffers.
+static void grad_pass_init(GradPass* g, const SaeTrainer* tr, const float* x, int B, double D) {
+    const Sae* s = tr->sae;
+    const SaeTrainConfig* c = &tr->cfg;
+    int d = s->d, n = s->n, topk = s->arch == SAE_TOPK;
+    memset(g, 0, sizeof(*g));
+    g->tr = tr; g->x = x; g->D = D;
+    g->dead = xcalloc(n, 1);
     int n_dead = 0;
-    for (int i = 0; i < n; i++) if (tr->since_fired[i] >= c->dead_tokens) { dead[i] = 1; n_dead++; }
-    int k_aux = 0;
-    float aux_scale = 0.0f;
+    for (int i = 0; i < n; i++) if (tr->since_fired[i] >= c->dead_tokens) { g->dead[i] = 1; n_dead++; }
     if (topk && c->auxk_alpha > 0.0f && n_dead > 0) {
-        k_aux = c->k_aux < n_dead ? c->k_aux : n_dead;
-        aux_scale = fminf((float)n_dead / c->k_aux, 1.0f);
+        g->k_aux = c->k_aux < n_dead ? c->k_aux : n_dead;
+        g->aux_scale = fminf((float)n_dead / c->k_aux, 1.0f);
     }
-    float l1_unit = topk ? 0.0f : c->l1 / (float)(B * sqrt(D / B)); // d(L1 term)/d f_bi
+    g->l1_unit = topk ? 0.0f : c->l1 / (float)(B * sqrt(D / B));
+    g->cap = topk ? s->k + g->k_aux : n;
+    g->R = block_rows(n, g->cap);
+    if (g->R > B) g->R = B;
+    size_t R = g->R, cap = g->cap;
+    g->pre = xmalloc(R * n * sizeof(float));
+    g->e_idx = xmalloc(R * cap * sizeof(int));
+    g->e_val = xmalloc(R * cap * sizeof(float));
+    g->e_dpre = xmalloc(R * cap * sizeof(float));
+    g->n_main = xmalloc(R * sizeof(int));
+    g->n_all = xmalloc(R * sizeof(int));
+    g->G = xmalloc(R * d * sizeof(float));
+    g->GA = xmalloc(R * d * sizeof(float));
+    g->lat_count = xmalloc((size_t)(n + 1) * sizeof(int));
+    g->lat_entry = xmalloc(R * cap * sizeof(int));
+    g->fired = xcalloc(n, 1);
+    g->db_thread = xcalloc((size_t)engine_threads() * d, sizeof(double));
+}
 
-    int cap = topk ? s->k + k_aux : n;        // entries per row
-    int R = block_rows(n, cap);
-    if (R > B) R = B;
-    float* pre = xmalloc((size_t)R * n * sizeof(float));
-    int* e_idx = xmalloc((size_t)R * cap * sizeof(int));
-    float* e_val = xmalloc((size_t)R * cap * sizeof(float));    // f (or the AuxK code)
-    float* e_dpre = xmalloc((size_t)R * cap * sizeof(float));   // dLoss/dpre
-    int* n_main = xmalloc((size_t)R * sizeof(int));
-    int* n_all = xmalloc((size_t)R * sizeof(int));
-    float* G = xmalloc((size_t)R * d * sizeof(float));    // dLoss/dx^ per row
-    float* GA = xmalloc((size_t)R * d * sizeof(float));   // dLoss/d(AuxK reconstruction) per row
-    int* lat_count = xmalloc((size_t)(n + 1) * sizeof(int));
-    int* lat_entry = xmalloc((size_t)R * cap * sizeof(int));
-    unsigned char* fired = xcalloc(n, 1);
-    int nt = engine_threads();
-    double* db_thread = xcalloc((size_t)nt * d, sizeof(double));
+static void grad_pass_free(GradPass* g) {
+    free(g->pre); free(g->e_idx); free(g->e_val); free(g->e_dpre); free(g->n_main); free(g->n_all); free(g->G);
+    free(g->GA); free(g->lat_count); free(g->lat_entry); free(g->fired); free(g->db_thread); free(g->dead);
+}
+
+// Row r of the block at r0: forward (codes, reconstruction, AuxK) and the
+// backward to the codes and the input. scratch (n,), sel (cap,), xh and
+// dxc (d,) are the thread's; db is its b_dec gradient.
+static void grad_row(GradPass* g, int r0, int r, float* scratch, int* sel, float* xh, float* dxc, double* db,
+                     GradSums* sums) {
+    const Sae* s = g->tr->sae;
+    const SaeTrainConfig* c = &g->tr->cfg;
+    int d = s->d, n = s->n, cap = g->cap;
+    double D = g->D;
+    const float* xb = g->x + (size_t)(r0 + r) * d;
+    float* row = g->pre + (size_t)r * n;
+    for (int i = 0; i < n; i++) row[i] += s->b_enc[i];
+    int* idx = g->e_idx + (size_t)r * cap;
+    float* val = g->e_val + (size_t)r * cap;
+    float* dpre = g->e_dpre + (size_t)r * cap;
+    // the active latents: top k (TopK) or every positive one (ReLU)
+    int nm = 0;
+    if (s->arch == SAE_TOPK) {
+        int got = top_k_indices(row, n, NULL, s->k, scratch, sel);
+        for (int j = 0; j < got; j++) if (row[sel[j]] > 0.0f) { idx[nm] = sel[j]; val[nm] = row[sel[j]]; nm++; }
+    } else {
+        for (int i = 0; i < n; i++) if (row[i] > 0.0f) { idx[nm] = i; val[nm] = row[i]; nm++; }
+    }
+    // reconstruction and its error
+    float* gr = g->G + (size_t)r * d;
+    memcpy(xh, s->b_dec, (size_t)d * sizeof(float));
+    for (int j = 0; j < nm; j++) axpy(xh, val[j], s->W_dec + (size_t)idx[j] * d, d);
+    for (int j = 0; j < d; j++) {
+        float e = xh[j] - xb[j];
+        sums->sse += (double)e * e;
+        gr[j] = (float)(2.0 * e / D);
+    }
+    sums->l0_sum += nm;
+    for (int j = 0; j < nm; j++) {
+        dpre[j] = dot(gr, s->W_dec + (size_t)idx[j] * d, d) + g->l1_unit;
+        sums->l1_sum += val[j];
+    }
+    // AuxK: the top k_aux dead latents model the residual
+    int na = 0;
+    if (g->k_aux > 0) {
+        int got = top_k_indices(row, n, g->dead, g->k_aux, scratch, sel);
+        for (int j = 0; j < got; j++)
+            if (row[sel[j]] > 0.0f) { idx[nm + na] = sel[j]; val[nm + na] = row[sel[j]]; na++; }
+        float* ga = g->GA + (size_t)r * d;
+        // a - r = a - (x - x^) = a + e, with e = x^ - x still in gr * D / 2
+        for (int j = 0; j < d; j++) ga[j] = (float)(gr[j] * D / 2.0);
+        for (int j = 0; j < na; j++) axpy(ga, val[nm + j], s->W_dec + (size_t)idx[nm + j] * d, d);
+        for (int j = 0; j < d; j++) {
+            sums->aux_sse += (double)ga[j] * ga[j];
+            ga[j] = (float)(2.0 * c->auxk_alpha * g->aux_scale * ga[j] / D);
+        }
+        for (int j = 0; j < na; j++) dpre[nm + j] = dot(ga, s->W_dec + (size_t)idx[nm + j] * d, d);
+    }
+    g->n_main[r] = nm;
+    g->n_all[r] = nm + na;
+    // back to the input: x enters as x - b_dec, and x^ holds + b_dec
+    memset(dxc, 0, (size_t)d * sizeof(float));
+    for (int j = 0; j < nm + na; j++) axpy(dxc, dpre[j], s->W_enc + (size_t)idx[j] * d, d);
+    for (int j = 0; j < d; j++) db[j] += gr[j] - dxc[j];
+}
+
+// The weight gradients of m rows at r0: entries grouped by latent (counting
+// sort), then one thread per latent row, so no two threads write one row.
+static void grad_weights(GradPass* g, int r0, int m) {
+    const Sae* s = g->tr->sae;
+    int d = s->d, n = s->n, cap = g->cap;
+    SaeLayout L = sae_layout(d, n, s->arch);
+    float* grad = g->tr->grad;
+    float* gW_enc = grad + L.W_enc / sizeof(float);
+    float* gb_enc = grad + L.b_enc / sizeof(float);
+    float* gW_dec = grad + L.W_dec / sizeof(float);
+    int* lat_count = g->lat_count;
+    memset(lat_count, 0, (size_t)(n + 1) * sizeof(int));
+    for (int r = 0; r < m; r++) for (int j = 0; j < g->n_all[r]; j++) lat_count[g->e_idx[(size_t)r * cap + j] + 1]++;
+    for (int i = 0; i < n; i++) lat_count[i + 1] += lat_count[i];
+    int* fill = xmalloc((size_t)n * sizeof(int));
+    memcpy(fill, lat_count, (size_t)n * sizeof(int));
+    for (int r = 0; r < m; r++)
+        for (int j = 0; j < g->n_all[r]; j++) g->lat_entry[fill[g->e_idx[(size_t)r * cap + j]]++] = r * cap + j;
+    free(fill);
+    const float* xc = g->tr->xc;
+    #pragma omp parallel for schedule(dynamic, 16) if ((size_t)m * cap * d > (1u << 22))
+    for (int i = 0; i < n; i++) {
+        float* gwd = gW_dec + (size_t)i * d;
+        float* gwe = gW_enc + (size_t)i * d;
+        for (int q = lat_count[i]; q < lat_count[i + 1]; q++) {
+            int e = g->lat_entry[q], r = e / cap, j = e % cap;
+            int is_main = j < g->n_main[r];
+            axpy(gwd, g->e_val[e], (is_main ? g->G : g->GA) + (size_t)r * d, d);
+            axpy(gwe, g->e_dpre[e], xc + (size_t)(r0 + r) * d, d);
+            gb_enc[i] += g->e_dpre[e];
+            if (is_main) g->fired[i] = 1;
+        }
+    }
+}
+
+SaeTrainStats sae_train_grad(SaeTrainer* tr, const float* x, int B) {
+    Sae* s = tr->sae;
+    const SaeTrainConfig* c = &tr->cfg;
+    int d = s->d, n = s->n, topk = s->arch == SAE_TOPK;
+    if (B > tr->cap_rows) die("sae_train_step: batch %d above the trainer's %d", B, tr->cap_rows);
+    memset(tr->grad, 0, s->memory_size);
+    double D = center_batch(s, x, B, tr->xc);
+    GradPass g;
+    grad_pass_init(&g, tr, x, B, D);
     double sse = 0.0, aux_sse = 0.0, l1_sum = 0.0, l0_sum = 0.0;
-
-    for (int r0 = 0; r0 < B; r0 += R) {
-        int m = B - r0 < R ? B - r0 : R;
-        gemm(0, 1, m, n, d, 1.0f, xc + (size_t)r0 * d, d, s->W_enc, d, 0.0f, pre, n);
+    for (int r0 = 0; r0 < B; r0 += g.R) {
+        int m = B - r0 < g.R ? B - r0 : g.R;
+        gemm(0, 1, m, n, d, 1.0f, tr->xc + (size_t)r0 * d, d, s->W_enc, d, 0.0f, g.pre, n);
         #pragma omp parallel reduction(+:sse, aux_sse, l1_sum, l0_sum) if ((size_t)m * n * d > (1u << 24))
         {
             float* scratch = xmalloc((size_t)n * sizeof(float));
-            int* sel = xmalloc((size_t)(cap > 1 ? cap : 1) * sizeof(int));
+            int* sel = xmalloc((size_t)(g.cap > 1 ? g.cap : 1) * sizeof(int));
             float* xh = xmalloc((size_t)d * sizeof(float));
             float* dxc = xmalloc((size_t)d * sizeof(float));
-            double* db = db_thread + (size_t)engine_thread_id() * d;
+            double* db = g.db_thread + (size_t)engine_thread_id() * d;
+            GradSums sums = {0.0, 0.0, 0.0, 0.0};
             #pragma omp for schedule(static)
-            for (int r = 0; r < m; r++) {
-                int b = r0 + r;
-                const float* xb = x + (size_t)b * d;
-                float* row = pre + (size_t)r * n;
-                for (int i = 0; i < n; i++) row[i] += s->b_enc[i];
-                int* idx = e_idx + (size_t)r * cap;
-                float* val = e_val + (size_t)r * cap;
-                float* dpre = e_dpre + (size_t)r * cap;
-                // the active latents: top k (TopK) or every positive one (ReLU)
-                int nm = 0;
-                if (topk) {
-                    int got = top_k_indices(row, n, NULL, s->k, scratch, sel);
-                    for (int j = 0; j < got; j++) if (row[sel[j]] > 0.0f) { idx[nm] = sel[j]; val[nm] = row[sel[j]]; nm++; }
-                } else {
-                    for (int i = 0; i < n; i++) if (row[i] > 0.0f) { idx[nm] = i; val[nm] = row[i]; nm++; }
-                }
-                // reconstruction and its error
-                float* g = G + (size_t)r * d;
-                memcpy(xh, s->b_dec, (size_t)d * sizeof(float));
-                for (int j = 0; j < nm; j++) axpy(xh, val[j], s->W_dec + (size_t)idx[j] * d, d);
-                for (int j = 0; j < d; j++) {
-                    float e = xh[j] - xb[j];
-                    sse += (double)e * e;
-                    g[j] = (float)(2.0 * e / D);
-                }
-                l0_sum += nm;
-                for (int j = 0; j < nm; j++) {
-                    dpre[j] = dot(g, s->W_dec + (size_t)idx[j] * d, d) + l1_unit;
-                    l1_sum += val[j];
-                }
-                // AuxK: the top k_aux dead latents model the residual
-                int na = 0;
-                if (k_aux > 0) {
-                    int got = top_k_indices(row, n, dead, k_aux, scratch, sel);
-                    for (int j = 0; j < got; j++)
-                        if (row[sel[j]] > 0.0f) { idx[nm + na] = sel[j]; val[nm + na] = row[sel[j]]; na++; }
-                    float* ga = GA + (size_t)r * d;
-                    // a - r = a - (x - x^) = a + e, with e = x^ - x still in g * D / 2
-                    for (int j = 0; j < d; j++) ga[j] = (float)(g[j] * D / 2.0);
-                    for (int j = 0; j < na; j++) axpy(ga, val[nm + j], s->W_dec + (size_t)idx[nm + j] * d, d);
-                    for (int j = 0; j < d; j++) {
-                        aux_sse += (double)ga[j] * ga[j];
-                        ga[j] = (float)(2.0 * c->auxk_alpha * aux_scale * ga[j] / D);
-                    }
-                    for (int j = 0; j < na; j++) dpre[nm + j] = dot(ga, s->W_dec + (size_t)idx[nm + j] * d, d);
-                }
-                n_main[r] = nm;
-                n_all[r] = nm + na;
-                // back to the input: x enters as x - b_dec, and x^ holds + b_dec
-                memset(dxc, 0, (size_t)d * sizeof(float));
-                for (int j = 0; j < nm + na; j++) axpy(dxc, dpre[j], s->W_enc + (size_t)idx[j] * d, d);
-                for (int j = 0; j < d; j++) db[j] += g[j] - dxc[j];
-            }
+            for (int r = 0; r < m; r++) grad_row(&g, r0, r, scratch, sel, xh, dxc, db, &sums);
+            sse += sums.sse; aux_sse += sums.aux_sse; l1_sum += sums.l1_sum; l0_sum += sums.l0_sum;
             free(scratch); free(sel); free(xh); free(dxc);
         }
-        // entries grouped by latent (counting sort), then one thread per latent row
-        memset(lat_count, 0, (size_t)(n + 1) * sizeof(int));
-        for (int r = 0; r < m; r++) for (int j = 0; j < n_all[r]; j++) lat_count[e_idx[(size_t)r * cap + j] + 1]++;
-        for (int i = 0; i < n; i++) lat_count[i + 1] += lat_count[i];
-        int* fill = xmalloc((size_t)n * sizeof(int));
-        memcpy(fill, lat_count, (size_t)n * sizeof(int));
-        for (int r = 0; r < m; r++)
-            for (int j = 0; j < n_all[r]; j++) lat_entry[fill[e_idx[(size_t)r * cap + j]]++] = r * cap + j;
-        free(fill);
-        #pragma omp parallel for schedule(dynamic, 16) if ((size_t)m * cap * d > (1u << 22))
-        for (int i = 0; i < n; i++) {
-            float* gwd = gW_dec + (size_t)i * d;
-            float* gwe = gW_enc + (size_t)i * d;
-            for (int q = lat_count[i]; q < lat_count[i + 1]; q++) {
-                int e = lat_entry[q], r = e / cap, j = e % cap;
-                int is_main = j < n_main[r];
-                axpy(gwd, e_val[e], (is_main ? G : GA) + (size_t)r * d, d);
-                axpy(gwe, e_dpre[e], xc + (size_t)(r0 + r) * d, d);
-                gb_enc[i] += e_dpre[e];
-                if (is_main) fired[i] = 1;
-            }
-        }
+        grad_weights(&g, r0, m);
     }
-    for (int t = 0; t < nt; t++) for (int j = 0; j < d; j++) gb_dec[j] += (float)db_thread[(size_t)t * d + j];
-    memcpy(tr->fired, fired, (size_t)n);
+    float* gb_dec = tr->grad + sae_layout(d, n, s->arch).b_dec / sizeof(float);
+    for (int t = 0; t < engine_threads(); t++) for (int j = 0; j < d; j++) gb_dec[j] += (float)g.db_thread[(size_t)t * d + j];
+    memcpy(tr->fired, g.fired, (size_t)n);
     tr->batch = B;
 
     SaeTrainStats st;
     memset(&st, 0, sizeof(st));
     st.fvu = sse / D;
-    st.auxk = k_aux > 0 ? aux_scale * aux_sse / D : 0.0;
+    st.auxk = g.k_aux > 0 ? g.aux_scale * aux_sse / D : 0.0;
     st.l1 = topk ? 0.0 : l1_sum / (B * sqrt(D / B));
     st.loss = st.fvu + (topk ? c->auxk_alpha * st.auxk : c->l1 * st.l1);
     st.l0 = l0_sum / B;
-    free(pre); free(e_idx); free(e_val); free(e_dpre); free(n_main); free(n_all); free(G); free(GA);
-    free(lat_count); free(lat_entry); free(fired); free(db_thread); free(dead);
+    grad_pass_free(&g);
     return st;
 }
 
@@ -650,7 +702,7 @@ float sae_train_update(SaeTrainer* tr) {
     #pragma omp parallel for schedule(static) if ((size_t)n * d > (1u << 20))
     for (int i = 0; i < n; i++) {
         float* w = s->W_dec + (size_t)i * d;
-        float norm = sqrtf(dot(w, w, d));
+        float norm = sae_norm(w, d);
         if (norm > 0.0f) for (int j = 0; j < d; j++) w[j] /= norm;
     }
     for (int i = 0; i < n; i++) tr->since_fired[i] = tr->fired[i] ? 0 : tr->since_fired[i] + tr->batch;
@@ -681,7 +733,7 @@ void planted_init(Planted* p, int d, int n_true, int s, float noise, uint64_t se
     for (int i = 0; i < n_true; i++) {
         float* w = p->dirs + (size_t)i * d;
         for (int j = 0; j < d; j++) w[j] = rand_normal(&p->rng);
-        float norm = sqrtf(dot(w, w, d));
+        float norm = sae_norm(w, d);
         for (int j = 0; j < d; j++) w[j] /= norm;
     }
     for (int j = 0; j < d; j++) p->mean[j] = 0.5f * rand_normal(&p->rng);
@@ -716,7 +768,7 @@ double planted_recovery(const Planted* p, const Sae* s, float thresh) {
         float best = -1.0f;
         for (int i = 0; i < s->n; i++) {
             const float* v = s->W_dec + (size_t)i * d;
-            float cs = dot(w, v, d) / (sqrtf(dot(v, v, d)) + 1e-12f);
+            float cs = dot(w, v, d) / (sae_norm(v, d) + 1e-12f);
             if (cs > best) best = cs;
         }
         found += best > thresh;
@@ -867,226 +919,32 @@ void sae_hook_fn(void* ctx, int layer, int pos0, int n_pos, float* x, int dim) {
     }
 }
 
-#ifndef SAE_LIBRARY
-// Everything below is the command-line program (not in the -DSAE_LIBRARY build).
-
-// ----------------------------------------------------------------------------
-// Data: rows of token ids with a mask of the content positions.
-//
-//   text files: cut into rows of T positions, each BOS + T-1 tokens of text
-//               (the same rows as train_lora and run -m ppl)
-//   .tsv files: "question<TAB>answer[<TAB>split]" lines, each one row in the
-//               Llama-3 chat template (user question, assistant answer); a
-//               first line starting with "question" is a header
-// Content positions are everything but BOS and the chat template: the
-// special tokens, the role name between <|start_header_id|> and
-// <|end_header_id|>, and the "\n\n" right after <|end_header_id|>. Only
-// content positions are captured, scored, spliced and counted.
-
-typedef struct {
-    int* ids;
-    int n;
-    unsigned char* keep;   // (n,) 1 = content position
-    unsigned char* kw;     // (n,) 1 = inside a keyword occurrence (score), or NULL
-    char* question;        // .tsv rows (eval), else NULL
-    char* answer;
-    int split;             // 0 = forget, 1 = retain
-} Row;
-
-typedef struct {
-    Row* rows;
-    int n, cap;
-} RowSet;
-
-static Row* new_row(RowSet* set) {
-    if (set->n == set->cap) {
-        set->cap = set->cap ? 2 * set->cap : 64;
-        set->rows = realloc(set->rows, (size_t)set->cap * sizeof(Row));
-        if (!set->rows) die("out of memory (rows)");
+// Feeds a prompt through the model that has h's hook installed. With the
+// per-sequence gate, a gate that opens inside the prompt means the prompt
+// runs again with the intervention from its first position (the hook's
+// counters rewound first): a long prompt's first chunks are edited too.
+float* sae_prefill(void* ctx, Transformer* t, const int* ids, int n, int pos0) {
+    SaeHook* h = ctx;
+    if (!h->gate || h->gate_on) return forward_batch(t, ids, n, pos0, NULL);
+    SaeHook before = *h;
+    float* logits = forward_batch(t, ids, n, pos0, NULL);
+    if (h->gate_on) {
+        h->seq_tokens = before.seq_tokens; h->seq_hits = before.seq_hits;
+        h->n_tokens = before.n_tokens; h->n_active = before.n_active; h->n_changed = before.n_changed;
+        logits = forward_batch(t, ids, n, pos0, NULL);
     }
-    Row* r = &set->rows[set->n++];
-    memset(r, 0, sizeof(*r));
-    return r;
-}
-
-static void free_rows(RowSet* set) {
-    for (int i = 0; i < set->n; i++) {
-        Row* r = &set->rows[i];
-        free(r->ids); free(r->keep); free(r->kw); free(r->question); free(r->answer);
-    }
-    free(set->rows);
-    memset(set, 0, sizeof(*set));
-}
-
-static int ends_with(const char* s, const char* suffix) {
-    size_t a = strlen(s), b = strlen(suffix);
-    return a >= b && !strcmp(s + a - b, suffix);
-}
-
-// template positions of a chat row: specials, role names, the "\n\n" after a header
-static void chat_keep_mask(const Tokenizer* tok, const int* ids, int n, unsigned char* keep) {
-    int start_header = tokenizer_lookup(tok, "<|start_header_id|>");
-    int end_header = tokenizer_lookup(tok, "<|end_header_id|>");
-    int in_header = 0, after_header = 0;
-    for (int i = 0; i < n; i++) {
-        int id = ids[i];
-        keep[i] = !tok->is_special[id] && !in_header && !after_header;
-        after_header = 0;
-        if (id == start_header) in_header = 1;
-        else if (id == end_header) { in_header = 0; after_header = 1; }
-    }
-}
-
-// The chat row of one QA pair: system (optional), user question, and the
-// assistant answer when with_answer (the prompt only when not).
-static int chat_row_ids(const Tokenizer* tok, const char* system, const char* question, const char* answer,
-                        int with_answer, int* ids, int cap) {
-    ChatMessage msgs[3];
-    int m = 0;
-    if (system) { msgs[m].role = "system"; msgs[m].content = system; m++; }
-    msgs[m].role = "user"; msgs[m].content = question; m++;
-    if (with_answer) { msgs[m].role = "assistant"; msgs[m].content = answer; m++; }
-    return chat_encode(tok, msgs, m, !with_answer, 1, ids, cap);
-}
-
-static void load_rows(RowSet* set, const Tokenizer* tok, const char* path, int T, int split, const char* system) {
-    size_t len;
-    char* text = read_file(path, &len);
-    if (!utf8_valid(text, len)) die("%s is not valid UTF-8", path);
-    if (ends_with(path, ".tsv") && strlen(text) != len) die("%s holds a NUL byte", path); // rows are C strings
-    int before = set->n;
-    if (ends_with(path, ".tsv")) {
-        int line_no = 0;
-        for (char* line = text; line && *line;) {
-            char* next = strchr(line, '\n');
-            size_t ll = next ? (size_t)(next - line) : strlen(line);
-            if (next) next++;
-            line_no++;
-            if (ll && line[ll - 1] == '\r') ll--;
-            char* l = xstrndup(line, ll);
-            line = next;
-            char* tab1 = strchr(l, '\t');
-            if (ll == 0 || l[0] == '#' || (line_no == 1 && !strncmp(l, "question", 8))) { free(l); continue; }
-            if (!tab1) die("%s:%d: expected question<TAB>answer", path, line_no);
-            *tab1 = '\0';
-            char* ans = tab1 + 1;
-            char* tab2 = strchr(ans, '\t');
-            int row_split = split;
-            if (tab2) {
-                *tab2 = '\0';
-                const char* sp = tab2 + 1;
-                if (!strncmp(sp, "forget", 6)) row_split = 0;
-                else if (!strncmp(sp, "retain", 6)) row_split = 1;
-                else if (split < 0) die("%s:%d: split must be 'forget' or 'retain', got '%s'", path, line_no, sp);
-            }
-            if (row_split < 0) row_split = 0;
-            int cap = (int)(strlen(l) + strlen(ans) + (system ? strlen(system) : 0)) + 64;   // ids <= bytes + template
-            int* ids = xmalloc((size_t)cap * sizeof(int));
-            int n = chat_row_ids(tok, system, l, ans, 1, ids, cap);
-            if (n > T) n = T;
-            Row* r = new_row(set);
-            r->n = n;
-            r->ids = xmalloc((size_t)n * sizeof(int));
-            memcpy(r->ids, ids, (size_t)n * sizeof(int));
-            r->keep = xmalloc((size_t)n);
-            chat_keep_mask(tok, r->ids, n, r->keep);
-            r->question = strdup(l);
-            r->answer = strdup(ans);
-            r->split = row_split;
-            free(ids);
-            free(l);
-        }
-    } else {
-        int* ids = xmalloc((len + 1) * sizeof(int));
-        int n = encode(tok, text, len, 0, ids, (int)len + 1);
-        for (int start = 0; start < n; start += T - 1) {
-            int m = n - start < T - 1 ? n - start : T - 1;
-            Row* r = new_row(set);
-            r->n = m + 1;
-            r->ids = xmalloc((size_t)(m + 1) * sizeof(int));
-            r->keep = xmalloc((size_t)(m + 1));
-            r->ids[0] = tok->bos_id;
-            r->keep[0] = 0;
-            memcpy(r->ids + 1, ids + start, (size_t)m * sizeof(int));
-            memset(r->keep + 1, 1, (size_t)m);
-            r->split = split < 0 ? 0 : split;
-        }
-        free(ids);
-    }
-    if (set->n == before) die("%s has no rows", path);
-    free(text);
-}
-
-static int64_t content_tokens(const RowSet* set) {
-    int64_t c = 0;
-    for (int i = 0; i < set->n; i++) for (int p = 0; p < set->rows[i].n; p++) c += set->rows[i].keep[p];
-    return c;
-}
-
-// Keywords: one per line ('#' comments). An occurrence is a
-// case-insensitive match bounded by non-alphanumeric bytes; every token
-// overlapping it is a keyword position.
-typedef struct { char** words; int n; } Keywords;
-
-static void load_keywords(Keywords* kw, const char* path) {
-    size_t len;
-    char* text = read_file(path, &len);
-    if (strlen(text) != len) die("%s holds a NUL byte", path);
-    memset(kw, 0, sizeof(*kw));
-    int cap = 0;
-    for (char* line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
-        size_t ll = strlen(line);
-        while (ll && (line[ll - 1] == '\r' || line[ll - 1] == ' ')) line[--ll] = '\0';
-        if (ll == 0 || line[0] == '#') continue;
-        if (kw->n == cap) { cap = cap ? 2 * cap : 64; kw->words = realloc(kw->words, (size_t)cap * sizeof(char*)); }
-        char* w = strdup(line);
-        for (char* p = w; *p; p++) if (*p >= 'A' && *p <= 'Z') *p += 32;
-        kw->words[kw->n++] = w;
-    }
-    free(text);
-    if (kw->n == 0) die("%s has no keywords", path);
-}
-
-static int is_alnum_byte(unsigned char c) { return (c >= '0' && c <= '9') || ((c | 32) >= 'a' && (c | 32) <= 'z') || c >= 0x80; }
-
-static void mark_keywords(RowSet* set, const Tokenizer* tok, const Keywords* kw) {
-    for (int ri = 0; ri < set->n; ri++) {
-        Row* r = &set->rows[ri];
-        int* start = xmalloc((size_t)(r->n + 1) * sizeof(int));
-        size_t total = 0;
-        for (int p = 0; p < r->n; p++) { int l; token_piece(tok, r->ids[p], &l); total += l; }
-        char* text = xmalloc(total + 1);
-        size_t at = 0;
-        for (int p = 0; p < r->n; p++) {
-            int l;
-            const char* piece = token_piece(tok, r->ids[p], &l);
-            start[p] = (int)at;
-            for (int b = 0; b < l; b++) { char c = piece[b]; text[at++] = (c >= 'A' && c <= 'Z') ? c + 32 : c; }
-        }
-        start[r->n] = (int)at;
-        text[at] = '\0';
-        r->kw = xcalloc(r->n, 1);
-        for (int w = 0; w < kw->n; w++) {
-            size_t wl = strlen(kw->words[w]);
-            for (const char* hit = strstr(text, kw->words[w]); hit; hit = strstr(hit + 1, kw->words[w])) {
-                size_t b = (size_t)(hit - text), e = b + wl;
-                if ((b > 0 && is_alnum_byte(text[b - 1])) || (e < at && is_alnum_byte(text[e]))) continue;
-                for (int p = 0; p < r->n; p++) if (start[p] < (int)e && start[p + 1] > (int)b) r->kw[p] = 1;
-            }
-        }
-        free(text); free(start);
-    }
+    return logits;
 }
 
 // ----------------------------------------------------------------------------
-// Capture: the residual stream after engine layers lo..hi of one row, by
-// the engine's hook. The forward pass stops right after layer hi (the hook
-// longjmps out of it): the layers above and the classifier never run. Rows
-// are fed in chunks of batch_cap positions, each its own forward_batch
-// call, so the KV cache of layers <= hi is complete for the next chunk.
+// Activation capture: the residual stream after engine layers lo..hi, by the
+// engine's hook. The forward pass stops right after layer hi (the hook
+// longjmps out of it): the layers above and the classifier never run. The
+// sequence is fed in chunks of batch_cap positions, each its own
+// forward_batch call, so the KV cache of layers <= hi is complete for the next.
 
 typedef struct {
-    int lo, hi, n;     // layers captured, row length
+    int lo, hi, n;     // layers captured, sequence length
     float* out;        // (hi-lo+1, n, dim)
     jmp_buf stop;
 } CaptureHook;
@@ -1098,7 +956,7 @@ static void capture_hook_fn(void* ctx, int layer, int pos0, int n_pos, float* x,
     if (layer == c->hi) longjmp(c->stop, 1);
 }
 
-static void capture_row(Transformer* t, const int* ids, int n, int lo, int hi, float* out) {
+void sae_capture(Transformer* t, const int* ids, int n, int lo, int hi, float* out) {
     CaptureHook c;
     c.lo = lo; c.hi = hi; c.n = n; c.out = out;
     ResidualHook saved = t->hook;
@@ -1114,938 +972,58 @@ static void capture_row(Transformer* t, const int* ids, int n, int lo, int hi, f
     t->hook_ctx = saved_ctx;
 }
 
-// The content positions of a row at one engine layer, packed: returns the count.
-static int capture_content(Transformer* t, const Row* r, int layer, float* tmp, float* out) {
-    int d = t->config.dim, m = 0;
-    capture_row(t, r->ids, r->n, layer, layer, tmp);
-    for (int p = 0; p < r->n; p++)
-        if (r->keep[p]) memcpy(out + (size_t)(m++) * d, tmp + (size_t)p * d, (size_t)d * sizeof(float));
-    return m;
-}
-
 // ----------------------------------------------------------------------------
-// The activation stream for training: rows in a shuffled order (a new order
-// each epoch), content positions only, tokens whose norm exceeds
-// max_norm dropped. From the model, or from a cache file.
-//
-// Cache file (--cache): written by one pass over all of --data, then read
-// by every run with the same model file, layer and data:
-//   uint32 magic "ULAC", int32 version 1, int32 dim, int32 engine layer,
-//   int64 n_tokens, int64 model file size, int64 data fingerprint
-//   (total bytes of the data files and -T), then 24 zero bytes;
-//   then fp32 (n_tokens, dim).
-#define CACHE_MAGIC 0x43414c55u  // "ULAC"
-#define CACHE_HEADER 64
+// Latent scoring: which latents fire on the forget set and not on the retain set.
 
-typedef struct {
-    Transformer* t;
-    const RowSet* rows;
-    int layer, dim;
-    uint64_t rng;
-    int* order;          // row order of this epoch
-    int at;              // next row in order
-    int epoch;
-    float* tmp;          // (T, dim) capture scratch
-    float* row_acts;     // (T, dim) content activations of the current row
-    int row_n, row_at;
-    float* cache;        // mapped cache (n_tokens, dim), or NULL
-    size_t cache_bytes;
-    int64_t cache_n, cache_at;
-    int64_t* block_order;// cache blocks of 256 tokens, shuffled per epoch
-    int64_t n_blocks, block_at, block_left;
-    float max_norm;      // drop tokens above this norm (INFINITY = keep all)
-    int64_t dropped, produced;
-} ActStream;
-
-static void shuffle_ints(int* a, int n, uint64_t* rng) {
-    for (int i = n - 1; i > 0; i--) { int j = (int)(splitmix64(rng) % (uint64_t)(i + 1)); int t = a[i]; a[i] = a[j]; a[j] = t; }
-}
-static void shuffle_i64(int64_t* a, int64_t n, uint64_t* rng) {
-    for (int64_t i = n - 1; i > 0; i--) { int64_t j = (int64_t)(splitmix64(rng) % (uint64_t)(i + 1)); int64_t t = a[i]; a[i] = a[j]; a[j] = t; }
-}
-
-static void stream_next_raw(ActStream* st, float* out) {
-    int d = st->dim;
-    if (st->cache) {
-        if (st->block_left == 0) {
-            if (st->block_at == st->n_blocks) { shuffle_i64(st->block_order, st->n_blocks, &st->rng); st->block_at = 0; st->epoch++; }
-            st->cache_at = st->block_order[st->block_at++] * 256;
-            st->block_left = st->cache_n - st->cache_at < 256 ? st->cache_n - st->cache_at : 256;
-        }
-        memcpy(out, st->cache + (size_t)st->cache_at * d, (size_t)d * sizeof(float));
-        st->cache_at++;
-        st->block_left--;
-        return;
-    }
-    while (st->row_at >= st->row_n) {
-        if (st->at == st->rows->n) { shuffle_ints(st->order, st->rows->n, &st->rng); st->at = 0; st->epoch++; }
-        const Row* r = &st->rows->rows[st->order[st->at++]];
-        st->row_n = capture_content(st->t, r, st->layer, st->tmp, st->row_acts);
-        st->row_at = 0;
-    }
-    memcpy(out, st->row_acts + (size_t)(st->row_at++) * d, (size_t)d * sizeof(float));
-}
-
-static void stream_next(ActStream* st, float* out) {
-    for (;;) {
-        stream_next_raw(st, out);
-        if (isinf(st->max_norm) || sqrtf(dot(out, out, st->dim)) <= st->max_norm) break;
-        st->dropped++;
-    }
-    st->produced++;
-}
-
-static int64_t data_fingerprint(const char** paths, int n_paths, int T) {
-    int64_t fp = T;
-    for (int i = 0; i < n_paths; i++) {
-        struct stat s;
-        if (stat(paths[i], &s) == 0) fp += (int64_t)s.st_size;
-    }
-    return fp;
-}
-
-// One pass over every row, content activations appended to path (atomically).
-static void write_cache(Transformer* t, const RowSet* rows, int layer, int T, const char* path, int64_t fingerprint) {
-    int d = t->config.dim;
-    char tmp_path[4096];
-    snprintf(tmp_path, sizeof(tmp_path), "%s.tmp", path);
-    FILE* f = fopen(tmp_path, "wb");
-    if (!f) die("cannot write %s: %s", tmp_path, strerror(errno));
-    unsigned char h[CACHE_HEADER];
-    memset(h, 0, sizeof(h));
-    fwrite(h, 1, sizeof(h), f);
-    float* tmp = xmalloc((size_t)T * d * sizeof(float));
-    float* acts = xmalloc((size_t)T * d * sizeof(float));
-    int64_t total = 0;
-    long t0 = time_in_ms();
-    for (int i = 0; i < rows->n; i++) {
-        int m = capture_content(t, &rows->rows[i], layer, tmp, acts);
-        if (fwrite(acts, sizeof(float), (size_t)m * d, f) != (size_t)m * d) die("cannot write %s: %s", tmp_path, strerror(errno));
-        total += m;
-        if (i % 16 == 15 || i == rows->n - 1) {
-            long ms = time_in_ms() - t0;
-            fprintf(stderr, "\rcache: %d/%d rows, %lld tokens, %.0f tok/s", i + 1, rows->n, (long long)total,
-                    ms > 0 ? total * 1000.0 / ms : 0.0);
-        }
-    }
-    fprintf(stderr, "\n");
-    int64_t model_size = (int64_t)t->file_size;
-    put_i32(h, (int32_t)CACHE_MAGIC); put_i32(h + 4, 1); put_i32(h + 8, d); put_i32(h + 12, layer);
-    memcpy(h + 16, &total, 8); memcpy(h + 24, &model_size, 8); memcpy(h + 32, &fingerprint, 8);
-    if (fseek(f, 0, SEEK_SET) != 0 || fwrite(h, 1, sizeof(h), f) != sizeof(h) || fclose(f) != 0 || rename(tmp_path, path) != 0)
-        die("cannot write %s: %s", path, strerror(errno));
-    free(tmp); free(acts);
-}
-
-static void open_cache(ActStream* st, const char* path, int64_t model_size, int64_t fingerprint) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) die("cannot open cache %s: %s", path, strerror(errno));
-    struct stat s;
-    fstat(fd, &s);
-    if ((size_t)s.st_size < CACHE_HEADER) die("cache %s: too small", path);
-    void* map = mmap(NULL, (size_t)s.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) die("cannot mmap cache %s: %s", path, strerror(errno));
-    const unsigned char* h = map;
-    int64_t n, msize, fp;
-    memcpy(&n, h + 16, 8); memcpy(&msize, h + 24, 8); memcpy(&fp, h + 32, 8);
-    if ((uint32_t)get_i32(h) != CACHE_MAGIC || get_i32(h + 4) != 1) die("cache %s: not an activation cache", path);
-    if (get_i32(h + 8) != st->dim || get_i32(h + 12) != st->layer || msize != model_size || fp != fingerprint)
-        die("cache %s was made from another model, layer or data (delete it to recapture)", path);
-    if ((size_t)s.st_size != CACHE_HEADER + (size_t)n * st->dim * sizeof(float) || n <= 0)
-        die("cache %s: size does not match its %lld tokens (truncated?)", path, (long long)n);
-    st->cache = (float*)((unsigned char*)map + CACHE_HEADER);
-    st->cache_bytes = (size_t)s.st_size;
-    st->cache_n = n;
-    st->n_blocks = (n + 255) / 256;
-    st->block_order = xmalloc((size_t)st->n_blocks * sizeof(int64_t));
-    for (int64_t b = 0; b < st->n_blocks; b++) st->block_order[b] = b;
-    st->block_at = st->n_blocks;   // shuffle on first use
-    st->block_left = 0;
-}
-
-// A shuffle buffer: each draw takes a random slot and refills it from the
-// stream, so batches mix tokens from many rows.
-typedef struct {
-    float* buf;
-    int cap, dim;
-    uint64_t rng;
-} ShuffleBuffer;
-
-static void buffer_draw(ShuffleBuffer* sb, ActStream* st, float* out, int B) {
-    for (int b = 0; b < B; b++) {
-        int j = (int)(splitmix64(&sb->rng) % (uint64_t)sb->cap);
-        float* slot = sb->buf + (size_t)j * sb->dim;
-        memcpy(out + (size_t)b * sb->dim, slot, (size_t)sb->dim * sizeof(float));
-        stream_next(st, slot);
-    }
-}
-
-static int cmp_float(const void* a, const void* b) {
-    float x = *(const float*)a, y = *(const float*)b;
-    return (x > y) - (x < y);
-}
-
-// ----------------------------------------------------------------------------
-// Options (poor man's argparse: a subcommand, a path, then flag/value pairs)
-
-typedef struct {
-    const char* cmd;
-    const char* model;
-    const char* tok;
-    const char* sae;
-    const char* out;
-    const char* data[64];
-    int n_data;
-    const char* forget;
-    const char* retain;
-    const char* qa;
-    const char* latents;
-    const char* keywords;
-    const char* cache;
-    const char* finetune;
-    const char* prompt;
-    const char* system;
-    const char* rule;
-    int layer, hook, n_latents, expansion, k, arch, batch, buffer, T, ctx, warmup, k_aux, median;
-    int64_t tokens, dead_tokens;
-    float lr, decay_frac, auxk_alpha, l1, max_norm_ratio;
-    int seed, log_every, save_every;
-    float tau;
-    int N, contexts;
-    int mode;
-    float clamp_c, scale_m;
-    int gate;
-    float gate_alpha;
-    int steps, selftest;
-    float temperature, topp;
-    int planted_d, planted_true, planted_s;
-} Opts;
-
-static int64_t parse_count(const char* flag, const char* s) {
-    // integers with an optional k/M/G suffix: 2M = 2000000
-    char* end;
-    double v = strtod(s, &end);
-    if (*end == 'k' || *end == 'K') { v *= 1e3; end++; }
-    else if (*end == 'M') { v *= 1e6; end++; }
-    else if (*end == 'G') { v *= 1e9; end++; }
-    if (*s == '\0' || *end != '\0' || !(v >= 0) || v > 9e18) die("%s expects a count such as 500000 or 2M, got '%s'", flag, s);
-    return (int64_t)v;
-}
-
-static void usage(void) {
-    fprintf(stderr,
-"Usage: sae COMMAND ...   sparse autoencoders on the residual stream (see sae.h)\n"
-"  sae train    MODEL.bin -z TOK --layer L --data FILE... -o SAE.bin   train a TopK (or ReLU) SAE\n"
-"  sae measure  MODEL.bin -z TOK --sae SAE.bin --forget F --retain R   FVU, L0, dead %%, delta CE\n"
-"  sae score    MODEL.bin -z TOK --sae SAE.bin --forget F --retain R -o latents.csv\n"
-"  sae generate MODEL.bin -z TOK --sae SAE.bin --latents CSV -i PROMPT   generation with the intervention\n"
-"  sae chat     MODEL.bin -z TOK --sae SAE.bin --latents CSV [-i MSG]    chat (stdin turns without -i)\n"
-"  sae eval     MODEL.bin -z TOK --sae SAE.bin --latents CSV --sets DIR   the shared harness (sae eval --help)\n"
-"  sae planted  [options]      train on a synthetic planted dictionary (no model) and report recovery\n"
-"  sae info     SAE.bin        print an SAE file's header\n"
-"Example: sae train llama3.bin -z llama3.tok --layer 16 --data hp.txt wiki.txt chat.tsv -o l16.sae\n"
-"         sae score llama3.bin -z llama3.tok --sae l16.sae --forget hp.txt --retain wiki.txt \\\n"
-"             --keywords data/harry_potter_keywords.txt -o latents.csv\n"
-"         sae chat llama3.bin -z llama3.tok --sae l16.sae --latents latents.csv -N 20 --mode clamp -c 50\n"
-"Data: text files are cut into rows of -T positions, each BOS + text; .tsv files hold\n"
-"  question<TAB>answer[<TAB>forget|retain] lines, each one row in the Llama-3 chat template.\n"
-"  BOS and chat-template tokens are never captured, scored or counted.\n"
-"Layers: --layer L is the residual stream after block L (0-based; the engine's hook L,\n"
-"  Hugging Face hidden_states[L+1]); --hook pre makes it the input of block L instead.\n"
-"Common:\n"
-"  -z FILE            tokenizer (required with a model)\n"
-"  --sae FILE         SAE file (from sae train or sae_export.py)\n"
-"  -T N               positions per row (default 256)\n"
-"  --ctx N            context length for generate/chat/eval (default: the engine's)\n"
-"  --system TEXT      system prompt for .tsv rows, chat and eval (default none)\n"
-"  --no-selftest 1    skip the FVU check at layers L-1, L, L+1 when loading an SAE\n"
-"Training (train, planted):\n"
-"  --layer L          layer (required)             --hook post|pre  convention (default post)\n"
-"  --data FILE...     one or more files            -o FILE          output SAE (required for train)\n"
-"  --arch topk|relu   (default topk)               -k K             TopK k (default 32)\n"
-"  --n-latents N      latents (default: --expansion x dim)   --expansion E (default 8)\n"
-"  --tokens N         training tokens, k/M/G suffixes (default 1M)\n"
-"  -b N               batch in tokens (default 4096)\n"
-"  --lr X             Adam lr (default 2e-4/sqrt(n/16384))   --warmup N (default min(1000, steps/10))\n"
-"  --decay-frac F     linear decay to 0 over the last F of the steps (default 0.2)\n"
-"  --auxk-alpha X     AuxK weight (default 1/32; 0 = off)    --k-aux N (default dim/2)\n"
-"  --dead-tokens N    dead after N tokens without firing (default min(10M, tokens/10))\n"
-"  --l1 X             ReLU mode: L1 weight on sum f / rms(x - mean) (default 0.1; sweep it for the L0 you want)\n"
-"  --bdec median|mean b_dec init (default median)\n"
-"  --buffer N         shuffle buffer in tokens (default 65536, at most 1 GiB)\n"
-"  --max-norm R       drop tokens whose norm exceeds R x the median (default 10; 0 = off)\n"
-"  --cache FILE       activation cache: written by one pass over --data if missing, then reused\n"
-"  --finetune FILE    start from this SAE instead of a fresh init\n"
-"  --seed N           (default 1337)   --log-every N (default 10)   --save-every N steps (default 500)\n"
-"  planted only: --d D (64) --true N (128) --s S (4); defaults -n 256 -k 4 --tokens 400k -b 256 --lr 1e-2\n"
-"Scoring (score):\n"
-"  --forget FILE      Harry Potter text or QA      --retain FILE   other text or QA\n"
-"  --keywords FILE    keyword list: statistics at keyword positions (default none)\n"
-"  --rule R           freq|diff|ratio|sq_ratio|keyword (default freq)\n"
-"                     freq: forget firing frequency (SAEBench); diff: mean act forget - retain;\n"
-"                     ratio: log frequency ratio; sq_ratio: mean squared act on forget among the\n"
-"                     top 10%% by forget/retain squared ratio (Dynamic SAE Guardrails);\n"
-"                     keyword: frequency at keyword positions - retain frequency\n"
-"  --tau X            eligible only when the retain frequency <= X (default 0.01)\n"
-"  -N N               latents selected (default 20); their gate threshold goes into the CSV\n"
-"  --contexts N       top contexts printed per selected latent (default 5)\n"
-"  -o FILE            CSV of every latent, best first (required)\n"
-"Intervention (generate, chat, eval, measure):\n"
-"  --latents CSV      from sae score (the first -N eligible rows), or a list such as 12,345\n"
-"  -N N               how many latents to use (default 20)\n"
-"  --mode M           clamp|zero|scale (default clamp): clamp sets an active latent to -c,\n"
-"                     zero to 0, scale to -m times its value; the SAE error term is kept\n"
-"  -c C               clamp value (default 50)      -m M   scale factor (default 1)\n"
-"  --gate 1           per-sequence gate: intervene only once the fraction of positions with a\n"
-"                     selected latent active exceeds alpha (the retain 95th percentile)\n"
-"  --gate-alpha X     alpha (default: from the CSV when -N matches the score run)\n"
-"Generation: -i TEXT  prompt / message   -n N  max new tokens (default 256; train/planted: -n = --n-latents)\n"
-"  -t T  temperature (default 0 = greedy)   -p P  top-p (default 0.9)   -s SEED (= --seed)\n"
-"Eval: every metric of eval.c with the intervention on; its options: sae eval --help\n"
-"  -h, --help         this text\n");
-    exit(EXIT_FAILURE);
-}
-
-static void opts_init(Opts* o) {
-    memset(o, 0, sizeof(*o));
-    o->T = 256; o->expansion = 8; o->k = -1; o->arch = SAE_TOPK; o->batch = 4096; o->buffer = 65536;
-    o->tokens = -1; o->dead_tokens = -1; o->lr = -1; o->warmup = -1; o->decay_frac = 0.2f; o->auxk_alpha = 1.0f / 32.0f;
-    o->k_aux = -1; o->l1 = 0.1f; o->median = 1; o->max_norm_ratio = 10.0f; o->seed = 1337; o->log_every = 10;
-    o->save_every = 500; o->layer = -1000; o->rule = "freq"; o->tau = 0.01f; o->N = 20; o->contexts = 5;
-    o->mode = SAE_MODE_CLAMP; o->clamp_c = 50.0f; o->scale_m = 1.0f; o->gate_alpha = -1.0f; o->steps = 256;
-    o->selftest = 1; o->temperature = 0.0f; o->topp = 0.9f;
-    o->planted_d = 64; o->planted_true = 128; o->planted_s = 4;
-}
-
-// One flag and its value; 0 when f is not an option of this program.
-static int parse_flag(Opts* o, const char* f, const char* v) {
-    if (!strcmp(f, "-z")) o->tok = v;
-    else if (!strcmp(f, "--sae")) o->sae = v;
-    else if (!strcmp(f, "-o")) o->out = v;
-    else if (!strcmp(f, "--forget")) o->forget = v;
-    else if (!strcmp(f, "--retain")) o->retain = v;
-    else if (!strcmp(f, "--qa")) o->qa = v;
-    else if (!strcmp(f, "--latents")) o->latents = v;
-    else if (!strcmp(f, "--keywords")) o->keywords = v;
-    else if (!strcmp(f, "--cache")) o->cache = v;
-    else if (!strcmp(f, "--finetune")) o->finetune = v;
-    else if (!strcmp(f, "-i")) o->prompt = v;
-    else if (!strcmp(f, "--system")) o->system = v;
-    else if (!strcmp(f, "--rule")) o->rule = v;
-    else if (!strcmp(f, "--layer")) o->layer = parse_int_arg(f, v);
-    else if (!strcmp(f, "--hook")) {
-        if (!strcmp(v, "post")) o->hook = SAE_HOOK_RESID_POST;
-        else if (!strcmp(v, "pre")) o->hook = SAE_HOOK_RESID_PRE;
-        else die("--hook must be post or pre, got '%s'", v);
-    }
-    else if (!strcmp(f, "--n-latents") || !strcmp(f, "-n") ) {
-        if (!strcmp(o->cmd, "train") || !strcmp(o->cmd, "planted")) o->n_latents = parse_int_arg(f, v);
-        else o->steps = parse_int_arg(f, v);
-    }
-    else if (!strcmp(f, "--expansion")) o->expansion = parse_int_arg(f, v);
-    else if (!strcmp(f, "-k")) o->k = parse_int_arg(f, v);
-    else if (!strcmp(f, "--arch")) {
-        if (!strcmp(v, "topk")) o->arch = SAE_TOPK;
-        else if (!strcmp(v, "relu")) o->arch = SAE_RELU;
-        else die("--arch must be topk or relu, got '%s'", v);
-    }
-    else if (!strcmp(f, "--tokens")) o->tokens = parse_count(f, v);
-    else if (!strcmp(f, "-b")) o->batch = parse_int_arg(f, v);
-    else if (!strcmp(f, "--lr")) o->lr = parse_float_arg(f, v);
-    else if (!strcmp(f, "--warmup")) o->warmup = parse_int_arg(f, v);
-    else if (!strcmp(f, "--decay-frac")) o->decay_frac = parse_float_arg(f, v);
-    else if (!strcmp(f, "--auxk-alpha")) o->auxk_alpha = parse_float_arg(f, v);
-    else if (!strcmp(f, "--k-aux")) o->k_aux = parse_int_arg(f, v);
-    else if (!strcmp(f, "--dead-tokens")) o->dead_tokens = parse_count(f, v);
-    else if (!strcmp(f, "--l1")) o->l1 = parse_float_arg(f, v);
-    else if (!strcmp(f, "--bdec")) {
-        if (!strcmp(v, "median")) o->median = 1;
-        else if (!strcmp(v, "mean")) o->median = 0;
-        else die("--bdec must be median or mean, got '%s'", v);
-    }
-    else if (!strcmp(f, "--buffer")) o->buffer = parse_int_arg(f, v);
-    else if (!strcmp(f, "--max-norm")) o->max_norm_ratio = parse_float_arg(f, v);
-    else if (!strcmp(f, "--seed")) o->seed = parse_int_arg(f, v);
-    else if (!strcmp(f, "--log-every")) o->log_every = parse_int_arg(f, v);
-    else if (!strcmp(f, "--save-every")) o->save_every = parse_int_arg(f, v);
-    else if (!strcmp(f, "-T")) o->T = parse_int_arg(f, v);
-    else if (!strcmp(f, "--ctx")) o->ctx = parse_int_arg(f, v);
-    else if (!strcmp(f, "--tau")) o->tau = parse_float_arg(f, v);
-    else if (!strcmp(f, "-N")) o->N = parse_int_arg(f, v);
-    else if (!strcmp(f, "--contexts")) o->contexts = parse_int_arg(f, v);
-    else if (!strcmp(f, "--mode")) {
-        if (!strcmp(v, "clamp")) o->mode = SAE_MODE_CLAMP;
-        else if (!strcmp(v, "zero")) o->mode = SAE_MODE_ZERO;
-        else if (!strcmp(v, "scale")) o->mode = SAE_MODE_SCALE;
-        else die("--mode must be clamp, zero or scale, got '%s'", v);
-    }
-    else if (!strcmp(f, "-c")) o->clamp_c = parse_float_arg(f, v);
-    else if (!strcmp(f, "-m")) o->scale_m = parse_float_arg(f, v);
-    else if (!strcmp(f, "--gate")) o->gate = parse_int_arg(f, v);
-    else if (!strcmp(f, "--gate-alpha")) o->gate_alpha = parse_float_arg(f, v);
-    else if (!strcmp(f, "-t")) o->temperature = parse_float_arg(f, v);
-    else if (!strcmp(f, "-p")) o->topp = parse_float_arg(f, v);
-    else if (!strcmp(f, "-s")) o->seed = parse_int_arg(f, v);
-    else if (!strcmp(f, "--no-selftest")) o->selftest = !parse_int_arg(f, v);
-    else if (!strcmp(f, "--d")) o->planted_d = parse_int_arg(f, v);
-    else if (!strcmp(f, "--true")) o->planted_true = parse_int_arg(f, v);
-    else if (!strcmp(f, "--s")) o->planted_s = parse_int_arg(f, v);
-    else return 0;
-    return 1;
-}
-
-static void parse_options(Opts* o, int argc, char** argv) {
-    opts_init(o);
-    if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage();
-    o->cmd = argv[1];
-    int i = 2;
-    if (argc > 2 && argv[2][0] != '-') { o->model = argv[2]; i = 3; }
-    for (; i < argc; i += 2) {
-        const char* f = argv[i];
-        if (!strcmp(f, "-h") || !strcmp(f, "--help")) usage();
-        if (i + 1 >= argc) die("%s needs a value (see --help)", f);
-        if (!strcmp(f, "--data")) {
-            // one or more files, up to the next flag
-            while (i + 1 < argc && argv[i + 1][0] != '-') {
-                if (o->n_data == 64) die("--data: at most 64 files");
-                o->data[o->n_data++] = argv[++i];
-            }
-            i--;
-            continue;
-        }
-        if (!parse_flag(o, f, argv[i + 1])) die("unknown option %s (see --help)", f);
-    }
-    if (o->T < 2) die("-T must be >= 2");
-    if (o->batch < 1) die("-b must be >= 1");
-    if (o->N < 0) die("-N must be >= 0");
-    if (o->temperature < 0.0f) die("-t must be >= 0");
-    if (o->topp <= 0.0f || o->topp > 1.0f) die("-p must be in (0, 1]");
-    if (o->ctx < 0) die("--ctx must be > 0");
-}
-
-// ----------------------------------------------------------------------------
-// Loading a model, a tokenizer and an SAE, and the SAE's self-test
-
-static void load_model(Transformer* t, Tokenizer* tok, const Opts* o, int ctx) {
-    if (!o->model) die("%s needs a model file as its first argument (see --help)", o->cmd);
-    if (!o->tok) die("a tokenizer is required (-z FILE; see --help)");
-    build_tokenizer(tok, o->tok);
-    build_transformer(t, o->model, ctx);
-    if (tok->vocab_size != t->config.vocab_size)
-        die("tokenizer has %d tokens but the model has %d: wrong tokenizer for this model", tok->vocab_size, t->config.vocab_size);
-}
-
-static void load_sae_for(Sae* s, const char* path, const Transformer* t) {
-    char err[512];
-    if (!path) die("an SAE is required (--sae FILE; see --help)");
-    if (sae_load(s, path, err, sizeof(err)) != 0) die("%s", err);
-    if (s->d != t->config.dim) die("SAE %s has d=%d but the model's dim is %d", path, s->d, t->config.dim);
-    int e = sae_engine_layer(s);
-    if (e < 0 || e >= t->config.n_layers)
-        die("SAE layer %d (%s) cannot be hooked in a model of %d layers", s->layer,
-            s->hook == SAE_HOOK_RESID_PRE ? "input of the block" : "output of the block", t->config.n_layers);
-}
-
-static void print_sae(const Sae* s, const char* path) {
-    int e = sae_engine_layer(s);
-    printf("sae %s: d %d, n %d, %s", path, s->d, s->n, sae_arch_name(s->arch));
-    if (s->arch == SAE_TOPK) printf(" k %d", s->k);
-    printf(", layer %d (%s, engine hook %d)", s->layer,
-           s->hook == SAE_HOOK_RESID_PRE ? "input of block = resid_pre" : "output of block = resid_post", e);
-    if (s->train_tokens) printf(", trained on %lld tokens, FVU %.4f", (long long)s->train_tokens, s->train_fvu);
-    printf("\n");
-}
-
-static const char* SELFTEST_TEXT =
-    "The river ran quietly past the old mill, where a few children were skipping stones across the water. "
-    "In the town square, the baker opened his shop early and the smell of fresh bread drifted down the street. "
-    "Scientists measure the speed of light in a vacuum as about three hundred thousand kilometres per second, "
-    "and the capital of France is Paris.";
-
-// FVU of the SAE on up to max_tokens content positions at its own layer
-// and at the two neighbouring layers. A neighbour that fits better means
-// the layer or the hook convention is wrong (sae.h).
-static void sae_selftest(Transformer* t, const Tokenizer* tok, const Sae* s, const RowSet* rows, int max_tokens) {
-    RowSet builtin;
-    memset(&builtin, 0, sizeof(builtin));
-    if (!rows || rows->n == 0) {
-        size_t len = strlen(SELFTEST_TEXT);
-        int* ids = xmalloc((len + 2) * sizeof(int));
-        ids[0] = tok->bos_id;
-        int n = 1 + encode(tok, SELFTEST_TEXT, len, 0, ids + 1, (int)len + 1);
-        if (n > t->state.seq_len) n = t->state.seq_len;
-        Row* r = new_row(&builtin);
-        r->ids = ids; r->n = n;
-        r->keep = xmalloc(n);
-        memset(r->keep, 1, n);
-        r->keep[0] = 0;
-        rows = &builtin;
-    }
-    int d = s->d, e = sae_engine_layer(s), L = t->config.n_layers;
-    int lo = e > 0 ? e - 1 : e, hi = e + 1 < L ? e + 1 : e, nl = hi - lo + 1;
-    float* acts = xmalloc((size_t)nl * max_tokens * d * sizeof(float));
-    int got = 0;
-    for (int i = 0; i < rows->n && got < max_tokens; i++) {
-        const Row* r = &rows->rows[i];
-        if (r->n > t->state.seq_len) continue;
-        float* tmp = xmalloc((size_t)nl * r->n * d * sizeof(float));
-        capture_row(t, r->ids, r->n, lo, hi, tmp);
-        for (int p = 0; p < r->n && got < max_tokens; p++) {
-            if (!r->keep[p]) continue;
-            for (int l = 0; l < nl; l++)
-                memcpy(acts + ((size_t)l * max_tokens + got) * d, tmp + ((size_t)l * r->n + p) * d, (size_t)d * sizeof(float));
-            got++;
-        }
-        free(tmp);
-    }
-    if (got == 0) { fprintf(stderr, "warning: sae self-test: no content tokens\n"); free(acts); free_rows(&builtin); return; }
-    double fvu[3], l0[3];
-    int best = 0;
-    printf("self-test on %d tokens: FVU", got);
-    for (int l = 0; l < nl; l++) {
-        fvu[l] = sae_fvu(s, acts + (size_t)l * max_tokens * d, got, &l0[l]);
-        if (fvu[l] < fvu[best]) best = l;
-        printf("%s layer %d%s %.4f", l ? " |" : "", s->layer + (lo + l - e), lo + l == e ? " (its own)" : "", fvu[l]);
-    }
-    printf("; L0 %.1f\n", l0[e - lo]);
-    if (lo + best != e)
-        fprintf(stderr, "warning: the SAE reconstructs layer %d better than its own layer %d: wrong --layer or hook "
-                "convention? (see sae.h)\n", s->layer + (lo + best - e), s->layer);
-    if (fvu[e - lo] > 0.5)
-        fprintf(stderr, "warning: FVU %.3f at the SAE's own layer: it does not fit this model's activations\n", fvu[e - lo]);
-    free(acts);
-    free_rows(&builtin);
-}
-
-// ----------------------------------------------------------------------------
-// sae train / sae planted
-
-static void train_config_from_opts(SaeTrainConfig* c, const Opts* o, int d, int n, int k, int arch, int steps) {
-    sae_train_defaults(c, d, n, k, arch);
-    if (o->lr > 0) c->lr = o->lr;
-    c->total_steps = steps;
-    c->warmup = o->warmup >= 0 ? o->warmup : (steps / 10 < 1000 ? steps / 10 : 1000);
-    c->decay_frac = o->decay_frac;
-    c->auxk_alpha = o->auxk_alpha;
-    if (o->k_aux > 0) c->k_aux = o->k_aux;
-    c->l1 = o->l1;
-    int64_t tokens = (int64_t)steps * o->batch;
-    c->dead_tokens = o->dead_tokens > 0 ? o->dead_tokens : (tokens / 10 < 10000000 ? tokens / 10 : 10000000);
-    if (c->dead_tokens < o->batch) c->dead_tokens = o->batch;
-}
-
-static void print_progress(int step, int steps, int64_t tokens, long ms, const SaeTrainStats* st, int relu) {
-    printf("step %5d/%d | %9lld tok | %7.0f tok/s | FVU %.4f | L0 %6.1f | dead %5.1f%% | %s %.4f | lr %.2e\n",
-           step, steps, (long long)tokens, ms > 0 ? tokens * 1000.0 / ms : 0.0, st->fvu, st->l0,
-           100.0 * st->dead_frac, relu ? "L1" : "auxk", relu ? st->l1 : st->auxk, st->lr);
-    fflush(stdout);
-}
-
-static void save_or_die(const Sae* s, const char* path) {
-    if (sae_save(s, path) != 0) die("cannot write %s: %s", path, strerror(errno));
-}
-
-static int train_main(Opts* o) {
-    if (o->layer == -1000) die("train needs --layer L");
-    if (o->n_data == 0) die("train needs --data FILE...");
-    if (!o->out) die("train needs -o SAE.bin");
-    Transformer t;
-    Tokenizer tok;
-    load_model(&t, &tok, o, o->T);
-    int d = t.config.dim;
-    int e = o->hook == SAE_HOOK_RESID_PRE ? o->layer - 1 : o->layer;
-    if (e < 0 || e >= t.config.n_layers)
-        die("--layer %d%s is not a hookable layer of this %d-layer model", o->layer, o->hook ? " --hook pre" : "", t.config.n_layers);
-    RowSet rows;
-    memset(&rows, 0, sizeof(rows));
-    for (int i = 0; i < o->n_data; i++) load_rows(&rows, &tok, o->data[i], o->T, 0, o->system);
-    int64_t data_tokens = content_tokens(&rows);
-    if (data_tokens == 0) die("the --data files have no content tokens");
-    printf("data: %d rows, %lld content tokens; layer %d (%s), engine hook %d\n", rows.n, (long long)data_tokens,
-           o->layer, o->hook ? "input of the block" : "output of the block", e);
-
-    ActStream st;
-    memset(&st, 0, sizeof(st));
-    st.t = &t; st.rows = &rows; st.layer = e; st.dim = d; st.rng = (uint64_t)o->seed * 7919 + 1;
-    st.max_norm = INFINITY;
-    st.order = xmalloc((size_t)rows.n * sizeof(int));
-    for (int i = 0; i < rows.n; i++) st.order[i] = i;
-    st.at = rows.n;   // shuffle on first use
-    st.tmp = xmalloc((size_t)o->T * d * sizeof(float));
-    st.row_acts = xmalloc((size_t)o->T * d * sizeof(float));
-    if (o->cache) {
-        int64_t fp = data_fingerprint(o->data, o->n_data, o->T);
-        if (access(o->cache, F_OK) != 0) {
-            printf("capturing activations into the cache %s\n", o->cache);
-            write_cache(&t, &rows, e, o->T, o->cache, fp);
-        }
-        open_cache(&st, o->cache, (int64_t)t.file_size, fp);
-        printf("cache %s: %lld tokens\n", o->cache, (long long)st.cache_n);
-        data_tokens = st.cache_n;
-    }
-
-    // shuffle buffer, filled once; then the norm filter from its median
-    int64_t buf_cap = o->buffer;
-    if (buf_cap > (1 << 28) / d) buf_cap = (1 << 28) / d;
-    if (buf_cap > data_tokens) buf_cap = data_tokens;
-    if (buf_cap < 1) buf_cap = 1;
-    ShuffleBuffer sb = {xmalloc((size_t)buf_cap * d * sizeof(float)), (int)buf_cap, d, (uint64_t)o->seed * 31 + 7};
-    long t0 = time_in_ms();
-    for (int64_t i = 0; i < buf_cap; i++) stream_next(&st, sb.buf + (size_t)i * d);
-    if (o->max_norm_ratio > 0) {
-        float* norms = xmalloc((size_t)buf_cap * sizeof(float));
-        for (int64_t i = 0; i < buf_cap; i++) norms[i] = sqrtf(dot(sb.buf + (size_t)i * d, sb.buf + (size_t)i * d, d));
-        qsort(norms, (size_t)buf_cap, sizeof(float), cmp_float);
-        float median = norms[buf_cap / 2];
-        st.max_norm = o->max_norm_ratio * median;
-        for (int64_t i = 0; i < buf_cap; i++) {
-            float* slot = sb.buf + (size_t)i * d;
-            if (sqrtf(dot(slot, slot, d)) > st.max_norm) { st.dropped++; stream_next(&st, slot); }
-        }
-        printf("token norms: median %.3f, dropping tokens above %.3f\n", median, st.max_norm);
-        free(norms);
-    }
-
-    Sae s;
-    int k = o->k > 0 ? o->k : 32;
-    if (o->finetune) {
-        Sae from;
-        char err[512];
-        if (sae_load(&from, o->finetune, err, sizeof(err)) != 0) die("%s", err);
-        if (from.d != d) die("--finetune SAE has d=%d, the model %d", from.d, d);
-        if (from.arch != SAE_TOPK && from.arch != SAE_RELU) die("--finetune: cannot train a %s SAE", sae_arch_name(from.arch));
-        sae_alloc(&s, from.d, from.n, o->k > 0 ? o->k : from.k, from.arch);
-        memcpy((char*)s.memory + SAE_HEADER_BYTES, (char*)from.memory + SAE_HEADER_BYTES, s.memory_size - SAE_HEADER_BYTES);
-        s.sub_bdec = from.sub_bdec; s.act_scale = from.act_scale; s.train_tokens = from.train_tokens;
-        if (s.sub_bdec != 1 || s.act_scale != 1.0f) die("--finetune needs an SAE that encodes x - b_dec with act_scale 1");
-        sae_free(&from);
-    } else {
-        int n = o->n_latents > 0 ? o->n_latents : o->expansion * d;
-        if (o->arch == SAE_TOPK && (k < 1 || k > n)) die("-k %d must be in [1, %d]", k, n);
-        sae_alloc(&s, d, n, o->arch == SAE_TOPK ? k : 0, o->arch);
-    }
-    s.layer = o->layer;
-    s.hook = o->hook;
-    int64_t tokens = o->tokens >= 0 ? o->tokens : 1000000;
-    int B = o->batch, steps = (int)(tokens / B);
-    if (steps < 1) die("--tokens %lld is less than one batch of %d", (long long)tokens, B);
-    float* x = xmalloc((size_t)B * d * sizeof(float));
-    if (!o->finetune) {
-        buffer_draw(&sb, &st, x, B);
-        sae_init_from_data(&s, x, B, o->median, (uint64_t)o->seed);
-    }
-    SaeTrainConfig cfg;
-    train_config_from_opts(&cfg, o, d, s.n, s.k, s.arch, steps);
-    printf("training a %s SAE: d %d, n %d%s%d, %d steps of %d tokens, lr %.2e, warmup %d, dead after %lld tokens\n",
-           sae_arch_name(s.arch), d, s.n, s.arch == SAE_TOPK ? ", k " : ", l1 x1000 ", s.arch == SAE_TOPK ? s.k : (int)(cfg.l1 * 1000),
-           steps, B, cfg.lr, cfg.warmup, (long long)cfg.dead_tokens);
-    SaeTrainer tr;
-    sae_trainer_init(&tr, &s, &cfg, B);
-    SaeTrainStats stats;
-    memset(&stats, 0, sizeof(stats));
-    for (int step = 0; step < steps; step++) {
-        if (step > 0) buffer_draw(&sb, &st, x, B);
-        stats = sae_train_step(&tr, x, B);
-        if (o->log_every > 0 && ((step + 1) % o->log_every == 0 || step == 0 || step == steps - 1))
-            print_progress(step + 1, steps, (int64_t)(step + 1) * B, time_in_ms() - t0, &stats, s.arch == SAE_RELU);
-        if (o->save_every > 0 && (step + 1) % o->save_every == 0 && step != steps - 1) save_or_die(&s, o->out);
-    }
-    save_or_die(&s, o->out);
-    printf("saved %s (%d epochs of the data%s; %lld tokens dropped as outliers)\n", o->out, st.epoch,
-           st.cache ? " cache" : "", (long long)st.dropped);
-    sae_trainer_free(&tr);
-    free(x); free(sb.buf); free(st.order); free(st.tmp); free(st.row_acts); free(st.block_order);
-    if (st.cache) munmap((char*)st.cache - CACHE_HEADER, st.cache_bytes);
-    sae_free(&s);
-    free_rows(&rows);
-    free_transformer(&t);
-    free_tokenizer(&tok);
-    return 0;
-}
-
-static int planted_main(Opts* o) {
-    int d = o->planted_d, nt = o->planted_true, sp = o->planted_s;
-    int n = o->n_latents > 0 ? o->n_latents : 2 * nt, k = o->k > 0 ? o->k : sp;
-    int B = o->batch == 4096 ? 256 : o->batch;
-    int64_t tokens = o->tokens >= 0 ? o->tokens : 400000;
-    if (d < 2 || nt < 1 || sp < 1 || sp > nt || k > n) die("planted: need d >= 2, 1 <= s <= true, k <= n");
-    Planted p;
-    planted_init(&p, d, nt, sp, 0.01f, (uint64_t)o->seed);
-    Sae s;
-    sae_alloc(&s, d, n, o->arch == SAE_TOPK ? k : 0, o->arch);
-    float* x = xmalloc((size_t)B * d * sizeof(float));
-    planted_sample(&p, x, B);
-    sae_init_from_data(&s, x, B, o->median, (uint64_t)o->seed + 1);
-    int steps = (int)(tokens / B);
-    if (steps < 1) die("--tokens below one batch");
-    Opts oo = *o;
-    oo.batch = B;
-    if (oo.lr <= 0) oo.lr = 1e-2f;
-    SaeTrainConfig cfg;
-    train_config_from_opts(&cfg, &oo, d, n, k, o->arch, steps);
-    if (o->dead_tokens <= 0) cfg.dead_tokens = 20000;
-    printf("planted dictionary: %d directions in %d dims, %d active per sample; SAE n %d k %d, %d steps of %d\n",
-           nt, d, sp, n, k, steps, B);
-    SaeTrainer tr;
-    sae_trainer_init(&tr, &s, &cfg, B);
-    long t0 = time_in_ms();
-    SaeTrainStats st;
-    for (int step = 0; step < steps; step++) {
-        planted_sample(&p, x, B);
-        st = sae_train_step(&tr, x, B);
-        if (o->log_every > 0 && ((step + 1) % (o->log_every * 10) == 0 || step == steps - 1))
-            print_progress(step + 1, steps, (int64_t)(step + 1) * B, time_in_ms() - t0, &st, o->arch == SAE_RELU);
-    }
-    int m = 8192;
-    float* test = xmalloc((size_t)m * d * sizeof(float));
-    planted_sample(&p, test, m);
-    double l0, fvu = sae_fvu(&s, test, m, &l0);
-    printf("held-out FVU %.4f, L0 %.2f, planted directions recovered at cosine > 0.9: %.1f%%\n", fvu, l0,
-           100.0 * planted_recovery(&p, &s, 0.9f));
-    if (o->out) save_or_die(&s, o->out);
-    sae_trainer_free(&tr);
-    free(x); free(test);
-    sae_free(&s);
-    planted_free(&p);
-    return 0;
-}
-
-// ----------------------------------------------------------------------------
-// sae measure: FVU, L0, dead latents, and the next-token loss with the SAE
-// spliced in (x -> x^ at the content positions of the SAE's layer), with
-// that layer zero-ablated, and (with --latents) with the intervention.
-
-// Mean NLL of the content tokens of a row (targets that are content positions).
-static double row_nll(Transformer* t, const Row* r, float* all, int64_t* count) {
-    int V = t->config.vocab_size;
-    forward_batch(t, r->ids, r->n, 0, all);
-    double nll = 0.0;
-    for (int p = 0; p + 1 < r->n; p++) {
-        if (!r->keep[p + 1]) continue;
-        const float* row = all + (size_t)p * V;
-        float mx = row[0];
-        for (int j = 1; j < V; j++) if (row[j] > mx) mx = row[j];
-        double sum = 0.0;
-        for (int j = 0; j < V; j++) sum += exp((double)row[j] - mx);
-        nll += log(sum) + mx - row[r->ids[p + 1]];
-        (*count)++;
-    }
-    return nll;
-}
-
-typedef struct { int* sel; int n_sel; float gate_alpha; int gate_n; } Selection;
-
-static void read_latents(Selection* sel, const char* spec, int N, int n_latents) {
-    memset(sel, 0, sizeof(*sel));
-    sel->gate_alpha = -1.0f;
-    sel->sel = xmalloc((size_t)(N > 0 ? N : 1) * sizeof(int));
-    if (access(spec, F_OK) != 0) {
-        // not a file: a list such as 12,345
-        for (const char* p = spec; *p && sel->n_sel < N;) {
-            char* end;
-            long v = strtol(p, &end, 10);
-            if (end == p || v < 0 || v >= n_latents) die("--latents %s: not a file, nor a list of latent ids below %d", spec, n_latents);
-            sel->sel[sel->n_sel++] = (int)v;
-            p = *end == ',' ? end + 1 : end;
-            if (*end && *end != ',') die("--latents %s: not a file, nor a list of latent ids", spec);
-        }
-        return;
-    }
-    size_t len;
-    char* text = read_file(spec, &len);
-    int line_no = 0;
-    for (char* line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
-        line_no++;
-        if (line[0] == '#') {
-            int gn;
-            float ga;
-            if (sscanf(line, "# gate N=%d alpha=%f", &gn, &ga) == 2) { sel->gate_n = gn; sel->gate_alpha = ga; }
-            continue;
-        }
-        if (!strncmp(line, "rank,", 5)) continue;
-        int rank, latent, eligible;
-        if (sscanf(line, "%d,%d,%d", &rank, &latent, &eligible) != 3) die("%s:%d: not a latents CSV row", spec, line_no);
-        if (latent < 0 || latent >= n_latents) die("%s:%d: latent %d but the SAE has %d", spec, line_no, latent, n_latents);
-        if (eligible && sel->n_sel < N) sel->sel[sel->n_sel++] = latent;
-    }
-    free(text);
-}
-
-static const char* mode_name(int mode) {
-    switch (mode) {
-    case SAE_MODE_ZERO: return "zero";
-    case SAE_MODE_CLAMP: return "clamp";
-    case SAE_MODE_SCALE: return "scale";
-    case SAE_MODE_SPLICE: return "splice";
-    default: return "ablate";
-    }
-}
-
-// The intervention hook of the options (not installed); sel must outlive it.
-static void setup_intervention(SaeHook* h, const Sae* s, const Opts* o, Selection* sel) {
-    read_latents(sel, o->latents, o->N, s->n);
-    float value = o->mode == SAE_MODE_SCALE ? o->scale_m : o->clamp_c;
-    sae_hook_init(h, s, sae_engine_layer(s), sel->sel, sel->n_sel, o->mode, value);
-    if (o->gate) {
-        h->gate = 1;
-        if (o->gate_alpha >= 0) h->gate_alpha = o->gate_alpha;
-        else if (sel->gate_alpha >= 0 && sel->gate_n == sel->n_sel) h->gate_alpha = sel->gate_alpha;
-        else die("--gate needs --gate-alpha, or a CSV scored with -N %d", sel->n_sel);
-    }
-    printf("intervention: %d latents (", sel->n_sel);
-    for (int q = 0; q < sel->n_sel && q < 12; q++) printf(q ? " %d" : "%d", sel->sel[q]);
-    if (sel->n_sel > 12) printf(" ...");
-    printf("), mode %s", mode_name(o->mode));
-    if (o->mode == SAE_MODE_CLAMP) printf(" -c %g", o->clamp_c);
-    if (o->mode == SAE_MODE_SCALE) printf(" -m %g", o->scale_m);
-    if (h->gate) printf(", gate alpha %.4f", h->gate_alpha);
-    printf("\n");
-}
-
-static void load_split_rows(RowSet* forget, RowSet* retain, const Tokenizer* tok, const Opts* o, int need) {
-    memset(forget, 0, sizeof(*forget));
-    memset(retain, 0, sizeof(*retain));
-    if (o->qa) {
-        RowSet all;
-        memset(&all, 0, sizeof(all));
-        load_rows(&all, tok, o->qa, o->T, -1, o->system);
-        for (int i = 0; i < all.n; i++) *new_row(all.rows[i].split ? retain : forget) = all.rows[i];
-        free(all.rows);
-    }
-    if (o->forget) load_rows(forget, tok, o->forget, o->T, 0, o->system);
-    if (o->retain) load_rows(retain, tok, o->retain, o->T, 1, o->system);
-    if (need && (forget->n == 0 || retain->n == 0)) die("%s needs --forget F and --retain R (or --qa FILE)", o->cmd);
-}
-
-static int measure_main(Opts* o) {
-    Transformer t;
-    Tokenizer tok;
-    load_model(&t, &tok, o, o->T);
-    Sae s;
-    load_sae_for(&s, o->sae, &t);
-    print_sae(&s, o->sae);
-    RowSet sets[2];
-    load_split_rows(&sets[0], &sets[1], &tok, o, 1);
-    if (o->selftest) sae_selftest(&t, &tok, &s, &sets[1], 256);
-    Selection sel;
-    SaeHook inter;
-    int with_inter = o->latents != NULL;
-    if (with_inter) setup_intervention(&inter, &s, o, &sel);
-    int e = sae_engine_layer(&s);
-    float* all = xmalloc((size_t)o->T * t.config.vocab_size * sizeof(float));
-    printf("%-7s %8s %8s %7s %9s %9s %9s %8s %8s", "set", "tokens", "FVU", "L0", "CE clean", "CE +SAE", "CE 0-abl",
-           "dCE SAE", "CE score");
-    if (with_inter) printf(" %9s %9s %9s", "CE interv", "dCE int", "edited");
-    printf("\n");
-    unsigned char* ever = xcalloc(s.n, 1);
-    int64_t all_tokens = 0;
+void latent_stats_init(LatentStats* ls, int n) {
+    memset(ls, 0, sizeof(*ls));
+    ls->n = n;
     for (int set = 0; set < 2; set++) {
-        SaeHook splice, ablate;
-        sae_hook_init(&splice, &s, e, NULL, 0, SAE_MODE_SPLICE, 0.0f);
-        sae_hook_init(&ablate, &s, e, NULL, 0, SAE_MODE_ABLATE, 0.0f);
-        double nll[4] = {0, 0, 0, 0};
-        int64_t cnt[4] = {0, 0, 0, 0};
-        int64_t inter_tokens0 = with_inter ? inter.n_tokens : 0, inter_changed0 = with_inter ? inter.n_changed : 0;
-        const RowSet* rs = &sets[set];
-        for (int i = 0; i < rs->n; i++) {
-            const Row* r = &rs->rows[i];
-            t.hook = NULL;
-            nll[0] += row_nll(&t, r, all, &cnt[0]);
-            splice.keep = r->keep;
-            t.hook = sae_hook_fn; t.hook_ctx = &splice;
-            nll[1] += row_nll(&t, r, all, &cnt[1]);
-            ablate.keep = r->keep;
-            t.hook_ctx = &ablate;
-            nll[2] += row_nll(&t, r, all, &cnt[2]);
-            if (with_inter) {
-                sae_hook_reset_sequence(&inter);
-                t.hook_ctx = &inter;
-                nll[3] += row_nll(&t, r, all, &cnt[3]);
-            }
-            t.hook = NULL;
-        }
-        double ce[4];
-        for (int q = 0; q < 4; q++) ce[q] = cnt[q] ? nll[q] / cnt[q] : 0.0;
-        double n_tok = (double)splice.splice_tokens, var = splice.sumsq;
-        for (int j = 0; j < s.d; j++) var -= splice.sumx[j] * splice.sumx[j] / (n_tok > 0 ? n_tok : 1);
-        double fvu = var > 0 ? splice.sse / var : 0.0;
-        double score = ce[2] != ce[0] ? (ce[2] - ce[1]) / (ce[2] - ce[0]) : 0.0;
-        printf("%-7s %8lld %8.4f %7.1f %9.4f %9.4f %9.4f %+8.4f %8.4f", set ? "retain" : "forget", (long long)cnt[0], fvu,
-               n_tok > 0 ? splice.l0_sum / n_tok : 0.0, ce[0], ce[1], ce[2], ce[1] - ce[0], score);
-        if (with_inter) {
-            int64_t seen = inter.n_tokens - inter_tokens0, changed = inter.n_changed - inter_changed0;
-            printf(" %9.4f %+9.4f %8.1f%%", ce[3], ce[3] - ce[0], seen ? 100.0 * changed / seen : 0.0);
-        }
-        printf("\n");
-        for (int i = 0; i < s.n; i++) ever[i] |= splice.ever[i];
-        all_tokens += splice.splice_tokens;
-        sae_hook_free(&splice);
-        sae_hook_free(&ablate);
+        ls->cnt[set] = xcalloc(n, sizeof(double));
+        ls->sum[set] = xcalloc(n, sizeof(double));
+        ls->sq[set] = xcalloc(n, sizeof(double));
     }
-    int never = 0;
-    for (int i = 0; i < s.n; i++) never += !ever[i];
-    printf("latents that never fired on these %lld tokens: %d of %d (%.1f%%)\n", (long long)all_tokens, never, s.n,
-           100.0 * never / s.n);
-    printf("(CE: mean next-token loss on content tokens; CE score = (CE 0-abl - CE +SAE) / (CE 0-abl - CE clean))\n");
-    free(ever); free(all);
-    if (with_inter) { sae_hook_free(&inter); free(sel.sel); }
-    free_rows(&sets[0]); free_rows(&sets[1]);
-    sae_free(&s);
-    free_transformer(&t);
-    free_tokenizer(&tok);
-    return 0;
+    ls->cnt_kw = xcalloc(n, sizeof(double));
+    ls->sum_kw = xcalloc(n, sizeof(double));
 }
 
-// ----------------------------------------------------------------------------
-// sae score: which latents fire on the forget text and not on the retain
-// text. Per latent and per set: firing frequency P(f > 0), mean activation
-// E[f], mean square E[f^2]; at keyword positions: frequency and mean. The
-// top contexts (activation, row, position) of every latent are kept in a
-// small min-heap per latent, so the selected ones can be shown.
+void latent_stats_free(LatentStats* ls) {
+    for (int set = 0; set < 2; set++) { free(ls->cnt[set]); free(ls->sum[set]); free(ls->sq[set]); }
+    free(ls->cnt_kw); free(ls->sum_kw);
+    memset(ls, 0, sizeof(*ls));
+}
 
-typedef struct { float act; int row; int pos; } TopCtx;
-
-static void heap_push(TopCtx* heap, int* n, int cap, TopCtx v) {
-    if (*n < cap) {
-        int i = (*n)++;
-        heap[i] = v;
-        while (i > 0 && heap[(i - 1) / 2].act > heap[i].act) { TopCtx t = heap[i]; heap[i] = heap[(i - 1) / 2]; heap[(i - 1) / 2] = t; i = (i - 1) / 2; }
-        return;
-    }
-    if (cap == 0 || v.act <= heap[0].act) return;
-    heap[0] = v;
-    for (int i = 0;;) {
-        int l = 2 * i + 1, r = l + 1, m = i;
-        if (l < cap && heap[l].act < heap[m].act) m = l;
-        if (r < cap && heap[r].act < heap[m].act) m = r;
-        if (m == i) break;
-        TopCtx t = heap[i]; heap[i] = heap[m]; heap[m] = t;
-        i = m;
+void latent_stats_add(LatentStats* ls, int set, const float* f, int m, const unsigned char* kw) {
+    int n = ls->n;
+    ls->tokens[set] += m;
+    for (int q = 0; kw && q < m; q++) ls->tokens_kw += kw[q];
+    #pragma omp parallel for schedule(static) if ((size_t)m * n > (1u << 18))
+    for (int lat = 0; lat < n; lat++) {
+        for (int q = 0; q < m; q++) {
+            float v = f[(size_t)q * n + lat];
+            if (v == 0.0f) continue;
+            ls->cnt[set][lat] += 1.0; ls->sum[set][lat] += v; ls->sq[set][lat] += (double)v * v;
+            if (kw && kw[q]) { ls->cnt_kw[lat] += 1.0; ls->sum_kw[lat] += v; }
+        }
     }
 }
 
-static int cmp_ctx_desc(const void* a, const void* b) {
-    float x = ((const TopCtx*)a)->act, y = ((const TopCtx*)b)->act;
-    return (x < y) - (x > y);
+void latent_stats_denoms(const LatentStats* ls, double denom[3]) {
+    denom[0] = ls->tokens[0] > 0 ? (double)ls->tokens[0] : 1.0;
+    denom[1] = ls->tokens[1] > 0 ? (double)ls->tokens[1] : 1.0;
+    denom[2] = ls->tokens_kw > 0 ? (double)ls->tokens_kw : 1.0;
 }
 
-static void print_context(const Tokenizer* tok, const Row* r, int pos) {
-    int a = pos - 12 > 0 ? pos - 12 : 0, b = pos + 4 < r->n ? pos + 4 : r->n - 1;
-    printf("\"");
-    for (int p = a; p <= b; p++) {
-        int len;
-        const char* piece = token_piece(tok, r->ids[p], &len);
-        if (p == pos) printf("[");
-        for (int c = 0; c < len; c++) {
-            unsigned char ch = (unsigned char)piece[c];
-            if (ch == '\n') printf("\\n");
-            else if (ch == '"') printf("\\\"");
-            else putchar(ch);
-        }
-        if (p == pos) printf("]");
-    }
-    printf("\"");
+static const char* RULE_NAMES[SAE_N_RULES] = {"freq", "diff", "ratio", "sq_ratio", "keyword"};
+
+int sae_rule_from_name(const char* name) {
+    for (int q = 0; q < SAE_N_RULES; q++) if (!strcmp(name, RULE_NAMES[q])) return q;
+    return -1;
+}
+
+static int cmp_double(const void* a, const void* b) {
+    double x = *(const double*)a, y = *(const double*)b;
+    return (x > y) - (x < y);
 }
 
 // A latent with what it is ranked by (qsort has no context argument, so the
@@ -2060,499 +1038,44 @@ static int cmp_ranked(const void* a, const void* b) {
     return (x->latent > y->latent) - (x->latent < y->latent);
 }
 
-// Per row of rs: the fraction of positions (all but BOS, as the hook sees
-// them in generation) with any selected latent active. A QA row counts its
-// prompt only (question and assistant header): that is all the gate sees
-// when it decides, before the answer exists.
-static double* row_fractions(Transformer* t, const Tokenizer* tok, const char* system, const Sae* s,
-                             const RowSet* rs, const int* sel, int n_sel) {
-    int e = sae_engine_layer(s), d = s->d;
-    double* frac = xmalloc((size_t)(rs->n > 0 ? rs->n : 1) * sizeof(double));
-    SaeHook obs;
-    sae_hook_init(&obs, s, e, sel, n_sel, SAE_MODE_CLAMP, 0.0f);
-    obs.gate = 1;
-    obs.gate_alpha = 2.0f;   // never opens: observe only
-    for (int i = 0; i < rs->n; i++) {
-        const Row* r = &rs->rows[i];
-        int n = r->n;
-        if (r->question) {
-            int* prompt = xmalloc((size_t)r->n * sizeof(int));
-            int n_prompt = chat_row_ids(tok, system, r->question, NULL, 0, prompt, r->n);
-            free(prompt);
-            if (n_prompt > 0 && n_prompt < n) n = n_prompt;
-        }
-        float* acts = xmalloc((size_t)n * d * sizeof(float));
-        capture_row(t, r->ids, n, e, e, acts);
-        sae_hook_reset_sequence(&obs);
-        sae_hook_fn(&obs, e, 0, n, acts, d);
-        frac[i] = obs.seq_tokens ? (double)obs.seq_hits / obs.seq_tokens : 0.0;
-        free(acts);
-    }
-    sae_hook_free(&obs);
-    return frac;
+// sq_ratio's cut (Dynamic SAE Guardrails): the 90th percentile of the
+// forget/retain squared-activation ratio over the latents that fire on forget.
+static double sq_ratio_cut(const LatentStats* ls, double tf, double trt) {
+    int n = ls->n, c = 0;
+    double cut = 0.0;
+    double* ratios = xmalloc((size_t)n * sizeof(double));
+    for (int i = 0; i < n; i++) if (ls->cnt[0][i] > 0) ratios[c++] = (ls->sq[0][i] / tf) / (ls->sq[1][i] / trt + 1e-12);
+    if (c > 0) { qsort(ratios, c, sizeof(double), cmp_double); cut = ratios[(int)(0.9 * (c - 1))]; }
+    free(ratios);
+    return cut;
 }
 
-static int cmp_double(const void* a, const void* b) {
-    double x = *(const double*)a, y = *(const double*)b;
-    return (x > y) - (x < y);
-}
-
-static int score_main(Opts* o) {
-    if (!o->out) die("score needs -o latents.csv");
-    Transformer t;
-    Tokenizer tok;
-    load_model(&t, &tok, o, o->T);
-    Sae s;
-    load_sae_for(&s, o->sae, &t);
-    print_sae(&s, o->sae);
-    RowSet sets[2];
-    load_split_rows(&sets[0], &sets[1], &tok, o, 1);
-    int rule = -1;
-    const char* rules[] = {"freq", "diff", "ratio", "sq_ratio", "keyword"};
-    for (int q = 0; q < 5; q++) if (!strcmp(o->rule, rules[q])) rule = q;
-    if (rule < 0) die("--rule must be freq, diff, ratio, sq_ratio or keyword, got '%s'", o->rule);
-    if (rule == 4 && !o->keywords) die("--rule keyword needs --keywords FILE");
-    if (o->keywords) {
-        Keywords kw;
-        load_keywords(&kw, o->keywords);
-        mark_keywords(&sets[0], &tok, &kw);
-        mark_keywords(&sets[1], &tok, &kw);
-        for (int w = 0; w < kw.n; w++) free(kw.words[w]);
-        free(kw.words);
-    }
-    if (o->selftest) sae_selftest(&t, &tok, &s, &sets[1], 256);
-    int n = s.n, d = s.d, e = sae_engine_layer(&s), M = o->contexts > 0 ? o->contexts : 0;
-    double* cnt[2] = {xcalloc(n, sizeof(double)), xcalloc(n, sizeof(double))};
-    double* sum[2] = {xcalloc(n, sizeof(double)), xcalloc(n, sizeof(double))};
-    double* sq[2] = {xcalloc(n, sizeof(double)), xcalloc(n, sizeof(double))};
-    double* cnt_kw = xcalloc(n, sizeof(double));
-    double* sum_kw = xcalloc(n, sizeof(double));
-    TopCtx* heaps = xmalloc((size_t)n * (M > 0 ? M : 1) * sizeof(TopCtx));
-    int* heap_n = xcalloc(n, sizeof(int));
-    int64_t toks[2] = {0, 0}, tok_kw = 0;
-    int block = 64;
-    float* tmp = xmalloc((size_t)o->T * d * sizeof(float));
-    float* acts = xmalloc((size_t)o->T * d * sizeof(float));
-    int* pos = xmalloc((size_t)o->T * sizeof(int));
-    float* f = xmalloc((size_t)block * n * sizeof(float));
-    long t0 = time_in_ms();
-    for (int set = 0; set < 2; set++) {
-        for (int i = 0; i < sets[set].n; i++) {
-            const Row* r = &sets[set].rows[i];
-            capture_row(&t, r->ids, r->n, e, e, tmp);
-            int m = 0;
-            for (int p = 0; p < r->n; p++) {
-                if (!r->keep[p]) continue;
-                memcpy(acts + (size_t)m * d, tmp + (size_t)p * d, (size_t)d * sizeof(float));
-                pos[m++] = p;
-                if (r->kw && r->kw[p]) tok_kw++;
-            }
-            toks[set] += m;
-            int row_id = set ? sets[0].n + i : i;
-            for (int b0 = 0; b0 < m; b0 += block) {
-                int mb = m - b0 < block ? m - b0 : block;
-                sae_encode(&s, acts + (size_t)b0 * d, mb, f);
-                #pragma omp parallel for schedule(static) if ((size_t)mb * n > (1u << 18))
-                for (int lat = 0; lat < n; lat++) {
-                    for (int q = 0; q < mb; q++) {
-                        float v = f[(size_t)q * n + lat];
-                        if (v == 0.0f) continue;
-                        int p = pos[b0 + q];
-                        cnt[set][lat] += 1.0; sum[set][lat] += v; sq[set][lat] += (double)v * v;
-                        if (r->kw && r->kw[p]) { cnt_kw[lat] += 1.0; sum_kw[lat] += v; }
-                        if (M > 0) heap_push(heaps + (size_t)lat * M, &heap_n[lat], M, (TopCtx){v, row_id, p});
-                    }
-                }
-            }
-        }
-        fprintf(stderr, "scored %s: %d rows, %lld tokens (%.1f s)\n", set ? "retain" : "forget", sets[set].n,
-                (long long)toks[set], (time_in_ms() - t0) / 1000.0);
-    }
-    // the scores
-    double tf = toks[0] > 0 ? (double)toks[0] : 1.0, trt = toks[1] > 0 ? (double)toks[1] : 1.0;
-    double tk = tok_kw > 0 ? (double)tok_kw : 1.0;
-    double* score = xmalloc((size_t)n * sizeof(double));
-    unsigned char* eligible = xcalloc(n, 1);
-    double ratio_cut = 0.0;
-    if (rule == 3) {
-        // Dynamic SAE Guardrails: keep the top 10% by forget/retain squared-activation ratio
-        double* ratios = xmalloc((size_t)n * sizeof(double));
-        int c = 0;
-        for (int i = 0; i < n; i++) if (cnt[0][i] > 0) ratios[c++] = (sq[0][i] / tf) / (sq[1][i] / trt + 1e-12);
-        if (c > 0) { qsort(ratios, c, sizeof(double), cmp_double); ratio_cut = ratios[(int)(0.9 * (c - 1))]; }
-        free(ratios);
-    }
+int latent_scores(const LatentStats* ls, int rule, float tau, double* score, unsigned char* eligible, int* order) {
+    int n = ls->n;
+    double dn[3];
+    latent_stats_denoms(ls, dn);
+    double tf = dn[0], trt = dn[1], tk = dn[2];
+    double ratio_cut = rule == SAE_RULE_SQ_RATIO ? sq_ratio_cut(ls, tf, trt) : 0.0;
+    const double* const* cnt = (const double* const*)ls->cnt;
+    const double* const* sum = (const double* const*)ls->sum;
+    const double* const* sq = (const double* const*)ls->sq;
     for (int i = 0; i < n; i++) {
-        double ff = cnt[0][i] / tf, fr = cnt[1][i] / trt;
+        double fr = cnt[1][i] / trt;
         switch (rule) {
-        case 0: score[i] = ff; break;
-        case 1: score[i] = sum[0][i] / tf - sum[1][i] / trt; break;
-        case 2: score[i] = log((cnt[0][i] + 1.0) / (tf + 1.0)) - log((cnt[1][i] + 1.0) / (trt + 1.0)); break;
-        case 3: score[i] = (sq[0][i] / tf) / (sq[1][i] / trt + 1e-12) >= ratio_cut ? sq[0][i] / tf : 0.0; break;
-        default: score[i] = cnt_kw[i] / tk - fr; break;
+        case SAE_RULE_FREQ: score[i] = cnt[0][i] / tf; break;
+        case SAE_RULE_DIFF: score[i] = sum[0][i] / tf - sum[1][i] / trt; break;
+        case SAE_RULE_RATIO: score[i] = log((cnt[0][i] + 1.0) / (tf + 1.0)) - log((cnt[1][i] + 1.0) / (trt + 1.0)); break;
+        case SAE_RULE_SQ_RATIO: score[i] = (sq[0][i] / tf) / (sq[1][i] / trt + 1e-12) >= ratio_cut ? sq[0][i] / tf : 0.0; break;
+        default: score[i] = ls->cnt_kw[i] / tk - fr; break;
         }
-        eligible[i] = cnt[0][i] > 0 && fr <= o->tau && score[i] > 0.0;
+        eligible[i] = cnt[0][i] > 0 && fr <= tau && score[i] > 0.0;
     }
     RankedLatent* ranked = xmalloc((size_t)n * sizeof(RankedLatent));
     for (int i = 0; i < n; i++) ranked[i] = (RankedLatent){i, eligible[i], score[i]};
     qsort(ranked, n, sizeof(RankedLatent), cmp_ranked);
-    int* order = xmalloc((size_t)n * sizeof(int));
     for (int i = 0; i < n; i++) order[i] = ranked[i].latent;
     free(ranked);
     int n_eligible = 0;
     for (int i = 0; i < n; i++) n_eligible += eligible[i];
-    int N = o->N < n_eligible ? o->N : n_eligible;
-    // the per-sequence gate threshold of the selected latents
-    double* frac_r = row_fractions(&t, &tok, o->system, &s, &sets[1], order, N);
-    double* frac_f = row_fractions(&t, &tok, o->system, &s, &sets[0], order, N);
-    double* sorted = xmalloc((size_t)sets[1].n * sizeof(double));
-    memcpy(sorted, frac_r, (size_t)sets[1].n * sizeof(double));
-    qsort(sorted, sets[1].n, sizeof(double), cmp_double);
-    int at95 = (int)ceil(0.95 * sets[1].n) - 1;
-    double alpha = sorted[at95 < 0 ? 0 : at95];
-    int open_f = 0, open_r = 0;
-    for (int i = 0; i < sets[0].n; i++) open_f += frac_f[i] > alpha;
-    for (int i = 0; i < sets[1].n; i++) open_r += frac_r[i] > alpha;
-
-    // the CSV, best first
-    char tmp_path[4096];
-    snprintf(tmp_path, sizeof(tmp_path), "%s.tmp", o->out);
-    FILE* csv = fopen(tmp_path, "w");
-    if (!csv) die("cannot write %s: %s", o->out, strerror(errno));
-    fprintf(csv, "# sae=%s layer=%d hook=%s rule=%s tau=%g forget_tokens=%lld retain_tokens=%lld keyword_tokens=%lld\n",
-            o->sae, s.layer, s.hook ? "pre" : "post", o->rule, o->tau, (long long)toks[0], (long long)toks[1], (long long)tok_kw);
-    fprintf(csv, "# gate N=%d alpha=%.6f\n", N, alpha);
-    fprintf(csv, "rank,latent,eligible,score,freq_forget,freq_retain,mean_forget,mean_retain,sq_forget,sq_retain,"
-                 "freq_keyword,mean_keyword\n");
-    for (int q = 0; q < n; q++) {
-        int i = order[q];
-        fprintf(csv, "%d,%d,%d,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g\n", q + 1, i, eligible[i], score[i],
-                cnt[0][i] / tf, cnt[1][i] / trt, sum[0][i] / tf, sum[1][i] / trt, sq[0][i] / tf, sq[1][i] / trt,
-                cnt_kw[i] / tk, cnt_kw[i] > 0 ? sum_kw[i] / cnt_kw[i] : 0.0);
-    }
-    if (fclose(csv) != 0 || rename(tmp_path, o->out) != 0) die("cannot write %s: %s", o->out, strerror(errno));
-    printf("wrote %s: %d latents, %d eligible (retain frequency <= %g), rule %s\n", o->out, n, n_eligible, o->tau, o->rule);
-    printf("gate for the top %d: alpha = %.4f (95th percentile over %d retain rows); it opens on %d/%d forget rows, "
-           "%d/%d retain rows\n", N, alpha, sets[1].n, open_f, sets[0].n, open_r, sets[1].n);
-
-    // the selected latents and where they fire most
-    printf("\n%4s %7s %10s %9s %9s %9s %9s %9s\n", "rank", "latent", "score", "f_forget", "f_retain", "mean_f", "mean_r", "f_keyword");
-    for (int q = 0; q < N; q++) {
-        int i = order[q];
-        printf("%4d %7d %10.4g %9.4f %9.5f %9.4f %9.4f %9.4f\n", q + 1, i, score[i], cnt[0][i] / tf, cnt[1][i] / trt,
-               sum[0][i] / tf, sum[1][i] / trt, cnt_kw[i] / tk);
-        TopCtx* h = heaps + (size_t)i * M;
-        qsort(h, heap_n[i], sizeof(TopCtx), cmp_ctx_desc);
-        for (int c = 0; c < heap_n[i]; c++) {
-            int from_retain = h[c].row >= sets[0].n;
-            const Row* r = from_retain ? &sets[1].rows[h[c].row - sets[0].n] : &sets[0].rows[h[c].row];
-            printf("        %8.3f %s ", h[c].act, from_retain ? "retain" : "forget");
-            print_context(&tok, r, h[c].pos);
-            printf("\n");
-        }
-    }
-    free(frac_r); free(frac_f); free(sorted); free(order); free(score); free(eligible);
-    for (int q = 0; q < 2; q++) { free(cnt[q]); free(sum[q]); free(sq[q]); free_rows(&sets[q]); }
-    free(cnt_kw); free(sum_kw); free(heaps); free(heap_n); free(tmp); free(acts); free(pos); free(f);
-    sae_free(&s);
-    free_transformer(&t);
-    free_tokenizer(&tok);
-    return 0;
+    return n_eligible;
 }
-
-// ----------------------------------------------------------------------------
-// Generation with the intervention: generate, chat, eval.
-
-// Prompt tokens at pos0.. With the per-sequence gate, a gate that opens
-// inside the prompt means the prompt runs again with the intervention from
-// its first position (the hook's counters are rewound first).
-static float* prefill(Transformer* t, SaeHook* h, const int* ids, int n, int pos0) {
-    if (!h || !h->gate || h->gate_on) return forward_batch(t, ids, n, pos0, NULL);
-    SaeHook before = *h;
-    float* logits = forward_batch(t, ids, n, pos0, NULL);
-    if (h->gate_on) {
-        h->seq_tokens = before.seq_tokens; h->seq_hits = before.seq_hits;
-        h->n_tokens = before.n_tokens; h->n_active = before.n_active; h->n_changed = before.n_changed;
-        logits = forward_batch(t, ids, n, pos0, NULL);
-    }
-    return logits;
-}
-
-// Samples up to max_new tokens after the prompt (whose logits are given),
-// appending them to hist; the text goes to stdout (print) and/or out.
-static int decode_tokens(Transformer* t, const Tokenizer* tok, Sampler* sm, float* logits, int* hist, int n_hist,
-                         int max_new, int print, char* out, size_t out_cap, int* n_gen) {
-    size_t at = 0;
-    if (out) out[0] = '\0';
-    *n_gen = 0;
-    while (*n_gen < max_new) {
-        int next = sample(sm, logits);
-        (*n_gen)++;
-        hist[n_hist++] = next;
-        if (is_stop_token(&t->config, tok, next)) break;
-        if (print) print_token(tok, next);
-        if (out && !tok->is_special[next]) {
-            int len;
-            const char* piece = token_piece(tok, next, &len);
-            if (at + len < out_cap) { memcpy(out + at, piece, len); at += len; out[at] = '\0'; }
-        }
-        if (n_hist >= t->state.seq_len) { fprintf(stderr, "\n[context of %d positions full]\n", t->state.seq_len); break; }
-        logits = forward(t, next, n_hist - 1);
-    }
-    return n_hist;
-}
-
-static void report_hook(const SaeHook* h) {
-    if (!h) return;
-    fprintf(stderr, "[sae] %lld positions seen, %lld with a selected latent active, %lld edited%s\n",
-            (long long)h->n_tokens, (long long)h->n_active, (long long)h->n_changed,
-            h->gate ? (h->gate_on ? "; gate open" : "; gate closed") : "");
-}
-
-// Model, tokenizer, SAE (self-tested) and the intervention hook of -N/--mode (installed).
-typedef struct {
-    Transformer t;
-    Tokenizer tok;
-    Sae s;
-    SaeHook h;
-    Selection sel;
-    int has_hook;
-} Session;
-
-static void open_session(Session* ss, const Opts* o, int ctx) {
-    memset(ss, 0, sizeof(*ss));
-    load_model(&ss->t, &ss->tok, o, ctx);
-    load_sae_for(&ss->s, o->sae, &ss->t);
-    print_sae(&ss->s, o->sae);
-    if (o->selftest) sae_selftest(&ss->t, &ss->tok, &ss->s, NULL, 256);
-    if (o->latents) {
-        setup_intervention(&ss->h, &ss->s, o, &ss->sel);
-        ss->has_hook = 1;
-    } else {
-        fprintf(stderr, "note: no --latents: the model runs without an intervention\n");
-    }
-    fflush(stdout);
-}
-
-static void close_session(Session* ss) {
-    if (ss->has_hook) { sae_hook_free(&ss->h); free(ss->sel.sel); }
-    sae_free(&ss->s);
-    free_transformer(&ss->t);
-    free_tokenizer(&ss->tok);
-}
-
-static void install(Session* ss) {
-    ss->t.hook = ss->has_hook ? sae_hook_fn : NULL;
-    ss->t.hook_ctx = ss->has_hook ? &ss->h : NULL;
-}
-
-static int generate_main(Opts* o) {
-    if (!o->prompt) die("generate needs a prompt (-i TEXT)");
-    if (!utf8_valid(o->prompt, strlen(o->prompt))) die("prompt is not valid UTF-8");
-    Session ss;
-    open_session(&ss, o, o->ctx);
-    install(&ss);
-    size_t len = strlen(o->prompt);
-    int ctx = ss.t.state.seq_len;
-    int* hist = xmalloc((size_t)(ctx > (int)len + 2 ? ctx : (int)len + 2) * sizeof(int));
-    int n = 0;
-    hist[n++] = ss.tok.bos_id;
-    n += encode(&ss.tok, o->prompt, len, 1, hist + n, (int)len + 1);
-    if (n > ctx) die("prompt of %d tokens does not fit the context of %d (raise --ctx)", n, ctx);
-    Sampler sm;
-    build_sampler(&sm, ss.t.config.vocab_size, o->temperature, o->topp, (uint64_t)o->seed);
-    for (int i = 1; i < n; i++) print_token(&ss.tok, hist[i]);
-    if (ss.has_hook) sae_hook_reset_sequence(&ss.h);
-    long t0 = time_in_ms();
-    float* logits = prefill(&ss.t, ss.has_hook ? &ss.h : NULL, hist, n, 0);
-    int n_gen;
-    decode_tokens(&ss.t, &ss.tok, &sm, logits, hist, n, o->steps, 1, NULL, 0, &n_gen);
-    long ms = time_in_ms() - t0;
-    printf("\n");
-    fprintf(stderr, "%d prompt + %d generated tokens, %.2f tok/s\n", n, n_gen, ms > 0 ? (n + n_gen) * 1000.0 / ms : 0.0);
-    report_hook(ss.has_hook ? &ss.h : NULL);
-    free_sampler(&sm);
-    free(hist);
-    close_session(&ss);
-    return 0;
-}
-
-static int chat_main(Opts* o) {
-    Session ss;
-    open_session(&ss, o, o->ctx);
-    install(&ss);
-    int ctx = ss.t.state.seq_len;
-    int* hist = xmalloc((size_t)ctx * sizeof(int));
-    int* turn = NULL;
-    int n_hist = 0, first = 1;
-    Sampler sm;
-    build_sampler(&sm, ss.t.config.vocab_size, o->temperature, o->topp, (uint64_t)o->seed);
-    if (ss.has_hook) sae_hook_reset_sequence(&ss.h);
-    char* line = NULL;   // one user turn per line of stdin, of any length
-    size_t line_cap = 0;
-    for (;;) {
-        const char* user = o->prompt;
-        if (!user) {
-            printf("User: ");
-            fflush(stdout);
-            if (getline(&line, &line_cap, stdin) < 0) break;
-            line[strcspn(line, "\n")] = '\0';
-            if (!line[0]) continue;
-            user = line;
-        }
-        if (!utf8_valid(user, strlen(user))) die("user message is not valid UTF-8");
-        ChatMessage msgs[2];
-        int m = 0;
-        if (first && o->system) { msgs[m].role = "system"; msgs[m].content = o->system; m++; }
-        msgs[m].role = "user"; msgs[m].content = user; m++;
-        // room for every token (each is at least one byte): a message too
-        // long for the context is reported below, never cut
-        size_t cap = strlen(user) + (first && o->system ? strlen(o->system) : 0) + 64;
-        if (cap > INT_MAX / 2) die("user message too long");
-        free(turn);
-        turn = xmalloc(cap * sizeof(int));
-        int n_turn = chat_encode(&ss.tok, msgs, m, 1, first, turn, (int)cap);
-        if (n_hist + n_turn >= ctx) die("conversation of %d tokens does not fit the context of %d (raise --ctx)", n_hist + n_turn, ctx);
-        memcpy(hist + n_hist, turn, (size_t)n_turn * sizeof(int));
-        if (!o->prompt) { printf("Assistant: "); fflush(stdout); }
-        float* logits = prefill(&ss.t, ss.has_hook ? &ss.h : NULL, turn, n_turn, n_hist);
-        n_hist += n_turn;
-        int n_gen;
-        n_hist = decode_tokens(&ss.t, &ss.tok, &sm, logits, hist, n_hist, o->steps, 1, NULL, 0, &n_gen);
-        printf("\n");
-        first = 0;
-        if (o->prompt) break;
-        // close the assistant turn in the cache (the sampled eot was never fed)
-        int last = hist[n_hist - 1];
-        if (!is_stop_token(&ss.t.config, &ss.tok, last) && ss.tok.n_eot > 0) hist[n_hist++] = ss.tok.eot_ids[0];
-        if (n_hist >= ctx) { fprintf(stderr, "[context of %d positions full]\n", ctx); break; }
-        forward(&ss.t, hist[n_hist - 1], n_hist - 1);
-    }
-    report_hook(ss.has_hook ? &ss.h : NULL);
-    free_sampler(&sm);
-    free(hist); free(turn); free(line);
-    close_session(&ss);
-    return 0;
-}
-
-// eval: the shared harness (eval.c) with the intervention applied. The SAE
-// method plugs in its options (--sae, --latents, -N, --mode, -c, -m,
-// --gate, --gate-alpha, --no-selftest), its hook for raw text and its own
-// chat answerer (the gate may re-run the prompt once it opens).
-typedef struct {
-    Opts o;
-    Sae s;
-    SaeHook h;
-    Selection sel;
-    Transformer* t;
-    const Tokenizer* tok;
-    int max_new;
-} SaeMethod;
-
-static int sae_method_parse(EvalMethod* m, int argc, char** argv, int i) {
-    static const char* own[] = {"--sae", "--latents", "-N", "--mode", "-c", "-m", "--gate", "--gate-alpha",
-                                "--no-selftest", NULL};
-    SaeMethod* sm = m->user;
-    for (int k = 0; own[k]; k++) {
-        if (strcmp(argv[i], own[k])) continue;
-        if (i + 1 >= argc) die("%s needs a value (see --help)", argv[i]);
-        parse_flag(&sm->o, argv[i], argv[i + 1]);
-        return 2;
-    }
-    return 0;
-}
-
-static void sae_method_setup(EvalMethod* m, Transformer* t, Tokenizer* tok, int max_new) {
-    SaeMethod* sm = m->user;
-    if (!sm->o.latents) die("sae eval needs --latents CSV (from sae score) or a list such as 12,345");
-    sm->t = t; sm->tok = tok; sm->max_new = max_new;
-    load_sae_for(&sm->s, sm->o.sae, t);
-    print_sae(&sm->s, sm->o.sae);
-    if (sm->o.selftest) sae_selftest(t, tok, &sm->s, NULL, 256);
-    setup_intervention(&sm->h, &sm->s, &sm->o, &sm->sel);
-    fflush(stdout);
-    m->hook = sae_hook_fn;
-    m->hook_ctx = &sm->h;
-    m->answer_ctx = sm;
-}
-
-static void sae_method_new_sequence(EvalMethod* m) { sae_hook_reset_sequence(&((SaeMethod*)m->user)->h); }
-
-static int sae_method_answer(void* ctx, const ChatMessage* msgs, int n_msgs, char* out, size_t cap) {
-    SaeMethod* sm = ctx;
-    int* ids;
-    int n = eval_chat_tokens(sm->tok, NULL, msgs, n_msgs, &ids);
-    int seq_len = sm->t->state.seq_len;
-    if (n + sm->max_new > seq_len) die("a prompt of %d tokens + %d new does not fit the context of %d (raise --ctx)", n, sm->max_new, seq_len);
-    int* hist = xmalloc((size_t)seq_len * sizeof(int));
-    memcpy(hist, ids, (size_t)n * sizeof(int));
-    float* logits = prefill(sm->t, &sm->h, hist, n, 0);
-    Sampler greedy;
-    build_sampler(&greedy, sm->t->config.vocab_size, 0.0f, 1.0f, 1);
-    int n_gen;
-    decode_tokens(sm->t, sm->tok, &greedy, logits, hist, n, sm->max_new, 0, out, cap, &n_gen);
-    free_sampler(&greedy);
-    free(hist); free(ids);
-    return n;
-}
-
-static void sae_method_teardown(EvalMethod* m) {
-    SaeMethod* sm = m->user;
-    report_hook(&sm->h);
-    sae_hook_free(&sm->h);
-    free(sm->sel.sel);
-    sae_free(&sm->s);
-}
-
-static int eval_harness_main(int argc, char** argv) {
-    SaeMethod sm;
-    memset(&sm, 0, sizeof(sm));
-    opts_init(&sm.o);
-    sm.o.cmd = "eval";
-    EvalMethod m = {
-        .prog = "sae", .kind = "sae",
-        .usage = "  --sae FILE           the SAE (required)\n"
-                 "  --latents CSV        from sae score, or a list such as 12,345 (required)\n"
-                 "  -N N                 latents used (default 20)\n"
-                 "  --mode M             clamp|zero|scale (default clamp)\n"
-                 "  -c C                 clamp value (default 50; use --ctx for the context here)\n"
-                 "  -m M                 scale factor (default 1)\n"
-                 "  --gate 1             per-sequence gate (--gate-alpha X, default from the CSV)\n"
-                 "  --no-selftest 1      skip the FVU self-test at load\n",
-        .parse = sae_method_parse, .setup = sae_method_setup, .teardown = sae_method_teardown,
-        .new_sequence = sae_method_new_sequence, .answer = sae_method_answer, .user = &sm,
-    };
-    return eval_main(argc, argv, &m);
-}
-
-static int info_main(Opts* o) {
-    if (!o->model) die("info needs an SAE file: sae info SAE.bin");
-    Sae s;
-    char err[512];
-    if (sae_load(&s, o->model, err, sizeof(err)) != 0) die("%s", err);
-    print_sae(&s, o->model);
-    double norm_dec = 0.0, norm_enc = 0.0;
-    for (int i = 0; i < s.n; i++) {
-        norm_dec += sqrt(dot(s.W_dec + (size_t)i * s.d, s.W_dec + (size_t)i * s.d, s.d));
-        norm_enc += sqrt(dot(s.W_enc + (size_t)i * s.d, s.W_enc + (size_t)i * s.d, s.d));
-    }
-    printf("sub_bdec %d, act_scale %g, mean |W_dec row| %.4f, mean |W_enc row| %.4f, |b_dec| %.4f, file %zu bytes\n",
-           s.sub_bdec, s.act_scale, norm_dec / s.n, norm_enc / s.n, sqrt(dot(s.b_dec, s.b_dec, s.d)), s.memory_size);
-    sae_free(&s);
-    return 0;
-}
-
-int main(int argc, char** argv) {
-    if (argc >= 2 && !strcmp(argv[1], "eval")) return eval_harness_main(argc - 1, argv + 1);
-    Opts o;
-    parse_options(&o, argc, argv);
-    if (!strcmp(o.cmd, "train")) return train_main(&o);
-    if (!strcmp(o.cmd, "planted")) return planted_main(&o);
-    if (!strcmp(o.cmd, "measure")) return measure_main(&o);
-    if (!strcmp(o.cmd, "score")) return score_main(&o);
-    if (!strcmp(o.cmd, "generate")) return generate_main(&o);
-    if (!strcmp(o.cmd, "chat")) return chat_main(&o);
-    if (!strcmp(o.cmd, "info")) return info_main(&o);
-    die("unknown command '%s' (train, measure, score, generate, chat, eval, planted, info; see --help)", o.cmd);
-}
-#endif // SAE_LIBRARY

@@ -1,4 +1,5 @@
-// sae.h -- sparse autoencoders on the residual stream (implemented in sae.c).
+// sae.h -- sparse autoencoders on the residual stream (implemented in sae.c;
+// the program is sae_cli.c).
 //
 // A sparse autoencoder (SAE) rewrites one residual-stream vector x (dim d)
 // as a sparse, non-negative code f over n >> d latents and a dictionary of
@@ -109,6 +110,12 @@ void sae_encode(const Sae* s, const float* x, int m, float* f);
 void sae_decode(const Sae* s, const float* f, int m, float* xhat);
 // FVU = sum |x - x^|^2 / sum |x - mean(x)|^2 over the rows, and the mean L0.
 double sae_fvu(const Sae* s, const float* x, int m, double* l0);
+float sae_norm(const float* x, int n);   // |x|, the Euclidean norm of x (n,)
+
+// The residual stream after engine layers lo..hi of one sequence ids (n,),
+// out (hi-lo+1, n, dim). The forward stops after layer hi; the KV cache is
+// left filled for layers <= hi only.
+void sae_capture(Transformer* t, const int* ids, int n, int lo, int hi, float* out);
 
 // ----------------------------------------------------------------------------
 // Training (TopK with AuxK, or ReLU + L1), on batches of activations
@@ -212,5 +219,46 @@ void sae_hook_free(SaeHook* h);
 void sae_hook_reset_sequence(SaeHook* h);  // a new sequence: clears the gate
 // The ResidualHook: install with t->hook = sae_hook_fn, t->hook_ctx = &h.
 void sae_hook_fn(void* ctx, int layer, int pos0, int n_pos, float* x, int dim);
+// forward_batch of a prompt at pos0 with the hook ctx (a SaeHook) installed;
+// when the gate opens inside the prompt, the prompt runs again with the
+// intervention from its first position. Also chat_loop's ChatFilter.prefill.
+float* sae_prefill(void* ctx, Transformer* t, const int* ids, int n, int pos0);
+
+// ----------------------------------------------------------------------------
+// Latent scoring: per latent and per set (0 = forget, 1 = retain), its firing
+// count, sum and sum of squares of activations, and the same at keyword
+// positions; then a rule turns them into a score:
+//   freq      P(f > 0) on forget (SAEBench)
+//   diff      E[f] on forget - E[f] on retain
+//   ratio     log P(f > 0) on forget - log P(f > 0) on retain (add-one smoothed)
+//   sq_ratio  E[f^2] on forget, among the top 10% by forget/retain E[f^2] ratio
+//             (Dynamic SAE Guardrails), else 0
+//   keyword   P(f > 0) at keyword positions - P(f > 0) on retain
+// A latent is eligible when it fires on forget, its retain frequency is at
+// most tau, and its score is positive.
+
+enum { SAE_RULE_FREQ, SAE_RULE_DIFF, SAE_RULE_RATIO, SAE_RULE_SQ_RATIO, SAE_RULE_KEYWORD, SAE_N_RULES };
+
+typedef struct {
+    int n;                       // latents
+    double* cnt[2];              // (n,) positions where the latent fires, per set
+    double* sum[2];              // (n,) sum of its activations
+    double* sq[2];               // (n,) sum of their squares
+    double* cnt_kw;              // (n,) firing count at keyword positions (both sets)
+    double* sum_kw;              // (n,)
+    int64_t tokens[2], tokens_kw;
+} LatentStats;
+
+void latent_stats_init(LatentStats* ls, int n);
+void latent_stats_free(LatentStats* ls);
+// Adds the codes f (m, n) of m positions of one set; kw (m,) marks keyword positions (NULL: none).
+void latent_stats_add(LatentStats* ls, int set, const float* f, int m, const unsigned char* kw);
+// The token counts the rates divide by: forget, retain, keyword (each at least 1).
+void latent_stats_denoms(const LatentStats* ls, double denom[3]);
+int sae_rule_from_name(const char* name);   // "freq", ... "keyword" -> SAE_RULE_*, or -1
+// score (n,) and eligible (n,) of every latent by the rule, order (n,) the
+// latents best first (eligible ones first, then by score, then by index).
+// Returns the number eligible.
+int latent_scores(const LatentStats* ls, int rule, float tau, double* score, unsigned char* eligible, int* order);
 
 #endif

@@ -1199,6 +1199,64 @@ static void test_sae_identity(void) {
     free_transformer(&t);
 }
 
+// The gate's prompt rule (sae_prefill): a prompt fed in chunks whose gate
+// opens in a later chunk runs again, so it equals the prompt run with the
+// gate open from its first position, earlier chunks edited too.
+static void test_sae_prefill_gate(void) {
+    Transformer t;
+    build_transformer(&t, "build/models/tiny-3.2.f32.bin", 64);
+    int V = t.config.vocab_size, d = t.config.dim;
+    int tokens[11] = {128000, 42398, 30427, 574, 10839, 1139, 99548, 544, 485, 269, 13};
+    int n = 11;
+    Sae s;
+    sae_alloc(&s, d, 4 * d, 16, SAE_TOPK);   // layer 0: an edit reaches the last position's logits
+    Planted p;
+    planted_init(&p, d, 8, 2, 0.1f, 3);
+    float* init = xmalloc((size_t)256 * d * sizeof(float));
+    planted_sample(&p, init, 256);
+    sae_init_from_data(&s, init, 256, 0, 4);
+    float* xs = xmalloc((size_t)n * d * sizeof(float));
+    float* f = xmalloc((size_t)n * s.n * sizeof(float));
+    SaeTCopy copy = {0, xs};
+    t.hook = sae_t_copy_hook; t.hook_ctx = &copy;
+    forward_batch(&t, tokens, n, 0, NULL);
+    sae_encode(&s, xs, n, f);
+    // a latent active in the first chunk of 4 (positions 1..3; BOS is never
+    // counted) whose share of positions grows in the second: with alpha = its
+    // first-chunk share, the gate opens only in the second chunk
+    int lat = -1, c1 = 0;
+    for (int i = 0; i < s.n && lat < 0; i++) {
+        int c = 0;
+        c1 = 0;
+        for (int q = 1; q < 8; q++) { int hit = f[(size_t)q * s.n + i] > 0.0f; c += hit; c1 += hit && q < 4; }
+        if (c1 > 0 && c1 * 7 < c * 3) lat = i;
+    }
+    t.state.batch_cap = 4;
+    float* logits[3];
+    SaeHook h[3];   // through sae_prefill; the gate open from the start; one forward_batch
+    for (int v = 0; v < 3; v++) {
+        sae_hook_init(&h[v], &s, 0, &lat, 1, SAE_MODE_CLAMP, 50.0f);
+        h[v].gate = 1;
+        h[v].gate_alpha = c1 / 3.0f;
+        h[v].gate_on = v == 1;
+        t.hook = sae_hook_fn; t.hook_ctx = &h[v];
+        float* lg = v == 0 ? sae_prefill(&h[v], &t, tokens, n, 0) : forward_batch(&t, tokens, n, 0, NULL);
+        logits[v] = xmalloc((size_t)V * sizeof(float));
+        memcpy(logits[v], lg, (size_t)V * sizeof(float));
+    }
+    t.hook = NULL;
+    check(lat >= 0 && h[0].gate_on && memcmp(logits[0], logits[1], (size_t)V * sizeof(float)) == 0 &&
+          h[0].n_changed == h[1].n_changed && h[0].n_tokens == h[1].n_tokens && h[2].gate_on && h[2].n_changed < h[1].n_changed &&
+          memcmp(logits[0], logits[2], (size_t)V * sizeof(float)) != 0,
+          "sae: a gate that opens in a prompt's second chunk reruns it (latent %d: %lld positions edited, %lld without the rerun)",
+          lat, (long long)h[0].n_changed, (long long)h[2].n_changed);
+    for (int v = 0; v < 3; v++) { sae_hook_free(&h[v]); free(logits[v]); }
+    free(xs); free(f); free(init);
+    planted_free(&p);
+    sae_free(&s);
+    free_transformer(&t);
+}
+
 // Reads build/.../reference.f32 (int32 m, d, n; x, codes, reconstructions)
 // and compares the C encoder/decoder of the converted file with it.
 static void sae_t_compare_reference(const char* what, const char* sae_path, const char* ref_path, int expect_arch) {
@@ -3460,8 +3518,8 @@ static void test_eval_cli(void) {
           "train_lora eval: kind %s, the adapter changes perplexity (%s vs plain %s)", a, b, c);
     // sae eval: an SAE trained here on the tiny model, latents 0 and 1 zeroed
     rc = tt_sh("./sae train build/models/tiny-3.2.f32.bin -z build/llama3.tok --layer 0 --data "
-               "build/test_eval/forget_mia.txt build/test_eval/forget_text.txt -T 16 --tokens 4k -b 64 --buffer 256 "
-               "-k 4 --expansion 2 -o build/test_eval/tiny.sae", NULL);
+               "build/test_eval/forget_mia.txt build/test_eval/forget_text.txt --seq-len 16 --tokens 4k --batch 64 --buffer 256 "
+               "--topk 4 --expansion 2 -o build/test_eval/tiny.sae", NULL);
     snprintf(cmd, sizeof(cmd), "./sae eval %s %s --sae build/test_eval/tiny.sae --latents 0,1 --mode zero "
              "--no-selftest 1 --name sz -o build/test_eval/sz", m, opts);
     int rc2 = tt_sh(cmd, NULL);
@@ -4031,6 +4089,7 @@ int main(void) {
     test_sae_file();
     test_sae_interventions();
     test_sae_identity();
+    test_sae_prefill_gate();
     test_sae_export();
     test_sae_planted();
     test_bad_input();

@@ -147,7 +147,7 @@ if has_part sae; then
         echo "== sae train $DIR/1b.$w.bin --layer $SAE_LAYER: capture, then $steps steps of 2048 tokens"
         warm $DIR/1b.$w.bin
         rm -f $WORK/sae-$w.cache $WORK/sae-$w.sae
-        logged sae-$w ./sae train $DIR/1b.$w.bin -z "$TOK" --layer "$SAE_LAYER" --data "$TEXT" -b 2048 \
+        logged sae-$w ./sae train $DIR/1b.$w.bin -z "$TOK" --layer "$SAE_LAYER" --data "$TEXT" --batch 2048 \
             --tokens $((steps * 2048)) --log-every 1 --save-every 0 --cache $WORK/sae-$w.cache -o $WORK/sae-$w.sae
         # capture: the last "cache: R/R rows, N tokens, X tok/s" report (one
         # pass over the data; its \r-separated updates are split first)
