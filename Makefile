@@ -41,8 +41,17 @@ PROGRAMS = run train_lora sae guard test_all
 
 all: $(PROGRAMS)
 
-engine.o: run.c run.h unicode_ranges.h
-	$(CC) $(CFLAGS) -DRUN_LIBRARY -c run.c -o $@
+# The engine: compiled once, linked by every program and test_all.
+ENGINE_OBJS = engine.o tokenizer.o kernels.o
+
+engine.o: engine.c run.h
+	$(CC) $(CFLAGS) -c engine.c -o $@
+
+tokenizer.o: tokenizer.c run.h unicode_ranges.h
+	$(CC) $(CFLAGS) -c tokenizer.c -o $@
+
+kernels.o: kernels.c run.h
+	$(CC) $(CFLAGS) -c kernels.c -o $@
 
 cli.o: cli.c cli.h run.h
 	$(CC) $(CFLAGS) -c cli.c -o $@
@@ -50,29 +59,35 @@ cli.o: cli.c cli.h run.h
 eval.o: eval.c eval.h run.h
 	$(CC) $(CFLAGS) -c eval.c -o $@
 
-run: run.c run.h unicode_ranges.h eval.o
-	$(CC) $(CFLAGS) run.c eval.o -o $@ $(LDLIBS)
+run.o: run.c run.h cli.h eval.h bench.h
+	$(CC) $(CFLAGS) -c run.c -o $@
 
-sae: sae.c sae.h run.h eval.h engine.o eval.o
-	$(CC) $(CFLAGS) sae.c engine.o eval.o -o $@ $(LDLIBS)
+bench.o: bench.c bench.h run.h cli.h
+	$(CC) $(CFLAGS) -c bench.c -o $@
+
+run: run.o bench.o cli.o eval.o $(ENGINE_OBJS)
+	$(CC) $(CFLAGS) run.o bench.o cli.o eval.o $(ENGINE_OBJS) -o $@ $(LDLIBS)
+
+sae: sae.c sae.h run.h eval.h $(ENGINE_OBJS) cli.o eval.o
+	$(CC) $(CFLAGS) sae.c $(ENGINE_OBJS) cli.o eval.o -o $@ $(LDLIBS)
 
 sae_lib.o: sae.c sae.h run.h
 	$(CC) $(CFLAGS) -DSAE_LIBRARY -c sae.c -o $@
 
-guard: guard.c guard.h run.h eval.h engine.o eval.o
-	$(CC) $(CFLAGS) guard.c engine.o eval.o -o $@ $(LDLIBS)
+guard: guard.c guard.h run.h eval.h $(ENGINE_OBJS) cli.o eval.o
+	$(CC) $(CFLAGS) guard.c $(ENGINE_OBJS) cli.o eval.o -o $@ $(LDLIBS)
 
 guard_lib.o: guard.c guard.h run.h
 	$(CC) $(CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
 
-train_lora: train_lora.c train_lora.h run.h eval.h engine.o eval.o
-	$(CC) $(CFLAGS) train_lora.c engine.o eval.o -o $@ $(LDLIBS)
+train_lora: train_lora.c train_lora.h run.h eval.h $(ENGINE_OBJS) cli.o eval.o
+	$(CC) $(CFLAGS) train_lora.c $(ENGINE_OBJS) cli.o eval.o -o $@ $(LDLIBS)
 
 train_lib.o: train_lora.c train_lora.h run.h
 	$(CC) $(CFLAGS) -DTRAIN_LIBRARY -c train_lora.c -o $@
 
-test_all: test_all.c engine.o eval.o train_lib.o sae_lib.o guard_lib.o run.h eval.h train_lora.h sae.h guard.h
-	$(CC) $(CFLAGS) test_all.c engine.o eval.o train_lib.o sae_lib.o guard_lib.o -o $@ $(LDLIBS)
+test_all: test_all.c $(ENGINE_OBJS) cli.o eval.o train_lib.o sae_lib.o guard_lib.o run.h eval.h train_lora.h sae.h guard.h
+	$(CC) $(CFLAGS) test_all.c $(ENGINE_OBJS) cli.o eval.o train_lib.o sae_lib.o guard_lib.o -o $@ $(LDLIBS)
 
 # Synthetic checkpoints and exported models live in build/ (git-ignored).
 TOK = build/llama3.tok
@@ -169,9 +184,10 @@ FUZZ_CFLAGS = -g -O1 -march=native -std=c11 -Wall -Wextra -Wno-unused-parameter 
 FUZZ_WRAP = -Wl,--wrap=exit,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=posix_memalign,--wrap=free
 FUZZ_OPTS = -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=256 -print_final_stats=1
 
-$(FUZZ_DIR)/engine.o: run.c run.h unicode_ranges.h eval.h
+FUZZ_ENGINE_OBJS = $(addprefix $(FUZZ_DIR)/,$(ENGINE_OBJS))
+$(FUZZ_ENGINE_OBJS): $(FUZZ_DIR)/%.o: %.c run.h unicode_ranges.h
 	@mkdir -p $(FUZZ_DIR)
-	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -DRUN_LIBRARY -c run.c -o $@
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
 
 $(FUZZ_DIR)/eval.o: eval.c eval.h run.h
 	@mkdir -p $(FUZZ_DIR)
@@ -182,7 +198,7 @@ $(FUZZ_DIR)/sae.o: sae.c sae.h run.h eval.h
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -DSAE_LIBRARY -c sae.c -o $@
 
 # an archive: a target that includes eval.c itself does not pull eval.o
-$(FUZZ_DIR)/libunlearn.a: $(FUZZ_DIR)/engine.o $(FUZZ_DIR)/eval.o $(FUZZ_DIR)/sae.o
+$(FUZZ_DIR)/libunlearn.a: $(FUZZ_ENGINE_OBJS) $(FUZZ_DIR)/eval.o $(FUZZ_DIR)/sae.o
 	rm -f $@
 	ar rcs $@ $^
 
@@ -216,13 +232,15 @@ fuzz: fuzz-build
 # runs and expects to fail) fails it.
 ASAN_DIR = build/asan
 ASAN_CFLAGS = $(CFLAGS) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
-ASAN_OBJS = $(ASAN_DIR)/engine.o $(ASAN_DIR)/eval.o
+ASAN_OBJS = $(addprefix $(ASAN_DIR)/,$(ENGINE_OBJS)) $(ASAN_DIR)/cli.o $(ASAN_DIR)/eval.o
 ASAN_PROGRAMS = $(addprefix $(ASAN_DIR)/root/,run train_lora sae guard test_all)
 
 $(ASAN_DIR)/root:
 	mkdir -p $@
-$(ASAN_DIR)/engine.o: run.c run.h unicode_ranges.h eval.h | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) -DRUN_LIBRARY -c run.c -o $@
+$(addprefix $(ASAN_DIR)/,$(ENGINE_OBJS)): $(ASAN_DIR)/%.o: %.c run.h unicode_ranges.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -c $< -o $@
+$(ASAN_DIR)/cli.o: cli.c cli.h run.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -c cli.c -o $@
 $(ASAN_DIR)/eval.o: eval.c eval.h run.h | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) -c eval.c -o $@
 $(ASAN_DIR)/sae_lib.o: sae.c sae.h run.h eval.h | $(ASAN_DIR)/root
@@ -231,8 +249,8 @@ $(ASAN_DIR)/guard_lib.o: guard.c guard.h run.h eval.h | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
 $(ASAN_DIR)/train_lib.o: train_lora.c train_lora.h run.h eval.h | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) -DTRAIN_LIBRARY -c train_lora.c -o $@
-$(ASAN_DIR)/root/run: run.c run.h unicode_ranges.h $(ASAN_DIR)/eval.o | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) run.c $(ASAN_DIR)/eval.o -o $@ $(LDLIBS)
+$(ASAN_DIR)/root/run: run.c bench.c run.h cli.h eval.h bench.h $(ASAN_OBJS) | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) run.c bench.c $(ASAN_OBJS) -o $@ $(LDLIBS)
 $(ASAN_DIR)/root/sae: sae.c sae.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) sae.c $(ASAN_OBJS) -o $@ $(LDLIBS)
 $(ASAN_DIR)/root/guard: guard.c guard.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
