@@ -232,12 +232,13 @@ fuzz: fuzz-build
 # runs and expects to fail) fails it.
 ASAN_DIR = build/asan
 ASAN_CFLAGS = $(CFLAGS) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
-ASAN_OBJS = $(addprefix $(ASAN_DIR)/,$(ENGINE_OBJS)) $(ASAN_DIR)/cli.o $(ASAN_DIR)/eval.o
+ASAN_ENGINE_OBJS = $(addprefix $(ASAN_DIR)/,$(ENGINE_OBJS))
+ASAN_OBJS = $(ASAN_ENGINE_OBJS) $(ASAN_DIR)/cli.o $(ASAN_DIR)/eval.o
 ASAN_PROGRAMS = $(addprefix $(ASAN_DIR)/root/,run train_lora sae guard test_all)
 
 $(ASAN_DIR)/root:
 	mkdir -p $@
-$(addprefix $(ASAN_DIR)/,$(ENGINE_OBJS)): $(ASAN_DIR)/%.o: %.c run.h unicode_ranges.h | $(ASAN_DIR)/root
+$(ASAN_ENGINE_OBJS): $(ASAN_DIR)/%.o: %.c run.h unicode_ranges.h | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) -c $< -o $@
 $(ASAN_DIR)/cli.o: cli.c cli.h run.h | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) -c cli.c -o $@
