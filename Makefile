@@ -41,44 +41,31 @@ PROGRAMS = run train_lora sae guard test_all
 
 all: $(PROGRAMS)
 
-engine.o: run.c run.h unicode_ranges.h
-	$(CC) $(CFLAGS) -DRUN_LIBRARY -c run.c -o $@
+# Every .c file is compiled once into its .o; -MMD records the headers it
+# includes in a .d file beside it, so editing a header rebuilds its users.
+# Layers, bottom up: the engine; the grammar (cli), the data readers and the
+# harness (eval); the methods; the programs, each a CLI file over them.
+ENGINE_OBJS = engine.o tokenizer.o kernels.o
+SHARED_OBJS = $(ENGINE_OBJS) cli.o data.o eval.o
+METHOD_OBJS = train_lora.o sae.o guard.o
+run_OBJS = run.o bench.o $(SHARED_OBJS)
+train_lora_OBJS = train_lora_cli.o train_lora.o $(SHARED_OBJS)
+sae_OBJS = sae_cli.o sae.o $(SHARED_OBJS)
+guard_OBJS = guard_cli.o guard.o $(SHARED_OBJS)
+test_all_OBJS = test_all.o $(METHOD_OBJS) $(SHARED_OBJS)
 
-cli.o: cli.c cli.h run.h
-	$(CC) $(CFLAGS) -c cli.c -o $@
+%.o: %.c
+	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
 
-eval.o: eval.c eval.h run.h
-	$(CC) $(CFLAGS) -c eval.c -o $@
+run: $(run_OBJS)
+train_lora: $(train_lora_OBJS)
+sae: $(sae_OBJS)
+guard: $(guard_OBJS)
+test_all: $(test_all_OBJS)
+$(PROGRAMS):
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-data.o: data.c data.h run.h
-	$(CC) $(CFLAGS) -c data.c -o $@
-
-run: run.c run.h unicode_ranges.h eval.o data.o
-	$(CC) $(CFLAGS) run.c eval.o data.o -o $@ $(LDLIBS)
-
-sae.o: sae.c sae.h run.h
-	$(CC) $(CFLAGS) -c sae.c -o $@
-
-sae_cli.o: sae_cli.c sae.h run.h cli.h eval.h data.h
-	$(CC) $(CFLAGS) -c sae_cli.c -o $@
-
-sae: sae_cli.o sae.o eval.o cli.o data.o engine.o
-	$(CC) $(CFLAGS) sae_cli.o sae.o eval.o cli.o data.o engine.o -o $@ $(LDLIBS)
-
-guard: guard.c guard.h run.h eval.h data.h engine.o eval.o data.o
-	$(CC) $(CFLAGS) guard.c engine.o eval.o data.o -o $@ $(LDLIBS)
-
-guard_lib.o: guard.c guard.h run.h data.h
-	$(CC) $(CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
-
-train_lora: train_lora.c train_lora.h run.h eval.h data.h engine.o eval.o data.o
-	$(CC) $(CFLAGS) train_lora.c engine.o eval.o data.o -o $@ $(LDLIBS)
-
-train_lib.o: train_lora.c train_lora.h run.h
-	$(CC) $(CFLAGS) -DTRAIN_LIBRARY -c train_lora.c -o $@
-
-test_all: test_all.c engine.o eval.o data.o train_lib.o sae.o guard_lib.o run.h eval.h data.h train_lora.h sae.h guard.h
-	$(CC) $(CFLAGS) test_all.c engine.o eval.o data.o train_lib.o sae.o guard_lib.o -o $@ $(LDLIBS)
+-include $(wildcard *.d)
 
 # Synthetic checkpoints and exported models live in build/ (git-ignored).
 TOK = build/llama3.tok
@@ -111,7 +98,7 @@ refs: run $(TOK)
 
 # The benchmark suite (README "Performance"; tests/bench.sh says what it
 # runs). Every value is the median of BENCH_REPS repetitions (the reference
-# numbers in README use 15). Its synthetic models (random weights) are made
+# numbers in docs/performance.md use 15). Its synthetic models (random weights) are made
 # once and kept in build/bench/: the 1.04B comparison shape (Llama-3.2-1B
 # dims, 32000 vocab) for decode and prefill, the full Llama-3.2-1B shape
 # (128256 vocab) for training. Deliberately no dependency on export.py:
@@ -152,12 +139,12 @@ $(BENCH_DIR)/%.q8.bin: | $(BENCH_DIR)/%.f32.bin
 	rm -rf $(BENCH_DIR)/hf-$*
 
 clean:
-	rm -f $(PROGRAMS) *.o
+	rm -f $(PROGRAMS) *.o *.d
 
 .PHONY: all test refs toy demo demo-real bench clean
 
 # ----------------------------------------------------------------------------
-# Robustness (README "Robustness"): libFuzzer targets and the sanitizer build.
+# Robustness (docs/robustness.md): libFuzzer targets and the sanitizer build.
 #
 #   make fuzz [FUZZ_SECONDS=60] [FUZZ_TARGETS="tokenize chat ..."]
 #                   build every fuzz target of fuzz.c (clang) and run each for
@@ -175,29 +162,19 @@ FUZZ_CFLAGS = -g -O1 -march=native -std=c11 -Wall -Wextra -Wno-unused-parameter 
 FUZZ_WRAP = -Wl,--wrap=exit,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=posix_memalign,--wrap=free
 FUZZ_OPTS = -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=256 -print_final_stats=1
 
-$(FUZZ_DIR)/engine.o: run.c run.h unicode_ranges.h eval.h
+# the library objects, instrumented; fuzz.c links what its target needs
+$(FUZZ_DIR)/%.o: %.c
 	@mkdir -p $(FUZZ_DIR)
-	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -DRUN_LIBRARY -c run.c -o $@
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
 
-$(FUZZ_DIR)/eval.o: eval.c eval.h run.h
-	@mkdir -p $(FUZZ_DIR)
-	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c eval.c -o $@
-
-$(FUZZ_DIR)/data.o: data.c data.h run.h
-	@mkdir -p $(FUZZ_DIR)
-	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c data.c -o $@
-
-$(FUZZ_DIR)/sae.o: sae.c sae.h run.h
-	@mkdir -p $(FUZZ_DIR)
-	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c sae.c -o $@
-
-# an archive: a target that includes eval.c itself does not pull eval.o
-$(FUZZ_DIR)/libunlearn.a: $(FUZZ_DIR)/engine.o $(FUZZ_DIR)/eval.o $(FUZZ_DIR)/data.o $(FUZZ_DIR)/sae.o
+$(FUZZ_DIR)/libunlearn.a: $(addprefix $(FUZZ_DIR)/,$(SHARED_OBJS) $(METHOD_OBJS))
 	rm -f $@
 	ar rcs $@ $^
 
-$(FUZZ_DIR)/fuzz_%: fuzz.c $(FUZZ_DIR)/libunlearn.a run.h eval.h data.h sae.h train_lora.h train_lora.c eval.c
+$(FUZZ_DIR)/fuzz_%: fuzz.c $(FUZZ_DIR)/libunlearn.a $(wildcard *.h)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -DFUZZ_TARGET=$* fuzz.c $(FUZZ_DIR)/libunlearn.a -o $@ -lm $(FUZZ_WRAP)
+
+-include $(wildcard $(FUZZ_DIR)/*.d)
 
 fuzz-build: $(addprefix $(FUZZ_DIR)/fuzz_,$(FUZZ_TARGETS))
 
@@ -226,39 +203,21 @@ fuzz: fuzz-build
 # runs and expects to fail) fails it.
 ASAN_DIR = build/asan
 ASAN_CFLAGS = $(CFLAGS) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
-ASAN_OBJS = $(ASAN_DIR)/engine.o $(ASAN_DIR)/eval.o $(ASAN_DIR)/data.o
-ASAN_PROGRAMS = $(addprefix $(ASAN_DIR)/root/,run train_lora sae guard test_all)
+ASAN_PROGRAMS = $(addprefix $(ASAN_DIR)/root/,$(PROGRAMS))
 
 $(ASAN_DIR)/root:
 	mkdir -p $@
-$(ASAN_DIR)/engine.o: run.c run.h unicode_ranges.h eval.h | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) -DRUN_LIBRARY -c run.c -o $@
-$(ASAN_DIR)/eval.o: eval.c eval.h run.h | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) -c eval.c -o $@
-$(ASAN_DIR)/data.o: data.c data.h run.h | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) -c data.c -o $@
-$(ASAN_DIR)/sae.o: sae.c sae.h run.h | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) -c sae.c -o $@
-$(ASAN_DIR)/sae_cli.o: sae_cli.c sae.h run.h cli.h eval.h data.h | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) -c sae_cli.c -o $@
-$(ASAN_DIR)/cli.o: cli.c cli.h run.h | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) -c cli.c -o $@
-$(ASAN_DIR)/guard_lib.o: guard.c guard.h run.h eval.h data.h | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
-$(ASAN_DIR)/train_lib.o: train_lora.c train_lora.h run.h eval.h | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) -DTRAIN_LIBRARY -c train_lora.c -o $@
-$(ASAN_DIR)/root/run: run.c run.h unicode_ranges.h $(ASAN_DIR)/eval.o $(ASAN_DIR)/data.o | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) run.c $(ASAN_DIR)/eval.o $(ASAN_DIR)/data.o -o $@ $(LDLIBS)
-$(ASAN_DIR)/root/sae: $(ASAN_DIR)/sae_cli.o $(ASAN_DIR)/sae.o $(ASAN_DIR)/cli.o $(ASAN_OBJS) | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) $(ASAN_DIR)/sae_cli.o $(ASAN_DIR)/sae.o $(ASAN_DIR)/cli.o $(ASAN_OBJS) -o $@ $(LDLIBS)
-$(ASAN_DIR)/root/guard: guard.c guard.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) guard.c $(ASAN_OBJS) -o $@ $(LDLIBS)
-$(ASAN_DIR)/root/train_lora: train_lora.c train_lora.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) train_lora.c $(ASAN_OBJS) -o $@ $(LDLIBS)
-$(ASAN_DIR)/root/test_all: test_all.c run.h eval.h train_lora.h sae.h guard.h $(ASAN_OBJS) \
-                           $(ASAN_DIR)/train_lib.o $(ASAN_DIR)/sae.o $(ASAN_DIR)/guard_lib.o | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) test_all.c $(ASAN_OBJS) $(ASAN_DIR)/train_lib.o $(ASAN_DIR)/sae.o \
-	    $(ASAN_DIR)/guard_lib.o -o $@ $(LDLIBS)
+$(ASAN_DIR)/%.o: %.c | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -MMD -MP -c $< -o $@
+$(ASAN_DIR)/root/run: $(addprefix $(ASAN_DIR)/,$(run_OBJS))
+$(ASAN_DIR)/root/train_lora: $(addprefix $(ASAN_DIR)/,$(train_lora_OBJS))
+$(ASAN_DIR)/root/sae: $(addprefix $(ASAN_DIR)/,$(sae_OBJS))
+$(ASAN_DIR)/root/guard: $(addprefix $(ASAN_DIR)/,$(guard_OBJS))
+$(ASAN_DIR)/root/test_all: $(addprefix $(ASAN_DIR)/,$(test_all_OBJS))
+$(ASAN_PROGRAMS):
+	$(CC) $(ASAN_CFLAGS) $^ -o $@ $(LDLIBS)
+
+-include $(wildcard $(ASAN_DIR)/*.d)
 
 test-asan: $(ASAN_PROGRAMS) $(TOK)
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }

@@ -1,4 +1,6 @@
-// run.h -- the public API of the unlearn.c engine (implemented in run.c).
+// run.h -- the public API of the unlearn.c engine: engine.c (model, forward
+// pass, LoRA, sampling, chat template, generation, utilities), tokenizer.c
+// (the Llama-3 tokenizer) and kernels.c (GEMM, int8 matmuls, vector ops).
 //
 // Every program in this directory (run, train_lora, sae, guard, test_all)
 // links the same engine: one model loader, one tokenizer, one forward pass,
@@ -155,11 +157,7 @@ typedef struct {
     void* memory;                   // owns every a/b buffer
 } Lora;
 
-// The residual-stream hook: called after every transformer block with the
-// residual stream x (n_pos, dim) of positions pos0 .. pos0+n_pos-1, after the
-// block's output has been added ("resid_post" of layer `layer`). The hook may
-// read and modify x in place. Used by SAE capture/ablation.
-// Scratch of the int8 matmuls (run.c): quantized rows of x, and per thread
+// Scratch of the int8 matmuls (kernels.c): quantized rows of x, and per thread
 // the packed weight panels of matmul_q8's GEMM (allocated only in builds
 // that have it). kc may be lowered after q8_scratch_init (tests do), never raised.
 typedef struct {
@@ -173,6 +171,10 @@ typedef struct {
     float* pack_tmp;      // (n_threads, 32 * gs) dequantized values while requantizing W^T
 } Q8Scratch;
 
+// The residual-stream hook: called after every transformer block with the
+// residual stream x (n_pos, dim) of positions pos0 .. pos0+n_pos-1, after the
+// block's output has been added ("resid_post" of layer `layer`). The hook may
+// read and modify x in place. Used by SAE capture/ablation.
 typedef void (*ResidualHook)(void* ctx, int layer, int pos0, int n_pos, float* x, int dim);
 
 // Activation buffers for inference. Prompts are processed in chunks of up to
@@ -222,6 +224,9 @@ void free_transformer(Transformer* t);
 // fuzzer); returns 0 on success, or writes a one-line reason to err.
 int parse_model_header(const void* data, size_t size, Config* c, char* err, size_t errlen);
 size_t model_file_size(const Config* c); // the exact size a valid file has
+// Bytes one matrix (count copies of rows x cols, stacked) takes in the file,
+// padding included: fp32, or int8 plus its scales.
+size_t matrix_bytes(const Config* c, size_t count, size_t rows, size_t cols);
 
 // One token at position pos, through the KV cache. Returns logits (vocab_size,).
 float* forward(Transformer* t, int token, int pos);
@@ -231,7 +236,10 @@ float* forward(Transformer* t, int token, int pos);
 // receives every position's logits (n, vocab_size).
 float* forward_batch(Transformer* t, const int* tokens, int n, int pos0, float* all_logits);
 
-// Shared kernels: every program multiplies matrices through these.
+// Shared kernels (kernels.c): every program multiplies matrices through these.
+// Multiply-adds below which a loop runs on the calling thread alone (the
+// toy model's 128 x 128 projections; every Llama-3 projection is far above).
+#define PARALLEL_MIN_WORK (1L << 17)
 // C (M,N) = alpha * op(A) @ op(B) + beta * C, row-major, op(X) = X or X^T,
 // exactly cblas_sgemm's contract. cblas_sgemm when built with OpenBLAS,
 // plain C loops (OpenMP) otherwise.
@@ -246,7 +254,7 @@ void gemm_portable(int trans_a, int trans_b, int M, int N, int K, float alpha, c
 // quantized per group and multiplied in int32: dot products for a few rows
 // (decoding), matmul_q8's GEMM for more where the build has it.
 void matmul(float* y, const float* x, const Matrix* w, int n, Q8Scratch* q8);
-// Int8 matrix-matrix product with a Q8_0 W (see run.c, "Int8 matrix-matrix
+// Int8 matrix-matrix product with a Q8_0 W (see kernels.c, "Int8 matrix-matrix
 // products"), x quantized per group of its rows:
 //   trans 0: y (n, w->rows) (+)= x (n, w->cols) @ W^T
 //   trans 1: y (n, w->cols) (+)= x (n, w->rows) @ W, W^T requantized along its rows
@@ -277,7 +285,7 @@ float dot_q8_portable(const int8_t* wq, const float* ws, const int8_t* xq, const
 void dot_q8_x4(float* out, const int8_t* wq, const float* ws, const int8_t* xq, const float* xs, int cols, int gs);
 void rmsnorm(float* out, const float* x, const float* weight, int dim, float eps);
 void softmax(float* x, int n);
-// Causal attention of one head for n queries at key indices pos0.. (see run.c):
+// Causal attention of one head for n queries at key indices pos0.. (see kernels.c):
 // probs (n, pos0 + n) = masked softmax(q k^T / sqrt(hd)), out (n, hd) = probs @ v.
 void attention_head(float* out, int ldo, float* probs, const float* q, int ldq, const float* k, const float* v,
                     int ldkv, int n, int pos0, const int* pos_in_seq, int hd);
@@ -390,6 +398,9 @@ const char* token_piece(const Tokenizer* tok, int id, int* len);
 int tokenizer_lookup(const Tokenizer* tok, const char* s); // exact token -> id, or -1
 int is_eot(const Tokenizer* tok, int id);
 int utf8_valid(const char* s, size_t len);
+// [*b, *e) of s without leading and trailing whitespace as Python's
+// str.strip() sees it (the chat template's trim); invalid bytes are not space.
+void utf8_strip(const char* s, size_t len, size_t* b, size_t* e);
 
 // ----------------------------------------------------------------------------
 // Sampling

@@ -8,7 +8,7 @@
 #      with Llama-3's pre-tokenizer and special tokens;
 #   3. train_lora train --init --full trains each model from scratch, same recipe,
 #      same seed, same number of steps;
-#   4. run -m qa measures what each model knows (greedy chat answers).
+#   4. run qa measures what each model knows (greedy chat answers).
 #
 # The committed artifacts (data/toy/: tokenizer and both models) are what
 # this script writes; the scratch files go to build/toy/.
@@ -43,11 +43,11 @@ done
 echo "== what the models know (greedy chat answers; the answer must contain the gold one)"
 for m in base gold; do
     for set in forget retain; do
-        ./run "$OUT/toy-$m.bin" -z "$OUT/toy.tok" -m qa -f "$B/base/${set}_qa.tsv" -n 32 \
+        ./run qa "$OUT/toy-$m.bin" -z "$OUT/toy.tok" -i "$B/base/${set}_qa.tsv" -n 32 \
             -o "$B/toy-$m.$set.log" > "$B/toy-$m.$set.txt"
     done
 done
-# percent correct of a split in a `run -m qa` report
+# percent correct of a split in a `run qa` report
 pct() { awk -v s="$2" '$1 == s { sub("%", "", $2); print $2 }' "$B/$1.txt"; }
 bar() { # name value op limit
     if awk -v v="$2" -v l="$4" -v op="$3" 'BEGIN { exit !((op == ">=") ? v >= l : v <= l) }'; then

@@ -25,7 +25,7 @@ mkdir -p build/synth
 [ -f "$TOK" ] || "$PYTHON" export.py tokenizer tests/llama3/tokenizer.json.gz "$TOK"
 
 # "$(cat ...)" drops the file's final newline: the prompt is the text itself
-ids=$("$RUN" -z "$TOK" -m tokenize -i "$(cat tests/ref_prompt.txt)")
+ids=$("$RUN" tokenize -z "$TOK" -i "$(cat tests/ref_prompt.txt)")
 n=0
 for id in $ids; do
     case "$id" in
