@@ -261,7 +261,7 @@ def unpack_header(b):
 def layout(c, q8, gs):
     """The tensors of a model file in run.h order, with their byte offsets.
     Returns (list of dicts, exact file size; every block, the last one
-    included, is padded to a multiple of 64 bytes, as run.c's
+    included, is padded to a multiple of 64 bytes, as engine.c's
     model_file_size counts). Each dict: name, hf (HF name pattern, {i} =
     layer), n (stacked layers), rows, cols, matrix (bool), off (fp32 data or
     int8 q), soff (Q8_0 scales, matrices only)."""
@@ -741,7 +741,7 @@ PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_att
 
 
 def lora_io_dims(c, target):
-    """(in, out) of the base matrix a target adapts, as run.c's lora_dims."""
+    """(in, out) of the base matrix a target adapts, as engine.c's lora_dims."""
     q_dim, kv_dim = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
     return {"q": (c["dim"], q_dim), "k": (c["dim"], kv_dim), "v": (c["dim"], kv_dim),
             "o": (q_dim, c["dim"]), "gate": (c["dim"], c["hidden_dim"]),

@@ -2546,7 +2546,7 @@ static float tt_max_row_err(const float* a, const float* b, int rows, int V, int
     return worst;
 }
 
-// Training-forward logits of B rows vs run.c's forward_batch on each row,
+// Training-forward logits of B rows vs the engine's forward_batch on each row,
 // without and with a LoRA adapter (saved, then loaded by load_lora).
 static void tt_engine_compare(const char* path, int with_lora) {
     TrainModel m;
@@ -2571,14 +2571,14 @@ static void tt_engine_compare(const char* path, int with_lora) {
     for (int b = 0; b < B; b++) forward_batch(&t, ids + b * T, T, 0, eng + (size_t)b * T * V);
     int same;
     float err = tt_max_row_err(eng, m.acts.logits, B * T, V, &same);
-    check(err <= 1e-5f, "train forward == run.c forward_batch: %s%s, %d x %d positions, max |diff| %.1e x row std%s",
+    check(err <= 1e-5f, "train forward == engine forward_batch: %s%s, %d x %d positions, max |diff| %.1e x row std%s",
           path, with_lora ? " + LoRA (all targets)" : "", B, T, err, same ? " (bit-identical)" : "");
     free(eng); free(ids);
     free_transformer(&t);
     train_model_free(&m);
 }
 
-// A packed row: each sequence's logits equal run.c's on that sequence alone.
+// A packed row: each sequence's logits equal the engine's on that sequence alone.
 static void tt_engine_compare_packed(const char* path) {
     TrainModel m;
     train_model_from_file(&m, path);
@@ -2601,7 +2601,7 @@ static void tt_engine_compare_packed(const char* path) {
         worst = fmaxf(worst, tt_max_row_err(eng, m.acts.logits + (size_t)i0 * V, lens[s], V, &same));
         all_same &= same;
     }
-    check(worst <= 1e-5f, "train forward, packed row of 3 sequences == run.c on each alone: %s, max %.1e x std%s", path,
+    check(worst <= 1e-5f, "train forward, packed row of 3 sequences == the engine on each alone: %s, max %.1e x std%s", path,
           worst, all_same ? " (bit-identical)" : "");
     free(eng);
     free_transformer(&t);

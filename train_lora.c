@@ -7,9 +7,9 @@
 // The style is llm.c's train_gpt2.c: explicit activation buffers with their
 // shapes, one *_forward / *_backward pair per operation, a backward that
 // walks the layers in reverse, gradients accumulated with +=. The forward
-// is the engine's (run.c forward_chunk) op for op, through the same kernels
+// is the engine's (engine.c forward_chunk) op for op, through the same kernels
 // (matmul, gemm, rmsnorm, softmax, rope_rotate, embed_row), so its logits
-// are bit-identical to run.c's (tested, fp32 and int8, with an adapter).
+// are bit-identical to the engine's (tested, fp32 and int8, with an adapter).
 // The program around it (options, the training driver) is train_lora_cli.c.
 //
 // How the pieces fit:
@@ -613,7 +613,7 @@ static size_t acts_setup(TrainModel* m, int N_cap, int T_cap, int need_ref, int 
     rope_inv_freq(inv_freq, c);
     for (int i = 0; i < T_cap; i++)
         for (size_t j = 0; j < half; j++) {
-            // exactly run.c's angles: (float)pos * inv_freq, cosf/sinf
+            // exactly the engine's angles: (float)pos * inv_freq, cosf/sinf
             float angle = (float)i * inv_freq[j];
             a->rope_cos[i * half + j] = cosf(angle);
             a->rope_sin[i * half + j] = sinf(angle);
@@ -730,8 +730,8 @@ static void dropout_apply(float* out, const float* x, size_t n, Dropout d) {
 }
 
 // y (N, out) = x (N, in) @ W^T through the engine's matmul (fp32 GEMM, or
-// int8 dot products with x quantized per group, exactly as run.c), then the
-// adapter: u (N, r) = drop(x) @ A^T, y += scale * u @ B^T (run.c's lora_apply).
+// int8 dot products with x quantized per group, exactly as the engine), then the
+// adapter: u (N, r) = drop(x) @ A^T, y += scale * u @ B^T (the engine's lora_apply).
 static void matmul_forward(float* y, const float* x, int N, const Matrix* w, const LoraPair* lp, float scale,
                            int rank, float* u, Dropout drop, TrainActs* a) {
     matmul(y, x, w, N, &a->q8);
@@ -810,7 +810,7 @@ static void rope_backward(float* dx, const int* pos_of, int N, int T, int n_head
 
 // Causal GQA attention. q (N, nh*hd), k and v (N, nkv*hd) after RoPE;
 // att (B, nh, T, T) softmax probabilities saved; out (N, nh*hd). Each (batch
-// row, head) is the engine's attention_head, the very function run.c's
+// row, head) is the engine's attention_head, the very function the engine's
 // prompt path calls, so the two agree bit for bit.
 static void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,
                               const int* pos_of, int B, int T, int nh, int nkv, int hd) {
@@ -868,7 +868,7 @@ static void attention_backward(float* dq, float* dk, float* dv, const float* dou
                 }
 }
 
-// h = silu(gate) * up, written as run.c writes it
+// h = silu(gate) * up, written as the engine writes it
 static void swiglu_forward(float* h, const float* gate, const float* up, size_t n) {
     #pragma omp parallel for schedule(static) if (PAR(8 * n))
     for (size_t i = 0; i < n; i++) {

@@ -7,7 +7,7 @@ The result is a Hugging Face style tokenizer.json with exactly the structure of
 Llama-3's: byte-level BPE, the Llama-3 pre-tokenizer regex, `ignore_merges`,
 and the 256 Llama-3 special tokens (<|begin_of_text|>, <|eot_id|>, ...) placed
 after the learned vocabulary. So `export.py tokenizer` converts it and the C
-tokenizer in run.c encodes with it unchanged: one tokenizer code path serves
+tokenizer in tokenizer.c encodes with it unchanged: one tokenizer code path serves
 the real model and the toy.
 
 Training is the classic BPE loop (Sennrich et al. 2016, byte-level as in

@@ -25,7 +25,7 @@ done
 # the link farm: every top-level entry but the build outputs
 for f in *; do
     case "$f" in
-        build|run|train_lora|sae|guard|test_all|test_all_noblas|bench|*.o|fuzz-*.log) continue ;;
+        build|run|train_lora|sae|guard|test_all|test_all_noblas|bench|*.o|*.d|fuzz-*.log) continue ;;
     esac
     ln -sfn "../../../$f" "$ROOT/$f"
 done
