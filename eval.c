@@ -12,6 +12,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include "eval.h"
+#include "data.h"
 
 // ----------------------------------------------------------------------------
 // A growable string (JSON, CSV, SVG and markdown are all built in one)
@@ -71,27 +72,14 @@ int eval_chat_tokens(const Tokenizer* tok, const char* system, const ChatMessage
 int answer_greedy(void* ctx, const ChatMessage* msgs, int n_msgs, char* out, size_t cap) {
     GreedyAnswerer* g = ctx;
     Transformer* t = g->t;
-    int ctx_len = t->state.seq_len;
-    int max_new = g->max_new > 0 ? g->max_new : 48;
     int* ids;
     int n = eval_chat_tokens(g->tok, g->system, msgs, n_msgs, &ids);
-    size_t len = 0;
     out[0] = '\0';
-    if (n + 1 >= ctx_len) { free(ids); return n; } // no room to answer: empty answer
+    if (n + 1 >= t->state.seq_len) { free(ids); return n; } // no room to answer: empty answer
     float* logits = forward_batch(t, ids, n, 0, NULL);
-    int V = t->config.vocab_size;
-    for (int step = 0; step < max_new && n + step < ctx_len; step++) {
-        int next = 0;
-        for (int j = 1; j < V; j++) if (logits[j] > logits[next]) next = j;
-        if (is_stop_token(&t->config, g->tok, next)) break;
-        if (!g->tok->is_special[next]) {
-            int plen;
-            const char* piece = token_piece(g->tok, next, &plen);
-            if (len + plen < cap) { memcpy(out + len, piece, plen); len += plen; out[len] = '\0'; }
-        }
-        if (n + step + 1 >= ctx_len) break;
-        logits = forward(t, next, n + step);
-    }
+    TextBuf text = { out, cap, 0 };
+    GenConfig gc = { g->max_new > 0 ? g->max_new : 48, NULL, gen_append, &text, NULL };
+    generate(t, g->tok, logits, n, &gc);
     free(ids);
     return n;
 }
@@ -125,38 +113,23 @@ static SplitScore* split_for(QAResult* r, const char* name) {
 
 void eval_qa(const char* path, AnswerFn fn, void* ctx, int max_rows, FILE* log, QAResult* res) {
     memset(res, 0, sizeof(*res));
-    size_t len;
-    char* text = read_file(path, &len);
-    // a NUL would silently end the file early (the rows are C strings)
-    if (strlen(text) != len) { fprintf(stderr, "error: %s holds a NUL byte\n", path); exit(EXIT_FAILURE); }
-    if (!utf8_valid(text, len)) { fprintf(stderr, "error: %s is not valid UTF-8\n", path); exit(EXIT_FAILURE); }
+    QAFile qf;
+    qa_read(&qf, path);
     long t0 = time_in_ms();
     char answer[2048];
-    int line_no = 0;
-    for (char* line = text; line && *line; ) {
-        char* next = strchr(line, '\n');
-        if (next) *next++ = '\0';
-        line_no++;
-        if (line[0] == '\0') { line = next; continue; }
-        char* question = line;
-        char* gold = strchr(question, '\t');
-        if (!gold) { fprintf(stderr, "error: %s:%d: expected question TAB answer\n", path, line_no); exit(EXIT_FAILURE); }
-        *gold++ = '\0';
-        char* split = strchr(gold, '\t');
-        if (split) *split++ = '\0';
-        ChatMessage msg = {"user", question};
+    for (int i = 0; i < qf.n && (max_rows <= 0 || res->total < max_rows); i++) {
+        const QARow* q = &qf.rows[i];
+        ChatMessage msg = {"user", q->question};
         res->prompt_tokens += fn(ctx, &msg, 1, answer, sizeof(answer));
-        int ok = answer_contains(answer, gold);
+        int ok = answer_contains(answer, q->answer);
         res->total++;
         res->correct += ok;
-        SplitScore* s = split_for(res, split && *split ? split : "all");
+        SplitScore* s = split_for(res, q->third && *q->third ? q->third : "all");
         if (s) { s->total++; s->correct += ok; }
-        if (log) fprintf(log, "%s\t%s\t%s\t%d\n", question, gold, answer, ok);
-        if (max_rows > 0 && res->total >= max_rows) break;
-        line = next;
+        if (log) fprintf(log, "%s\t%s\t%s\t%d\n", q->question, q->answer, answer, ok);
     }
     res->seconds = (time_in_ms() - t0) / 1000.0;
-    free(text);
+    qa_free(&qf);
 }
 
 double qa_accuracy(const QAResult* r, const char* split) {
@@ -323,31 +296,19 @@ double eval_perplexity(Transformer* t, Tokenizer* tok, const char* path, int max
 }
 
 int continue_greedy(Transformer* t, const Tokenizer* tok, const char* prompt, int max_new, char* out, size_t cap) {
-    size_t len = strlen(prompt), at = 0;
-    int ctx = t->state.seq_len, V = t->config.vocab_size;
+    size_t len = strlen(prompt);
     int* ids = xmalloc((len + 2) * sizeof(int));
     int n = 0;
     if (t->config.bos_id >= 0) ids[n++] = t->config.bos_id;
     n += encode(tok, prompt, len, 0, ids + n, (int)len + 1);
     out[0] = '\0';
-    if (n >= ctx) { free(ids); return 0; }  // no room: an empty continuation
+    if (n >= t->state.seq_len) { free(ids); return 0; }  // no room: an empty continuation
     float* logits = forward_batch(t, ids, n, 0, NULL);
-    int gen = 0;
-    for (int pos = n; gen < max_new && pos < ctx; pos++) {
-        int next = 0;
-        for (int j = 1; j < V; j++) if (logits[j] > logits[next]) next = j;
-        gen++;
-        if (is_stop_token(&t->config, tok, next)) break;
-        if (!tok->is_special[next]) {
-            int plen;
-            const char* piece = token_piece(tok, next, &plen);
-            if (at + plen < cap) { memcpy(out + at, piece, plen); at += plen; out[at] = '\0'; }
-        }
-        if (pos + 1 >= ctx) break;
-        logits = forward(t, next, pos);
-    }
+    TextBuf text = { out, cap, 0 };
+    GenConfig gc = { max_new, NULL, gen_append, &text, NULL };
+    GenResult r = generate(t, tok, logits, n, &gc);
     free(ids);
-    return gen;
+    return r.n_sampled;
 }
 
 // ----------------------------------------------------------------------------
@@ -396,54 +357,44 @@ typedef struct {
     char* gold;
     char* split;      // "trained", "heldout", ... ("all" when the file has no split column)
     int relearn;      // 1: a fact the relearning attack trains on
-} QARow;
+} QAItem;
 
-typedef struct { QARow* rows; int n; char* text; } QASet;
+typedef struct { QAItem* rows; int n; QAFile file; } QASet;
 
 typedef struct { char* subject; char* answer; } Fact;
 
+// subject TAB relation TAB answer: a QA TSV whose third field is the answer.
 static void load_facts(const char* path, Fact** out, int* n_out, char** text_out) {
-    char* text = read_text(path);
-    char** lines;
-    int n = split_lines(text, &lines);
-    Fact* f = xmalloc((size_t)(n ? n : 1) * sizeof(Fact));
-    for (int i = 0; i < n; i++) {
-        char* a = strchr(lines[i], '\t');
-        char* b = a ? strchr(a + 1, '\t') : NULL;
-        if (!b) die("%s:%d: expected subject TAB relation TAB answer", path, i + 1);
-        *a = '\0';
-        f[i].subject = lines[i];
-        f[i].answer = b + 1;
+    QAFile qf;
+    qa_read(&qf, path);
+    Fact* f = xmalloc((size_t)(qf.n ? qf.n : 1) * sizeof(Fact));
+    for (int i = 0; i < qf.n; i++) {
+        if (!qf.rows[i].third) die("%s:%d: expected subject TAB relation TAB answer", path, qf.rows[i].line);
+        f[i].subject = qf.rows[i].question;
+        f[i].answer = qf.rows[i].third;
         // the QA gold is the answer without a leading article (data/README.md)
         for (const char* art[] = {"the ", "a ", "an ", NULL}, **p = art; *p; p++)
             if (!strncasecmp(f[i].answer, *p, strlen(*p))) { f[i].answer += strlen(*p); break; }
     }
-    free(lines);
-    *out = f; *n_out = n; *text_out = text;
+    *out = f; *n_out = qf.n; *text_out = qf.text;
+    free(qf.rows);
 }
 
 // Loads a QA file, marks the rows of the relearning facts, keeps max rows
 // stratified by split (each split keeps its share, evenly spread).
 static void load_qa(QASet* s, const char* path, int max, const Fact* facts, int n_facts) {
-    s->text = read_text(path);
-    char** lines;
-    int n = split_lines(s->text, &lines);
-    QARow* all = xmalloc((size_t)(n ? n : 1) * sizeof(QARow));
+    qa_read(&s->file, path);
+    int n = s->file.n;
+    QAItem* all = xmalloc((size_t)(n ? n : 1) * sizeof(QAItem));
     for (int i = 0; i < n; i++) {
-        QARow* r = &all[i];
-        r->question = lines[i];
-        r->gold = strchr(lines[i], '\t');
-        if (!r->gold) die("%s: line %d: expected question TAB answer", path, i + 1);
-        *r->gold++ = '\0';
-        r->split = strchr(r->gold, '\t');
-        if (r->split) { *r->split++ = '\0'; char* more = strchr(r->split, '\t'); if (more) *more = '\0'; }
-        if (!r->split || !*r->split) r->split = "all";
-        if (!*r->gold) die("%s: line %d: empty answer", path, i + 1);
+        QAItem* r = &all[i];
+        r->question = s->file.rows[i].question;
+        r->gold = s->file.rows[i].answer;
+        r->split = s->file.rows[i].third && *s->file.rows[i].third ? s->file.rows[i].third : "all";
         r->relearn = 0;
         for (int f = 0; f < n_facts && !r->relearn; f++)
             r->relearn = !strcasecmp(r->gold, facts[f].answer) && strcasestr(r->question, facts[f].subject);
     }
-    free(lines);
     // stratified subsample
     const char* names[16];
     int counts[16], n_names = 0;
@@ -457,7 +408,7 @@ static void load_qa(QASet* s, const char* path, int max, const Fact* facts, int 
         counts[k]++;
     }
     int seen[16] = {0};
-    s->rows = xmalloc((size_t)(n ? n : 1) * sizeof(QARow));
+    s->rows = xmalloc((size_t)(n ? n : 1) * sizeof(QAItem));
     s->n = 0;
     for (int i = 0; i < n; i++) {
         int k = 0;
@@ -471,178 +422,63 @@ static void load_qa(QASet* s, const char* path, int max, const Fact* facts, int 
     free(all);
 }
 
-static void free_qa(QASet* s) { free(s->rows); free(s->text); memset(s, 0, sizeof(*s)); }
-
-// --- a small JSON reader: just enough for the jailbreak lines
-// (objects, arrays, strings with every escape, numbers, true/false/null)
-
-enum { J_NULL, J_BOOL, J_NUM, J_STR, J_ARR, J_OBJ };
-typedef struct JNode { int type; char* str; int n; struct JNode* kids; char** keys; } JNode;
-typedef struct { const char* s; const char* err; int depth; } JCursor;
-
-static void j_ws(JCursor* c) { while (*c->s == ' ' || *c->s == '\t' || *c->s == '\n' || *c->s == '\r') c->s++; }
-static void j_free(JNode* v) {
-    for (int i = 0; i < v->n; i++) { j_free(&v->kids[i]); if (v->keys) free(v->keys[i]); }
-    free(v->kids); free(v->keys); free(v->str);
-    memset(v, 0, sizeof(*v));
-}
-static int j_hex4(const char* s, unsigned* out) {
-    unsigned v = 0;
-    for (int i = 0; i < 4; i++) {
-        char h = s[i];
-        v <<= 4;
-        if (h >= '0' && h <= '9') v |= (unsigned)(h - '0');
-        else if (h >= 'a' && h <= 'f') v |= (unsigned)(h - 'a' + 10);
-        else if (h >= 'A' && h <= 'F') v |= (unsigned)(h - 'A' + 10);
-        else return 0;
-    }
-    *out = v;
-    return 1;
-}
-static char* j_string(JCursor* c) {
-    if (*c->s != '"') { c->err = "expected a string"; return NULL; }
-    c->s++;
-    Str b = {0};
-    while (*c->s != '"') {
-        unsigned char ch = (unsigned char)*c->s;
-        if (ch == '\0' || ch < 0x20) { c->err = "unterminated string"; free(b.s); return NULL; }
-        if (ch != '\\') { str_add(&b, c->s++, 1); continue; }
-        char e = c->s[1];
-        c->s += 2;
-        const char* simple = strchr("\"\\/bfnrt", e);
-        if (e && simple) { const char* to = "\"\\/\b\f\n\r\t"; str_add(&b, &to[simple - "\"\\/bfnrt"], 1); continue; }
-        unsigned cp;
-        if (e != 'u' || !j_hex4(c->s, &cp)) { c->err = "bad escape"; free(b.s); return NULL; }
-        c->s += 4;
-        if (cp >= 0xD800 && cp <= 0xDBFF) { // a surrogate pair
-            unsigned lo;
-            if (c->s[0] != '\\' || c->s[1] != 'u' || !j_hex4(c->s + 2, &lo) || lo < 0xDC00 || lo > 0xDFFF) {
-                c->err = "bad surrogate pair"; free(b.s); return NULL;
-            }
-            c->s += 6;
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-        } else if (cp >= 0xDC00 && cp <= 0xDFFF) { c->err = "bad surrogate pair"; free(b.s); return NULL; }
-        if (cp == 0) { c->err = "\\u0000 in a string"; free(b.s); return NULL; }
-        char u[4];
-        int k;
-        if (cp < 0x80) { u[0] = (char)cp; k = 1; }
-        else if (cp < 0x800) { u[0] = (char)(0xC0 | (cp >> 6)); u[1] = (char)(0x80 | (cp & 63)); k = 2; }
-        else if (cp < 0x10000) { u[0] = (char)(0xE0 | (cp >> 12)); u[1] = (char)(0x80 | ((cp >> 6) & 63)); u[2] = (char)(0x80 | (cp & 63)); k = 3; }
-        else { u[0] = (char)(0xF0 | (cp >> 18)); u[1] = (char)(0x80 | ((cp >> 12) & 63)); u[2] = (char)(0x80 | ((cp >> 6) & 63)); u[3] = (char)(0x80 | (cp & 63)); k = 4; }
-        str_add(&b, u, (size_t)k);
-    }
-    c->s++;
-    return str_take(&b);
-}
-static int j_value(JCursor* c, JNode* v) {
-    memset(v, 0, sizeof(*v));
-    if (++c->depth > 64) { c->err = "nested too deeply"; return 0; }
-    j_ws(c);
-    int ok = 1;
-    if (*c->s == '"') { v->type = J_STR; v->str = j_string(c); ok = v->str != NULL; }
-    else if (*c->s == '[' || *c->s == '{') {
-        int obj = *c->s == '{';
-        char close = obj ? '}' : ']';
-        v->type = obj ? J_OBJ : J_ARR;
-        c->s++;
-        j_ws(c);
-        int cap = 0;
-        while (ok && *c->s != close) {
-            if (v->n == cap) {
-                cap = cap ? 2 * cap : 4;
-                v->kids = realloc(v->kids, (size_t)cap * sizeof(JNode));
-                if (obj) v->keys = realloc(v->keys, (size_t)cap * sizeof(char*));
-                if (!v->kids || (obj && !v->keys)) die("out of memory");
-            }
-            if (obj) {
-                char* key = j_string(c);
-                if (!key) { ok = 0; break; }
-                j_ws(c);
-                if (*c->s != ':') { free(key); c->err = "expected ':'"; ok = 0; break; }
-                c->s++;
-                v->keys[v->n] = key;
-            }
-            if (!j_value(c, &v->kids[v->n])) { if (obj) free(v->keys[v->n]); ok = 0; break; }
-            v->n++;
-            j_ws(c);
-            if (*c->s == ',') { c->s++; j_ws(c); if (*c->s == close) { c->err = "trailing comma"; ok = 0; } }
-            else if (*c->s != close) { c->err = "expected ',' or a closing bracket"; ok = 0; }
-        }
-        if (ok) c->s++;
-    } else if (!strncmp(c->s, "true", 4) || !strncmp(c->s, "null", 4)) { v->type = c->s[0] == 't' ? J_BOOL : J_NULL; c->s += 4; }
-    else if (!strncmp(c->s, "false", 5)) { v->type = J_BOOL; c->s += 5; }
-    else if (*c->s == '-' || (*c->s >= '0' && *c->s <= '9')) {
-        char* end;
-        strtod(c->s, &end);
-        v->type = J_NUM;
-        c->s = end;
-    } else { c->err = "unexpected character"; ok = 0; }
-    c->depth--;
-    if (!ok) j_free(v);
-    return ok;
-}
-static const JNode* j_get(const JNode* o, const char* key) {
-    if (o->type != J_OBJ) return NULL;
-    for (int i = 0; i < o->n; i++) if (!strcmp(o->keys[i], key)) return &o->kids[i];
-    return NULL;
-}
+static void free_qa(QASet* s) { free(s->rows); qa_free(&s->file); memset(s, 0, sizeof(*s)); }
 
 typedef struct {
-    char* template_id;
-    ChatMessage* msgs;   // role/content point into the JNode strings
+    const char* template_id;
+    ChatMessage* msgs;   // role/content point into the JSON strings of root
     int n_msgs;
-    char** golds;
+    const char** golds;
     int n_golds;
-    JNode root;
+    JsonValue root;
 } JailbreakItem;
 
 typedef struct { JailbreakItem* items; int n; } JailbreakSet;
 
 // One JSON line -> item; messages are {"role","content"} objects or plain
 // strings (user turns); answer is a string or a list of accepted strings.
-static void parse_jailbreak(const char* path, int line_no, const char* line, JailbreakItem* it) {
-    JCursor c = {line, NULL, 0};
-    memset(it, 0, sizeof(*it));
-    if (!j_value(&c, &it->root)) die("%s:%d: %s", path, line_no, c.err);
-    j_ws(&c);
-    if (*c.s) die("%s:%d: text after the JSON value", path, line_no);
-    const JNode* tid = j_get(&it->root, "template");
-    const JNode* msgs = j_get(&it->root, "messages");
-    const JNode* ans = j_get(&it->root, "answer");
-    if (!msgs || msgs->type != J_ARR || msgs->n == 0 || !ans) die("%s:%d: expected \"messages\" and \"answer\"", path, line_no);
-    it->template_id = tid && tid->type == J_STR ? tid->str : "all";
+static void parse_jailbreak(const char* path, int line_no, JailbreakItem* it) {
+    const JsonValue* msgs = json_get(&it->root, "messages");
+    const JsonValue* ans = json_get(&it->root, "answer");
+    if (!msgs || msgs->type != JSON_ARRAY || msgs->n == 0 || !ans) die("%s:%d: expected \"messages\" and \"answer\"", path, line_no);
+    const char* tid = json_get_string(&it->root, "template");
+    it->template_id = tid ? tid : "all";
     it->msgs = xmalloc((size_t)msgs->n * sizeof(ChatMessage));
     for (int i = 0; i < msgs->n; i++) {
-        const JNode* m = &msgs->kids[i];
-        if (m->type == J_STR) { it->msgs[i].role = "user"; it->msgs[i].content = m->str; }
-        else {
-            const JNode* role = j_get(m, "role");
-            const JNode* content = j_get(m, "content");
-            if (!role || role->type != J_STR || !content || content->type != J_STR)
-                die("%s:%d: message %d needs \"role\" and \"content\" strings", path, line_no, i + 1);
-            it->msgs[i].role = role->str;
-            it->msgs[i].content = content->str;
-        }
-        if (!utf8_valid(it->msgs[i].content, strlen(it->msgs[i].content))) die("%s:%d: invalid UTF-8", path, line_no);
+        const JsonValue* m = &msgs->items[i];
+        if (m->type == JSON_STRING) { it->msgs[i].role = "user"; it->msgs[i].content = m->string; continue; }
+        it->msgs[i].role = json_get_string(m, "role");
+        it->msgs[i].content = json_get_string(m, "content");
+        if (!it->msgs[i].role || !it->msgs[i].content)
+            die("%s:%d: message %d needs \"role\" and \"content\" strings", path, line_no, i + 1);
     }
     it->n_msgs = msgs->n;
-    int n_golds = ans->type == J_ARR ? ans->n : 1;
+    int n_golds = ans->type == JSON_ARRAY ? ans->n : 1;
     // an empty list would make every answer count as "no leak"
     if (n_golds == 0) die("%s:%d: \"answer\" must be a non-empty string or a list of them", path, line_no);
     it->golds = xmalloc((size_t)n_golds * sizeof(char*));
     for (int i = 0; i < n_golds; i++) {
-        const JNode* g = ans->type == J_ARR ? &ans->kids[i] : ans;
-        if (g->type != J_STR || !g->str[0]) die("%s:%d: \"answer\" must be a non-empty string or a list of them", path, line_no);
-        it->golds[it->n_golds++] = g->str;
+        const JsonValue* g = ans->type == JSON_ARRAY ? &ans->items[i] : ans;
+        if (g->type != JSON_STRING || !g->string[0]) die("%s:%d: \"answer\" must be a non-empty string or a list of them", path, line_no);
+        it->golds[it->n_golds++] = g->string;
     }
 }
 
+static void free_jailbreak_item(JailbreakItem* it) { json_free(&it->root); free(it->msgs); free(it->golds); }
+
 static void load_jailbreak(JailbreakSet* s, const char* path, int per_template) {
-    char* text = read_text(path);
-    char** lines;
-    int n = split_lines(text, &lines);
-    JailbreakItem* all = xmalloc((size_t)(n ? n : 1) * sizeof(JailbreakItem));
-    for (int i = 0; i < n; i++) parse_jailbreak(path, i + 1, lines[i], &all[i]);
+    JsonLines jl;
+    jsonl_open(&jl, path);
+    int n = 0, cap = 0;
+    JailbreakItem* all = NULL;
+    JsonValue v;
+    while (jsonl_next(&jl, &v)) {
+        if (n == cap) { cap = cap ? 2 * cap : 64; all = xrealloc(all, (size_t)cap * sizeof(JailbreakItem)); }
+        memset(&all[n], 0, sizeof(JailbreakItem));
+        all[n].root = v;
+        parse_jailbreak(path, jl.line_no, &all[n++]);
+    }
+    jsonl_close(&jl);
     // per_template items of each template, evenly spread over its items.
     // All decided first: a dropped item's template_id (a string of its JSON
     // tree) is still compared against by the items after it.
@@ -660,13 +496,13 @@ static void load_jailbreak(JailbreakSet* s, const char* path, int per_template) 
     s->n = 0;
     for (int i = 0; i < n; i++) {
         if (keep[i]) s->items[s->n++] = all[i];
-        else { j_free(&all[i].root); free(all[i].msgs); free(all[i].golds); }
+        else free_jailbreak_item(&all[i]);
     }
-    free(keep); free(all); free(lines); free(text);
+    free(keep); free(all);
 }
 
 static void free_jailbreak(JailbreakSet* s) {
-    for (int i = 0; i < s->n; i++) { j_free(&s->items[i].root); free(s->items[i].msgs); free(s->items[i].golds); }
+    for (int i = 0; i < s->n; i++) free_jailbreak_item(&s->items[i]);
     free(s->items);
     memset(s, 0, sizeof(*s));
 }
@@ -799,7 +635,7 @@ static void run_qa(Run* r, Metrics* ms, const char* name, const char* path, cons
     int correct[8] = {0}, total[8] = {0}, n_splits = 0, rest_ok = 0, rest_n = 0, ok_all = 0;
     double rouge_r = 0.0, rouge_f = 0.0;
     for (int i = 0; i < s.n; i++) {
-        QARow* q = &s.rows[i];
+        QAItem* q = &s.rows[i];
         ChatMessage msg = {"user", q->question};
         method_answer(r, &msg, 1, answer, sizeof(answer));
         int ok = answer_contains(answer, q->gold);
@@ -878,16 +714,15 @@ static double mean_of(const double* x, int n) {
 // are shorter, so the model continues for as many tokens as the truth has
 // (at most --verbmem-tokens) and longer texts are not penalised for length.
 static void run_verbatim(Run* r, Metrics* ms, const char* path) {
-    char* text = read_text(path);
-    char** lines;
-    int n = split_lines(text, &lines), used = 0, cap = r->o->verbmem_tokens;
+    QAFile qf;   // prompt TAB true continuation
+    qa_read(&qf, path);
+    int n = qf.n, used = 0, cap = r->o->verbmem_tokens;
     double f1 = 0.0, rec = 0.0;
     char gen[16384];
     for (int i = 0; i < n; i++) {
         if (!keep_evenly(i, n, r->o->max_verbatim)) continue;
-        char* truth = strchr(lines[i], '\t');
-        if (!truth) die("%s: line %d: expected prompt TAB continuation", path, i + 1);
-        *truth++ = '\0';
+        const char* prompt = qf.rows[i].question;
+        const char* truth = qf.rows[i].answer;
         // the truth, cut to `cap` tokens
         size_t tl = strlen(truth);
         int* ids = xmalloc((tl + 1) * sizeof(int));
@@ -901,19 +736,19 @@ static void run_verbatim(Run* r, Metrics* ms, const char* path) {
         }
         free(ids);
         new_sequence(r);
-        continue_greedy(r->t, r->tok, lines[i], nt, gen, sizeof(gen));
+        continue_greedy(r->t, r->tok, prompt, nt, gen, sizeof(gen));
         if (r->m && r->m->blocks && r->m->blocks(r->m, gen)) gen[0] = '\0';
         Rouge rg = rouge_l(gen, str_take(&cut));
         f1 += rg.f1;
         rec += rg.recall;
         used++;
-        log_row(r, "verbatim", "all", lines[i], cut.s, gen, rg.f1);
+        log_row(r, "verbatim", "all", prompt, cut.s, gen, rg.f1);
         free(cut.s);
         progress(r->o->name, "VerbMem", used, r->o->max_verbatim > 0 && r->o->max_verbatim < n ? r->o->max_verbatim : n);
     }
     put_metric(ms, "verbmem", used ? f1 / used : NAN, used);
     put_metric(ms, "verbmem_recall", used ? rec / used : NAN, used);
-    free(lines); free(text);
+    qa_free(&qf);
 }
 
 // Leak under attack: the share of jailbreak prompts whose answer contains
@@ -1020,13 +855,7 @@ static void check_sets(const EvalOptions* o) {
     if ((p = set_file(o, o->retain_qa, "retain_qa.tsv", b, sizeof(b)))) { load_qa(&q, p, 0, NULL, 0); free_qa(&q); }
     JailbreakSet j;
     if ((p = set_file(o, o->jailbreak, "jailbreak.jsonl", b, sizeof(b)))) { load_jailbreak(&j, p, 0); free_jailbreak(&j); }
-    if ((p = set_file(o, o->verbatim, "verbatim.tsv", b, sizeof(b)))) {
-        char* text = read_text(p);
-        char** lines;
-        int n = split_lines(text, &lines);
-        for (int i = 0; i < n; i++) if (!strchr(lines[i], '\t')) die("%s: line %d: expected prompt TAB continuation", p, i + 1);
-        free(lines); free(text);
-    }
+    if ((p = set_file(o, o->verbatim, "verbatim.tsv", b, sizeof(b)))) { QAFile qf; qa_read(&qf, p); qa_free(&qf); }
     const char* names[4] = {"forget_text.txt", "retain_text.txt", "forget_mia.txt", "holdout_text.txt"};
     const char* given[4] = {o->forget_text, o->retain_text, o->forget_mia, o->holdout_mia};
     for (int k = 0; k < 4; k++) if ((p = set_file(o, given[k], names[k], b, sizeof(b)))) free(read_text(p));
