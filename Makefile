@@ -47,35 +47,35 @@ engine.o: run.c run.h unicode_ranges.h
 cli.o: cli.c cli.h run.h
 	$(CC) $(CFLAGS) -c cli.c -o $@
 
-eval.o: eval.c eval.h run.h
+eval.o: eval.c eval.h run.h data.h cli.h
 	$(CC) $(CFLAGS) -c eval.c -o $@
 
 data.o: data.c data.h run.h
 	$(CC) $(CFLAGS) -c data.c -o $@
 
-run: run.c run.h unicode_ranges.h eval.o data.o
-	$(CC) $(CFLAGS) run.c eval.o data.o -o $@ $(LDLIBS)
+run: run.c run.h unicode_ranges.h eval.o data.o cli.o
+	$(CC) $(CFLAGS) run.c eval.o data.o cli.o -o $@ $(LDLIBS)
 
-sae: sae.c sae.h run.h eval.h data.h engine.o eval.o data.o
-	$(CC) $(CFLAGS) sae.c engine.o eval.o data.o -o $@ $(LDLIBS)
+sae: sae.c sae.h run.h eval.h data.h engine.o eval.o data.o cli.o
+	$(CC) $(CFLAGS) sae.c engine.o eval.o data.o cli.o -o $@ $(LDLIBS)
 
 sae_lib.o: sae.c sae.h run.h
 	$(CC) $(CFLAGS) -DSAE_LIBRARY -c sae.c -o $@
 
-guard: guard.c guard.h run.h eval.h data.h engine.o eval.o data.o
-	$(CC) $(CFLAGS) guard.c engine.o eval.o data.o -o $@ $(LDLIBS)
+guard.o: guard.c guard.h run.h eval.h data.h unicode_ranges.h
+	$(CC) $(CFLAGS) -c guard.c -o $@
 
-guard_lib.o: guard.c guard.h run.h data.h
-	$(CC) $(CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
+guard: guard_cli.c guard.h run.h eval.h cli.h guard.o engine.o eval.o data.o cli.o
+	$(CC) $(CFLAGS) guard_cli.c guard.o engine.o eval.o data.o cli.o -o $@ $(LDLIBS)
 
-train_lora: train_lora.c train_lora.h run.h eval.h data.h engine.o eval.o data.o
-	$(CC) $(CFLAGS) train_lora.c engine.o eval.o data.o -o $@ $(LDLIBS)
+train_lora: train_lora.c train_lora.h run.h eval.h data.h engine.o eval.o data.o cli.o
+	$(CC) $(CFLAGS) train_lora.c engine.o eval.o data.o cli.o -o $@ $(LDLIBS)
 
 train_lib.o: train_lora.c train_lora.h run.h
 	$(CC) $(CFLAGS) -DTRAIN_LIBRARY -c train_lora.c -o $@
 
-test_all: test_all.c engine.o eval.o data.o train_lib.o sae_lib.o guard_lib.o run.h eval.h data.h train_lora.h sae.h guard.h
-	$(CC) $(CFLAGS) test_all.c engine.o eval.o data.o train_lib.o sae_lib.o guard_lib.o -o $@ $(LDLIBS)
+test_all: test_all.c engine.o eval.o data.o cli.o train_lib.o sae_lib.o guard.o run.h eval.h data.h train_lora.h sae.h guard.h
+	$(CC) $(CFLAGS) test_all.c engine.o eval.o data.o cli.o train_lib.o sae_lib.o guard.o -o $@ $(LDLIBS)
 
 # Synthetic checkpoints and exported models live in build/ (git-ignored).
 TOK = build/llama3.tok
@@ -184,12 +184,16 @@ $(FUZZ_DIR)/data.o: data.c data.h run.h
 	@mkdir -p $(FUZZ_DIR)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c data.c -o $@
 
+$(FUZZ_DIR)/cli.o: cli.c cli.h run.h
+	@mkdir -p $(FUZZ_DIR)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c cli.c -o $@
+
 $(FUZZ_DIR)/sae.o: sae.c sae.h run.h eval.h
 	@mkdir -p $(FUZZ_DIR)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -DSAE_LIBRARY -c sae.c -o $@
 
 # an archive: a target that includes eval.c itself does not pull eval.o
-$(FUZZ_DIR)/libunlearn.a: $(FUZZ_DIR)/engine.o $(FUZZ_DIR)/eval.o $(FUZZ_DIR)/data.o $(FUZZ_DIR)/sae.o
+$(FUZZ_DIR)/libunlearn.a: $(FUZZ_DIR)/engine.o $(FUZZ_DIR)/eval.o $(FUZZ_DIR)/data.o $(FUZZ_DIR)/cli.o $(FUZZ_DIR)/sae.o
 	rm -f $@
 	ar rcs $@ $^
 
@@ -223,7 +227,7 @@ fuzz: fuzz-build
 # runs and expects to fail) fails it.
 ASAN_DIR = build/asan
 ASAN_CFLAGS = $(CFLAGS) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
-ASAN_OBJS = $(ASAN_DIR)/engine.o $(ASAN_DIR)/eval.o $(ASAN_DIR)/data.o
+ASAN_OBJS = $(ASAN_DIR)/engine.o $(ASAN_DIR)/eval.o $(ASAN_DIR)/data.o $(ASAN_DIR)/cli.o
 ASAN_PROGRAMS = $(addprefix $(ASAN_DIR)/root/,run train_lora sae guard test_all)
 
 $(ASAN_DIR)/root:
@@ -234,24 +238,26 @@ $(ASAN_DIR)/eval.o: eval.c eval.h run.h | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) -c eval.c -o $@
 $(ASAN_DIR)/data.o: data.c data.h run.h | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) -c data.c -o $@
+$(ASAN_DIR)/cli.o: cli.c cli.h run.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -c cli.c -o $@
 $(ASAN_DIR)/sae_lib.o: sae.c sae.h run.h eval.h | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) -DSAE_LIBRARY -c sae.c -o $@
-$(ASAN_DIR)/guard_lib.o: guard.c guard.h run.h eval.h data.h | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) -DGUARD_LIBRARY -c guard.c -o $@
+$(ASAN_DIR)/guard.o: guard.c guard.h run.h eval.h data.h unicode_ranges.h | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) -c guard.c -o $@
 $(ASAN_DIR)/train_lib.o: train_lora.c train_lora.h run.h eval.h | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) -DTRAIN_LIBRARY -c train_lora.c -o $@
-$(ASAN_DIR)/root/run: run.c run.h unicode_ranges.h $(ASAN_DIR)/eval.o $(ASAN_DIR)/data.o | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) run.c $(ASAN_DIR)/eval.o $(ASAN_DIR)/data.o -o $@ $(LDLIBS)
+$(ASAN_DIR)/root/run: run.c run.h unicode_ranges.h $(ASAN_DIR)/eval.o $(ASAN_DIR)/data.o $(ASAN_DIR)/cli.o | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) run.c $(ASAN_DIR)/eval.o $(ASAN_DIR)/data.o $(ASAN_DIR)/cli.o -o $@ $(LDLIBS)
 $(ASAN_DIR)/root/sae: sae.c sae.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) sae.c $(ASAN_OBJS) -o $@ $(LDLIBS)
-$(ASAN_DIR)/root/guard: guard.c guard.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
-	$(CC) $(ASAN_CFLAGS) guard.c $(ASAN_OBJS) -o $@ $(LDLIBS)
+$(ASAN_DIR)/root/guard: guard_cli.c guard.h run.h eval.h cli.h $(ASAN_OBJS) $(ASAN_DIR)/guard.o | $(ASAN_DIR)/root
+	$(CC) $(ASAN_CFLAGS) guard_cli.c $(ASAN_DIR)/guard.o $(ASAN_OBJS) -o $@ $(LDLIBS)
 $(ASAN_DIR)/root/train_lora: train_lora.c train_lora.h run.h eval.h $(ASAN_OBJS) | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) train_lora.c $(ASAN_OBJS) -o $@ $(LDLIBS)
 $(ASAN_DIR)/root/test_all: test_all.c run.h eval.h train_lora.h sae.h guard.h $(ASAN_OBJS) \
-                           $(ASAN_DIR)/train_lib.o $(ASAN_DIR)/sae_lib.o $(ASAN_DIR)/guard_lib.o | $(ASAN_DIR)/root
+                           $(ASAN_DIR)/train_lib.o $(ASAN_DIR)/sae_lib.o $(ASAN_DIR)/guard.o | $(ASAN_DIR)/root
 	$(CC) $(ASAN_CFLAGS) test_all.c $(ASAN_OBJS) $(ASAN_DIR)/train_lib.o $(ASAN_DIR)/sae_lib.o \
-	    $(ASAN_DIR)/guard_lib.o -o $@ $(LDLIBS)
+	    $(ASAN_DIR)/guard.o -o $@ $(LDLIBS)
 
 test-asan: $(ASAN_PROGRAMS) $(TOK)
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }

@@ -10,8 +10,8 @@ int cli_dispatch(const char* program, const char* about, const Command* cmds, in
     for (int c = 0; name && c < n_cmds; c++)
         if (!strcmp(name, cmds[c].name)) return cmds[c].main(argc - 1, argv + 1);
     int help = name && cli_is_help(name);
+    if (name && !help) die("unknown subcommand '%s' (%s --help lists them)", name, program);
     FILE* f = help ? stdout : stderr;
-    if (name && !help) fprintf(stderr, "error: unknown subcommand '%s'\n", name);
     fprintf(f, "%s -- %s\n\nUsage: %s SUBCOMMAND [MODEL.bin] [flags]   (%s SUBCOMMAND --help for its flags)\n\n",
             program, about, program, program);
     for (int c = 0; c < n_cmds; c++) fprintf(f, "  %-10s %s\n", cmds[c].name, cmds[c].summary);

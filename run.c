@@ -2719,6 +2719,11 @@ static int chat_turn(Chat* c, Sampler* sampler, const char* system, const char* 
     chat_push(c, "user", xstrdup(user));
     const ChatFilter* f = c->filter;
     char* kept = f && f->before ? f->before(f->ctx, c->conv, c->n_conv) : NULL;
+    if (kept) { // refused before the model read it: the turn stays out of the cache
+        printf("\n");
+        chat_push(c, "assistant", kept);
+        return !last_turn;
+    }
     long t0 = time_in_ms();
     int n_prompt;
     float* logits = chat_prompt(c, system, user, &n_prompt);
