@@ -9,16 +9,14 @@
 //   judge           a Llama Guard model (LG3 or LG2 prompt format) with a
 //                   custom category, on the input (User) and the output (Agent)
 //
-// It is cheap and easy to break; `guard eval` measures both: QA accuracy,
-// false refusals, leak rate per jailbreak template and per layer, and the
-// extra tokens and milliseconds each layer costs.
+// It is cheap and easy to break; `guard eval` (the shared harness, eval.c)
+// measures both: QA accuracy, false refusals, leak rate per jailbreak
+// template, and as extra metrics which layer refused how often and the
+// tokens and milliseconds each layer costs.
 //
-//   ./guard generate MODEL.bin -z TOK -i "Who is Hagrid?" --system --input-filter
-//   ./guard chat MODEL.bin -z TOK --output-filter --judge lg3.bin --judge-tok lg3.tok
-//   ./guard eval MODEL.bin -z TOK --forget F.tsv --retain R.tsv --jailbreak J.jsonl --system ...
-//   ./guard --help
-//
-// The program (main, the subcommands, the flags) is guard_cli.c.
+// This file is the library: normalisation, the keyword filter, the
+// streaming filter, the judge and the guarded model (guard_answer for eval,
+// a ChatFilter for the engine's chat loop). The program is guard_cli.c.
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
