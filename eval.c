@@ -986,8 +986,11 @@ static void eval_usage(const char* prog, const EvalMethod* m, const CommonOpts* 
 "  --relearn-facts F    relearn_facts.tsv  subject TAB relation TAB answer: forget_qa_rest\n"
 "                       is the forget accuracy without these facts' questions\n"
 "Flags:\n", prog, prog);
-    cli_print_common(stdout, co);
+    CommonOpts shown = *co;   // -c has the harness's own default
+    shown.accepts &= ~(unsigned)CLI_CTX;
+    cli_print_common(stdout, &shown);
     printf(
+"  -c N                 context length (default min(model max, 1024): enough for every set)\n"
 "  --name NAME          the method's name in the outputs (default: the method's kind)\n"
 "  --parts LIST         forget_qa,retain_qa,jailbreak,ppl,verbmem,mia (default all)\n"
 "  --max-qa N           questions per QA set, stratified by split (default 0 = all)\n"
@@ -1053,7 +1056,7 @@ static void eval_parse(EvalOptions* o, EvalMethod* m, int argc, char** argv) {
     const char* prog = m && m->prog ? m->prog : "run";
     CommonOpts co = { .max_new = o->max_new, .topp = 1.0f,
                       .accepts = CLI_TOK | CLI_MAX_NEW | CLI_CTX | CLI_OUT | CLI_LORA | CLI_SYSTEM,
-                      .out_help = "PREFIX: write PREFIX.json, PREFIX.csv, PREFIX.answers.tsv (default: print only)" };
+                      .out_help = "write PATH.json, PATH.csv, PATH.answers.tsv (default: print only)" };
     for (int i = cli_model(&co, argc, argv); i < argc; i++) {
         const char* f = argv[i];
         if (cli_is_help(f)) eval_usage(prog, m, &co);
