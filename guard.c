@@ -1013,12 +1013,8 @@ static char* chat_after(void* ctx, const ChatMessage* conv, int n, const char* a
 }
 
 void guard_chat_init(GuardChat* c, Guard* g, ChatFilter* f) {
-    memset(c, 0, sizeof(*c));
-    c->g = g;
-    f->ctx = c;
-    f->before = chat_before;
-    f->on_token = chat_on_token;
-    f->after = chat_after;
+    *c = (GuardChat){ .g = g };
+    *f = (ChatFilter){ .ctx = c, .before = chat_before, .on_token = chat_on_token, .after = chat_after };
 }
 
 void guard_chat_free(GuardChat* c) { free_stream(&c->sf); }

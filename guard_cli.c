@@ -257,21 +257,21 @@ static int guard_method_blocks(EvalMethod* m, const char* text) {
 
 static void guard_method_teardown(EvalMethod* m) { guard_free(&((GuardMethod*)m->user)->r); }
 
+static const char GUARD_EVAL_FLAGS[] =
+    "  the layers and their flags as in guard generate --help (--system TEXT, --system-file FILE,\n"
+    "  --input-filter, --output-filter, --judge FILE --judge-tok FILE, ...). Extra metrics, per\n"
+    "  chat set (NAME:SET) and over all answers: refused, refused_model (the model's own\n"
+    "  answer), refused_input / _judge_in / _output / _judge_out (the layer that replaced\n"
+    "  the answer), judge_in_tokens / judge_out_tokens, ms_input / _judge_in / _answer /\n"
+    "  _output / _judge_out (per query).\n";
+
 static int guard_eval(int argc, char** argv) {
     GuardMethod gm;
     memset(&gm, 0, sizeof(gm));
     guard_opts_init(&gm.r.go);
-    EvalMethod m = {
-        .prog = "guard", .kind = "guard",
-        .usage = "  the layers and their flags as in guard generate --help (--system TEXT, --system-file FILE,\n"
-                 "  --input-filter, --output-filter, --judge FILE --judge-tok FILE, ...). Extra metrics, per\n"
-                 "  chat set (NAME:SET) and over all answers: refused, refused_model (the model's own\n"
-                 "  answer), refused_input / _judge_in / _output / _judge_out (the layer that replaced\n"
-                 "  the answer), judge_in_tokens / judge_out_tokens, ms_input / _judge_in / _answer /\n"
-                 "  _output / _judge_out (per query).\n",
-        .parse = guard_method_parse, .setup = guard_method_setup, .teardown = guard_method_teardown,
-        .blocks = guard_method_blocks, .answer = guard_method_answer, .user = &gm,
-    };
+    EvalMethod m = { .prog = "guard", .kind = "guard", .usage = GUARD_EVAL_FLAGS, .parse = guard_method_parse,
+                     .setup = guard_method_setup, .teardown = guard_method_teardown, .blocks = guard_method_blocks,
+                     .answer = guard_method_answer, .user = &gm };
     return eval_main(argc, argv, &m);
 }
 
