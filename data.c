@@ -271,8 +271,8 @@ void qa_parse(QAFile* f, const char* name, char* text, size_t len) {
         if (l && line[0] != '#' && !header) {
             QARow r = {.question = line, .line = line_no};
             r.answer = tsv_field(line);
-            if (!r.answer || !line[0] || !r.answer[0] || r.answer[0] == '\t')
-                die("%s:%d: expected question<TAB>answer[<TAB>more fields], neither empty", name, line_no);
+            if (!r.answer || !r.answer[0] || r.answer[0] == '\t')
+                die("%s:%d: expected question<TAB>answer[<TAB>more fields], the answer not empty", name, line_no);
             r.third = tsv_field(r.answer);
             if (r.third) tsv_field(r.third);
             tsv_unescape(r.question);

@@ -60,9 +60,10 @@ void jsonl_close(JsonLines* jl);
 // QA TSV: one row per line, question<TAB>answer[<TAB>third[<TAB>more...]].
 // Blank lines, lines starting with '#' and a first line that is a header
 // ("question<TAB>...") are skipped; a final \r is cut (CRLF files). A field
-// may spell a newline, tab or backslash as \n, \t, \\ . Question and answer
-// must not be empty. The third field is whatever the file puts there (a
-// split: "trained", "heldout", "forget"...); later fields are ignored.
+// may spell a newline, tab or backslash as \n, \t, \\ . The answer must
+// not be empty (a question may be). The third field is whatever the file
+// puts there (a split: "trained", "heldout", "forget"...); later fields are
+// ignored.
 
 typedef struct {
     char* question;

@@ -53,7 +53,7 @@ if [ "$MODE" = toy ]; then
     # 400 forget and 400 retain questions, stratified by split (trained /
     # held-out phrasing, 200 each), 10 attack prompts per template (170),
     # all 80 VerbMem passages, all perplexity passages and MIA sentences.
-    EVAL="-z $TOK --sets $SETS --max-qa 400 --max-jailbreak 10 --max-new 32"
+    EVAL="-z $TOK --sets $SETS --max-qa 400 --max-jailbreak 10 -n 32"
     # LoRA: rank 8 on every projection of every layer; forget rows packed into
     # 4 rows of 256 tokens per step (WHP cannot pack: one example per row of 96).
     # Settings from a small sweep on toy-base, run once while writing this
@@ -125,7 +125,7 @@ else
          print p "\t" c }' "$REAL/hp_perp.txt" > "$SETS/verbatim.tsv"
     cp data/toy/eval/jailbreak.jsonl "$SETS/jailbreak.jsonl"
     # no MIA for a real model: there is no Harry Potter text it surely never saw
-    EVAL="-z $TOK --sets $SETS --max-jailbreak 5 --max-new 48"
+    EVAL="-z $TOK --sets $SETS --max-jailbreak 5 -n 48"
     # untuned starting points (scaled down from the toy world's learning
     # rates); check the report against the targets and sweep as the toy did
     LORA="-z $TOK --forget $REAL/harry_potter_dataset.txt --retain $REAL/wiki2_perp.txt --seq-len 256 --batch 2 --rank 8 --alpha 16 -s 1 --log-every 5 --save-every 25"
@@ -166,7 +166,7 @@ if [ "$MODE" = real ]; then
     run ./train_lora train "$BASE" $LORA $GRADDIFF --steps 2 -o "$B/probe.lora" --log "$B/probe.csv"
     step_s=$(awk -F, 'NR > 1 { t = $11 } END { printf "%.1f", t / 2 }' "$B/probe.csv")
     head -n 5 "$SETS/forget_qa.tsv" > "$B/probe_qa.tsv"
-    run ./run eval "$BASE" -z "$TOK" --forget-qa "$B/probe_qa.tsv" --max-new 48 --name probe -o "$B/probe"
+    run ./run eval "$BASE" -z "$TOK" --forget-qa "$B/probe_qa.tsv" -n 48 --name probe -o "$B/probe"
     q_s=$(awk -F, '$2 == "ms_per_query" { printf "%.2f", $3 / 1000 }' "$B/probe.csv")
     # answers per full evaluation (a VerbMem continuation counts as 3), 9 full
     # evaluations and 7 forget-QA-only ones after the relearning attack
@@ -190,8 +190,8 @@ if [ -n "$GOLD" ]; then
 fi
 
 # ------------------------------------------------------------------ guardrail
-if [ -n "$GUARD_PROMPT" ]; then printf '%s\n' "$GUARD_PROMPT" > "$B/guard_prompt.txt"; SYS="--system $B/guard_prompt.txt"
-else SYS="--system"; fi
+if [ -n "$GUARD_PROMPT" ]; then printf '%s\n' "$GUARD_PROMPT" > "$B/guard_prompt.txt"; SYS="--system-file $B/guard_prompt.txt"
+else SYS="--system-file data/guard_system_prompt.txt"; fi
 say "guardrail: system prompt"
 run ./guard eval "$BASE" $EVAL $SYS --name guard-prompt -o "$OUT/guard-prompt"
 say "guardrail: input + output keyword filters"

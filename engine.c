@@ -918,31 +918,32 @@ static int chat_turn(Chat* c, Sampler* sampler, const char* system, const char* 
     chat_push(c, "user", xstrdup(user));
     const ChatFilter* f = c->filter;
     char* kept = f && f->before ? f->before(f->ctx, c->conv, c->n_conv) : NULL;
+    if (kept) { // refused before the model read it: the turn stays out of the cache
+        printf("\n");
+        chat_push(c, "assistant", kept);
+        return !last_turn;
+    }
     long t0 = time_in_ms();
     int n_prompt;
     float* logits = chat_prompt(c, system, user, &n_prompt);
     int answer_pos = c->n_cached;
     long t1 = time_in_ms();
-    GenResult r = { 0, answer_pos, -1, GEN_MAX_NEW };
-    if (!kept) {
-        c->answer_len = 0;
-        if (c->answer) c->answer[0] = '\0';
-        GenConfig g = { max_new, sampler, chat_on_token, c, NULL };
-        r = generate(c->t, c->tok, logits, answer_pos, &g);
-        c->n_cached = r.pos;
-        if (f && f->after) kept = f->after(f->ctx, c->conv, c->n_conv, c->answer ? c->answer : "", r.stop == GEN_FILTERED);
-        if (!kept && r.stop == GEN_FILTERED) kept = xstrdup(c->answer ? c->answer : "");
-    }
+    c->answer_len = 0;
+    if (c->answer) c->answer[0] = '\0';
+    GenConfig g = { max_new, sampler, chat_on_token, c, NULL };
+    GenResult r = generate(c->t, c->tok, logits, answer_pos, &g);
+    c->n_cached = r.pos;
+    const char* answer = c->answer ? c->answer : "";
+    if (f && f->after) kept = f->after(f->ctx, c->conv, c->n_conv, answer, r.stop == GEN_FILTERED);
+    if (!kept && r.stop == GEN_FILTERED) kept = xstrdup(answer);
     long t2 = time_in_ms();
     printf("\n");
     report_speed(n_prompt, t1 - t0, r.n_sampled, t2 - t1);
     if (kept) {
         chat_replace_answer(c, answer_pos, kept);
-        chat_push(c, "assistant", kept);
         r.last = -1;
-    } else {
-        chat_push(c, "assistant", xstrdup(c->answer ? c->answer : ""));
     }
+    chat_push(c, "assistant", kept ? kept : xstrdup(answer));
     if (last_turn) return 0;
     if (r.stop == GEN_CONTEXT_FULL || !chat_close_answer(c, r.last)) {
         fprintf(stderr, "[context of %d positions full]\n", c->t->state.seq_len);

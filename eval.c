@@ -12,6 +12,8 @@
 #include <math.h>
 #include <stdarg.h>
 #include "eval.h"
+#include "data.h"
+#include "cli.h"
 
 // ----------------------------------------------------------------------------
 // A growable string (JSON, CSV, SVG and markdown are all built in one)
@@ -22,9 +24,7 @@ static void str_add(Str* b, const char* s, size_t n) {
     if (b->len + n + 1 > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
         while (b->len + n + 1 > cap) cap *= 2;
-        char* p = realloc(b->s, cap);
-        if (!p) die("out of memory");
-        b->s = p;
+        b->s = xrealloc(b->s, cap);
         b->cap = cap;
     }
     memcpy(b->s + b->len, s, n);
@@ -71,27 +71,14 @@ int eval_chat_tokens(const Tokenizer* tok, const char* system, const ChatMessage
 int answer_greedy(void* ctx, const ChatMessage* msgs, int n_msgs, char* out, size_t cap) {
     GreedyAnswerer* g = ctx;
     Transformer* t = g->t;
-    int ctx_len = t->state.seq_len;
-    int max_new = g->max_new > 0 ? g->max_new : 48;
     int* ids;
     int n = eval_chat_tokens(g->tok, g->system, msgs, n_msgs, &ids);
-    size_t len = 0;
     out[0] = '\0';
-    if (n + 1 >= ctx_len) { free(ids); return n; } // no room to answer: empty answer
+    if (n + 1 >= t->state.seq_len) { free(ids); return n; } // no room to answer: empty answer
     float* logits = forward_batch(t, ids, n, 0, NULL);
-    int V = t->config.vocab_size;
-    for (int step = 0; step < max_new && n + step < ctx_len; step++) {
-        int next = 0;
-        for (int j = 1; j < V; j++) if (logits[j] > logits[next]) next = j;
-        if (is_stop_token(&t->config, g->tok, next)) break;
-        if (!g->tok->is_special[next]) {
-            int plen;
-            const char* piece = token_piece(g->tok, next, &plen);
-            if (len + plen < cap) { memcpy(out + len, piece, plen); len += plen; out[len] = '\0'; }
-        }
-        if (n + step + 1 >= ctx_len) break;
-        logits = forward(t, next, n + step);
-    }
+    TextBuf text = { out, cap, 0 };
+    GenConfig gc = { g->max_new > 0 ? g->max_new : 48, NULL, gen_append, &text, NULL };
+    generate(t, g->tok, logits, n, &gc);
     free(ids);
     return n;
 }
@@ -125,38 +112,23 @@ static SplitScore* split_for(QAResult* r, const char* name) {
 
 void eval_qa(const char* path, AnswerFn fn, void* ctx, int max_rows, FILE* log, QAResult* res) {
     memset(res, 0, sizeof(*res));
-    size_t len;
-    char* text = read_file(path, &len);
-    // a NUL would silently end the file early (the rows are C strings)
-    if (strlen(text) != len) { fprintf(stderr, "error: %s holds a NUL byte\n", path); exit(EXIT_FAILURE); }
-    if (!utf8_valid(text, len)) { fprintf(stderr, "error: %s is not valid UTF-8\n", path); exit(EXIT_FAILURE); }
+    QAFile qf;
+    qa_read(&qf, path);
     long t0 = time_in_ms();
     char answer[2048];
-    int line_no = 0;
-    for (char* line = text; line && *line; ) {
-        char* next = strchr(line, '\n');
-        if (next) *next++ = '\0';
-        line_no++;
-        if (line[0] == '\0') { line = next; continue; }
-        char* question = line;
-        char* gold = strchr(question, '\t');
-        if (!gold) { fprintf(stderr, "error: %s:%d: expected question TAB answer\n", path, line_no); exit(EXIT_FAILURE); }
-        *gold++ = '\0';
-        char* split = strchr(gold, '\t');
-        if (split) *split++ = '\0';
-        ChatMessage msg = {"user", question};
+    for (int i = 0; i < qf.n && (max_rows <= 0 || res->total < max_rows); i++) {
+        const QARow* q = &qf.rows[i];
+        ChatMessage msg = {"user", q->question};
         res->prompt_tokens += fn(ctx, &msg, 1, answer, sizeof(answer));
-        int ok = answer_contains(answer, gold);
+        int ok = answer_contains(answer, q->answer);
         res->total++;
         res->correct += ok;
-        SplitScore* s = split_for(res, split && *split ? split : "all");
+        SplitScore* s = split_for(res, q->third && *q->third ? q->third : "all");
         if (s) { s->total++; s->correct += ok; }
-        if (log) fprintf(log, "%s\t%s\t%s\t%d\n", question, gold, answer, ok);
-        if (max_rows > 0 && res->total >= max_rows) break;
-        line = next;
+        if (log) fprintf(log, "%s\t%s\t%s\t%d\n", q->question, q->answer, answer, ok);
     }
     res->seconds = (time_in_ms() - t0) / 1000.0;
-    free(text);
+    qa_free(&qf);
 }
 
 double qa_accuracy(const QAResult* r, const char* split) {
@@ -299,8 +271,8 @@ int token_logprobs(Transformer* t, const Tokenizer* tok, const char* text, float
 double eval_perplexity(Transformer* t, Tokenizer* tok, const char* path, int max_lines) {
     size_t len;
     char* text = read_file(path, &len);
-    if (strlen(text) != len) { fprintf(stderr, "error: %s holds a NUL byte\n", path); exit(EXIT_FAILURE); }
-    if (!utf8_valid(text, len)) { fprintf(stderr, "error: %s is not valid UTF-8\n", path); exit(EXIT_FAILURE); }
+    if (strlen(text) != len) die("%s holds a NUL byte", path);
+    if (!utf8_valid(text, len)) die("%s is not valid UTF-8", path);
     int ctx = t->state.seq_len, V = t->config.vocab_size;
     float* logits = xmalloc((size_t)t->state.batch_cap * V * sizeof(float));
     float* lp = xmalloc((size_t)ctx * sizeof(float));
@@ -323,31 +295,19 @@ double eval_perplexity(Transformer* t, Tokenizer* tok, const char* path, int max
 }
 
 int continue_greedy(Transformer* t, const Tokenizer* tok, const char* prompt, int max_new, char* out, size_t cap) {
-    size_t len = strlen(prompt), at = 0;
-    int ctx = t->state.seq_len, V = t->config.vocab_size;
+    size_t len = strlen(prompt);
     int* ids = xmalloc((len + 2) * sizeof(int));
     int n = 0;
     if (t->config.bos_id >= 0) ids[n++] = t->config.bos_id;
     n += encode(tok, prompt, len, 0, ids + n, (int)len + 1);
     out[0] = '\0';
-    if (n >= ctx) { free(ids); return 0; }  // no room: an empty continuation
+    if (n >= t->state.seq_len) { free(ids); return 0; }  // no room: an empty continuation
     float* logits = forward_batch(t, ids, n, 0, NULL);
-    int gen = 0;
-    for (int pos = n; gen < max_new && pos < ctx; pos++) {
-        int next = 0;
-        for (int j = 1; j < V; j++) if (logits[j] > logits[next]) next = j;
-        gen++;
-        if (is_stop_token(&t->config, tok, next)) break;
-        if (!tok->is_special[next]) {
-            int plen;
-            const char* piece = token_piece(tok, next, &plen);
-            if (at + plen < cap) { memcpy(out + at, piece, plen); at += plen; out[at] = '\0'; }
-        }
-        if (pos + 1 >= ctx) break;
-        logits = forward(t, next, pos);
-    }
+    TextBuf text = { out, cap, 0 };
+    GenConfig gc = { max_new, NULL, gen_append, &text, NULL };
+    GenResult r = generate(t, tok, logits, n, &gc);
     free(ids);
-    return gen;
+    return r.n_sampled;
 }
 
 // ----------------------------------------------------------------------------
@@ -376,7 +336,7 @@ static int split_lines(char* text, char*** out) {
         size_t l = strlen(line);
         if (l && line[l - 1] == '\r') line[--l] = '\0';
         if (l) {
-            if (n == cap) { cap *= 2; lines = realloc(lines, (size_t)cap * sizeof(char*)); if (!lines) die("out of memory"); }
+            if (n == cap) { cap *= 2; lines = xrealloc(lines, (size_t)cap * sizeof(char*)); }
             lines[n++] = line;
         }
         line = next;
@@ -396,54 +356,44 @@ typedef struct {
     char* gold;
     char* split;      // "trained", "heldout", ... ("all" when the file has no split column)
     int relearn;      // 1: a fact the relearning attack trains on
-} QARow;
+} QAItem;
 
-typedef struct { QARow* rows; int n; char* text; } QASet;
+typedef struct { QAItem* rows; int n; QAFile file; } QASet;
 
 typedef struct { char* subject; char* answer; } Fact;
 
+// subject TAB relation TAB answer: a QA TSV whose third field is the answer.
 static void load_facts(const char* path, Fact** out, int* n_out, char** text_out) {
-    char* text = read_text(path);
-    char** lines;
-    int n = split_lines(text, &lines);
-    Fact* f = xmalloc((size_t)(n ? n : 1) * sizeof(Fact));
-    for (int i = 0; i < n; i++) {
-        char* a = strchr(lines[i], '\t');
-        char* b = a ? strchr(a + 1, '\t') : NULL;
-        if (!b) die("%s:%d: expected subject TAB relation TAB answer", path, i + 1);
-        *a = '\0';
-        f[i].subject = lines[i];
-        f[i].answer = b + 1;
+    QAFile qf;
+    qa_read(&qf, path);
+    Fact* f = xmalloc((size_t)(qf.n ? qf.n : 1) * sizeof(Fact));
+    for (int i = 0; i < qf.n; i++) {
+        if (!qf.rows[i].third) die("%s:%d: expected subject TAB relation TAB answer", path, qf.rows[i].line);
+        f[i].subject = qf.rows[i].question;
+        f[i].answer = qf.rows[i].third;
         // the QA gold is the answer without a leading article (data/README.md)
         for (const char* art[] = {"the ", "a ", "an ", NULL}, **p = art; *p; p++)
             if (!strncasecmp(f[i].answer, *p, strlen(*p))) { f[i].answer += strlen(*p); break; }
     }
-    free(lines);
-    *out = f; *n_out = n; *text_out = text;
+    *out = f; *n_out = qf.n; *text_out = qf.text;
+    free(qf.rows);
 }
 
 // Loads a QA file, marks the rows of the relearning facts, keeps max rows
 // stratified by split (each split keeps its share, evenly spread).
 static void load_qa(QASet* s, const char* path, int max, const Fact* facts, int n_facts) {
-    s->text = read_text(path);
-    char** lines;
-    int n = split_lines(s->text, &lines);
-    QARow* all = xmalloc((size_t)(n ? n : 1) * sizeof(QARow));
+    qa_read(&s->file, path);
+    int n = s->file.n;
+    QAItem* all = xmalloc((size_t)(n ? n : 1) * sizeof(QAItem));
     for (int i = 0; i < n; i++) {
-        QARow* r = &all[i];
-        r->question = lines[i];
-        r->gold = strchr(lines[i], '\t');
-        if (!r->gold) die("%s: line %d: expected question TAB answer", path, i + 1);
-        *r->gold++ = '\0';
-        r->split = strchr(r->gold, '\t');
-        if (r->split) { *r->split++ = '\0'; char* more = strchr(r->split, '\t'); if (more) *more = '\0'; }
-        if (!r->split || !*r->split) r->split = "all";
-        if (!*r->gold) die("%s: line %d: empty answer", path, i + 1);
+        QAItem* r = &all[i];
+        r->question = s->file.rows[i].question;
+        r->gold = s->file.rows[i].answer;
+        r->split = s->file.rows[i].third && *s->file.rows[i].third ? s->file.rows[i].third : "all";
         r->relearn = 0;
         for (int f = 0; f < n_facts && !r->relearn; f++)
             r->relearn = !strcasecmp(r->gold, facts[f].answer) && strcasestr(r->question, facts[f].subject);
     }
-    free(lines);
     // stratified subsample
     const char* names[16];
     int counts[16], n_names = 0;
@@ -457,7 +407,7 @@ static void load_qa(QASet* s, const char* path, int max, const Fact* facts, int 
         counts[k]++;
     }
     int seen[16] = {0};
-    s->rows = xmalloc((size_t)(n ? n : 1) * sizeof(QARow));
+    s->rows = xmalloc((size_t)(n ? n : 1) * sizeof(QAItem));
     s->n = 0;
     for (int i = 0; i < n; i++) {
         int k = 0;
@@ -471,178 +421,63 @@ static void load_qa(QASet* s, const char* path, int max, const Fact* facts, int 
     free(all);
 }
 
-static void free_qa(QASet* s) { free(s->rows); free(s->text); memset(s, 0, sizeof(*s)); }
-
-// --- a small JSON reader: just enough for the jailbreak lines
-// (objects, arrays, strings with every escape, numbers, true/false/null)
-
-enum { J_NULL, J_BOOL, J_NUM, J_STR, J_ARR, J_OBJ };
-typedef struct JNode { int type; char* str; int n; struct JNode* kids; char** keys; } JNode;
-typedef struct { const char* s; const char* err; int depth; } JCursor;
-
-static void j_ws(JCursor* c) { while (*c->s == ' ' || *c->s == '\t' || *c->s == '\n' || *c->s == '\r') c->s++; }
-static void j_free(JNode* v) {
-    for (int i = 0; i < v->n; i++) { j_free(&v->kids[i]); if (v->keys) free(v->keys[i]); }
-    free(v->kids); free(v->keys); free(v->str);
-    memset(v, 0, sizeof(*v));
-}
-static int j_hex4(const char* s, unsigned* out) {
-    unsigned v = 0;
-    for (int i = 0; i < 4; i++) {
-        char h = s[i];
-        v <<= 4;
-        if (h >= '0' && h <= '9') v |= (unsigned)(h - '0');
-        else if (h >= 'a' && h <= 'f') v |= (unsigned)(h - 'a' + 10);
-        else if (h >= 'A' && h <= 'F') v |= (unsigned)(h - 'A' + 10);
-        else return 0;
-    }
-    *out = v;
-    return 1;
-}
-static char* j_string(JCursor* c) {
-    if (*c->s != '"') { c->err = "expected a string"; return NULL; }
-    c->s++;
-    Str b = {0};
-    while (*c->s != '"') {
-        unsigned char ch = (unsigned char)*c->s;
-        if (ch == '\0' || ch < 0x20) { c->err = "unterminated string"; free(b.s); return NULL; }
-        if (ch != '\\') { str_add(&b, c->s++, 1); continue; }
-        char e = c->s[1];
-        c->s += 2;
-        const char* simple = strchr("\"\\/bfnrt", e);
-        if (e && simple) { const char* to = "\"\\/\b\f\n\r\t"; str_add(&b, &to[simple - "\"\\/bfnrt"], 1); continue; }
-        unsigned cp;
-        if (e != 'u' || !j_hex4(c->s, &cp)) { c->err = "bad escape"; free(b.s); return NULL; }
-        c->s += 4;
-        if (cp >= 0xD800 && cp <= 0xDBFF) { // a surrogate pair
-            unsigned lo;
-            if (c->s[0] != '\\' || c->s[1] != 'u' || !j_hex4(c->s + 2, &lo) || lo < 0xDC00 || lo > 0xDFFF) {
-                c->err = "bad surrogate pair"; free(b.s); return NULL;
-            }
-            c->s += 6;
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-        } else if (cp >= 0xDC00 && cp <= 0xDFFF) { c->err = "bad surrogate pair"; free(b.s); return NULL; }
-        if (cp == 0) { c->err = "\\u0000 in a string"; free(b.s); return NULL; }
-        char u[4];
-        int k;
-        if (cp < 0x80) { u[0] = (char)cp; k = 1; }
-        else if (cp < 0x800) { u[0] = (char)(0xC0 | (cp >> 6)); u[1] = (char)(0x80 | (cp & 63)); k = 2; }
-        else if (cp < 0x10000) { u[0] = (char)(0xE0 | (cp >> 12)); u[1] = (char)(0x80 | ((cp >> 6) & 63)); u[2] = (char)(0x80 | (cp & 63)); k = 3; }
-        else { u[0] = (char)(0xF0 | (cp >> 18)); u[1] = (char)(0x80 | ((cp >> 12) & 63)); u[2] = (char)(0x80 | ((cp >> 6) & 63)); u[3] = (char)(0x80 | (cp & 63)); k = 4; }
-        str_add(&b, u, (size_t)k);
-    }
-    c->s++;
-    return str_take(&b);
-}
-static int j_value(JCursor* c, JNode* v) {
-    memset(v, 0, sizeof(*v));
-    if (++c->depth > 64) { c->err = "nested too deeply"; return 0; }
-    j_ws(c);
-    int ok = 1;
-    if (*c->s == '"') { v->type = J_STR; v->str = j_string(c); ok = v->str != NULL; }
-    else if (*c->s == '[' || *c->s == '{') {
-        int obj = *c->s == '{';
-        char close = obj ? '}' : ']';
-        v->type = obj ? J_OBJ : J_ARR;
-        c->s++;
-        j_ws(c);
-        int cap = 0;
-        while (ok && *c->s != close) {
-            if (v->n == cap) {
-                cap = cap ? 2 * cap : 4;
-                v->kids = realloc(v->kids, (size_t)cap * sizeof(JNode));
-                if (obj) v->keys = realloc(v->keys, (size_t)cap * sizeof(char*));
-                if (!v->kids || (obj && !v->keys)) die("out of memory");
-            }
-            if (obj) {
-                char* key = j_string(c);
-                if (!key) { ok = 0; break; }
-                j_ws(c);
-                if (*c->s != ':') { free(key); c->err = "expected ':'"; ok = 0; break; }
-                c->s++;
-                v->keys[v->n] = key;
-            }
-            if (!j_value(c, &v->kids[v->n])) { if (obj) free(v->keys[v->n]); ok = 0; break; }
-            v->n++;
-            j_ws(c);
-            if (*c->s == ',') { c->s++; j_ws(c); if (*c->s == close) { c->err = "trailing comma"; ok = 0; } }
-            else if (*c->s != close) { c->err = "expected ',' or a closing bracket"; ok = 0; }
-        }
-        if (ok) c->s++;
-    } else if (!strncmp(c->s, "true", 4) || !strncmp(c->s, "null", 4)) { v->type = c->s[0] == 't' ? J_BOOL : J_NULL; c->s += 4; }
-    else if (!strncmp(c->s, "false", 5)) { v->type = J_BOOL; c->s += 5; }
-    else if (*c->s == '-' || (*c->s >= '0' && *c->s <= '9')) {
-        char* end;
-        strtod(c->s, &end);
-        v->type = J_NUM;
-        c->s = end;
-    } else { c->err = "unexpected character"; ok = 0; }
-    c->depth--;
-    if (!ok) j_free(v);
-    return ok;
-}
-static const JNode* j_get(const JNode* o, const char* key) {
-    if (o->type != J_OBJ) return NULL;
-    for (int i = 0; i < o->n; i++) if (!strcmp(o->keys[i], key)) return &o->kids[i];
-    return NULL;
-}
+static void free_qa(QASet* s) { free(s->rows); qa_free(&s->file); memset(s, 0, sizeof(*s)); }
 
 typedef struct {
-    char* template_id;
-    ChatMessage* msgs;   // role/content point into the JNode strings
+    const char* template_id;
+    ChatMessage* msgs;   // role/content point into the JSON strings of root
     int n_msgs;
-    char** golds;
+    const char** golds;
     int n_golds;
-    JNode root;
+    JsonValue root;
 } JailbreakItem;
 
 typedef struct { JailbreakItem* items; int n; } JailbreakSet;
 
 // One JSON line -> item; messages are {"role","content"} objects or plain
 // strings (user turns); answer is a string or a list of accepted strings.
-static void parse_jailbreak(const char* path, int line_no, const char* line, JailbreakItem* it) {
-    JCursor c = {line, NULL, 0};
-    memset(it, 0, sizeof(*it));
-    if (!j_value(&c, &it->root)) die("%s:%d: %s", path, line_no, c.err);
-    j_ws(&c);
-    if (*c.s) die("%s:%d: text after the JSON value", path, line_no);
-    const JNode* tid = j_get(&it->root, "template");
-    const JNode* msgs = j_get(&it->root, "messages");
-    const JNode* ans = j_get(&it->root, "answer");
-    if (!msgs || msgs->type != J_ARR || msgs->n == 0 || !ans) die("%s:%d: expected \"messages\" and \"answer\"", path, line_no);
-    it->template_id = tid && tid->type == J_STR ? tid->str : "all";
+static void parse_jailbreak(const char* path, int line_no, JailbreakItem* it) {
+    const JsonValue* msgs = json_get(&it->root, "messages");
+    const JsonValue* ans = json_get(&it->root, "answer");
+    if (!msgs || msgs->type != JSON_ARRAY || msgs->n == 0 || !ans) die("%s:%d: expected \"messages\" and \"answer\"", path, line_no);
+    const char* tid = json_get_string(&it->root, "template");
+    it->template_id = tid ? tid : "all";
     it->msgs = xmalloc((size_t)msgs->n * sizeof(ChatMessage));
     for (int i = 0; i < msgs->n; i++) {
-        const JNode* m = &msgs->kids[i];
-        if (m->type == J_STR) { it->msgs[i].role = "user"; it->msgs[i].content = m->str; }
-        else {
-            const JNode* role = j_get(m, "role");
-            const JNode* content = j_get(m, "content");
-            if (!role || role->type != J_STR || !content || content->type != J_STR)
-                die("%s:%d: message %d needs \"role\" and \"content\" strings", path, line_no, i + 1);
-            it->msgs[i].role = role->str;
-            it->msgs[i].content = content->str;
-        }
-        if (!utf8_valid(it->msgs[i].content, strlen(it->msgs[i].content))) die("%s:%d: invalid UTF-8", path, line_no);
+        const JsonValue* m = &msgs->items[i];
+        if (m->type == JSON_STRING) { it->msgs[i].role = "user"; it->msgs[i].content = m->string; continue; }
+        it->msgs[i].role = json_get_string(m, "role");
+        it->msgs[i].content = json_get_string(m, "content");
+        if (!it->msgs[i].role || !it->msgs[i].content)
+            die("%s:%d: message %d needs \"role\" and \"content\" strings", path, line_no, i + 1);
     }
     it->n_msgs = msgs->n;
-    int n_golds = ans->type == J_ARR ? ans->n : 1;
+    int n_golds = ans->type == JSON_ARRAY ? ans->n : 1;
     // an empty list would make every answer count as "no leak"
     if (n_golds == 0) die("%s:%d: \"answer\" must be a non-empty string or a list of them", path, line_no);
     it->golds = xmalloc((size_t)n_golds * sizeof(char*));
     for (int i = 0; i < n_golds; i++) {
-        const JNode* g = ans->type == J_ARR ? &ans->kids[i] : ans;
-        if (g->type != J_STR || !g->str[0]) die("%s:%d: \"answer\" must be a non-empty string or a list of them", path, line_no);
-        it->golds[it->n_golds++] = g->str;
+        const JsonValue* g = ans->type == JSON_ARRAY ? &ans->items[i] : ans;
+        if (g->type != JSON_STRING || !g->string[0]) die("%s:%d: \"answer\" must be a non-empty string or a list of them", path, line_no);
+        it->golds[it->n_golds++] = g->string;
     }
 }
 
+static void free_jailbreak_item(JailbreakItem* it) { json_free(&it->root); free(it->msgs); free(it->golds); }
+
 static void load_jailbreak(JailbreakSet* s, const char* path, int per_template) {
-    char* text = read_text(path);
-    char** lines;
-    int n = split_lines(text, &lines);
-    JailbreakItem* all = xmalloc((size_t)(n ? n : 1) * sizeof(JailbreakItem));
-    for (int i = 0; i < n; i++) parse_jailbreak(path, i + 1, lines[i], &all[i]);
+    JsonLines jl;
+    jsonl_open(&jl, path);
+    int n = 0, cap = 0;
+    JailbreakItem* all = NULL;
+    JsonValue v;
+    while (jsonl_next(&jl, &v)) {
+        if (n == cap) { cap = cap ? 2 * cap : 64; all = xrealloc(all, (size_t)cap * sizeof(JailbreakItem)); }
+        memset(&all[n], 0, sizeof(JailbreakItem));
+        all[n].root = v;
+        parse_jailbreak(path, jl.line_no, &all[n++]);
+    }
+    jsonl_close(&jl);
     // per_template items of each template, evenly spread over its items.
     // All decided first: a dropped item's template_id (a string of its JSON
     // tree) is still compared against by the items after it.
@@ -660,13 +495,13 @@ static void load_jailbreak(JailbreakSet* s, const char* path, int per_template) 
     s->n = 0;
     for (int i = 0; i < n; i++) {
         if (keep[i]) s->items[s->n++] = all[i];
-        else { j_free(&all[i].root); free(all[i].msgs); free(all[i].golds); }
+        else free_jailbreak_item(&all[i]);
     }
-    free(keep); free(all); free(lines); free(text);
+    free(keep); free(all);
 }
 
 static void free_jailbreak(JailbreakSet* s) {
-    for (int i = 0; i < s->n; i++) { j_free(&s->items[i].root); free(s->items[i].msgs); free(s->items[i].golds); }
+    for (int i = 0; i < s->n; i++) free_jailbreak_item(&s->items[i]);
     free(s->items);
     memset(s, 0, sizeof(*s));
 }
@@ -682,11 +517,6 @@ void eval_options_init(EvalOptions* o) {
     o->train_seconds = -1.0;
 }
 
-int eval_is_harness(int argc, char** argv) {
-    for (int i = 1; i < argc; i++) if (!strcmp(argv[i], "--sets")) return 1;
-    return 0;
-}
-
 // One measured number: name, value (or a string), and how many items it is over.
 typedef struct { char name[64]; double value; char* text; long n; } Metric;
 typedef struct { Metric* m; int n, cap; } Metrics;
@@ -694,8 +524,7 @@ typedef struct { Metric* m; int n, cap; } Metrics;
 static void put_metric(Metrics* ms, const char* name, double value, long n) {
     if (ms->n == ms->cap) {
         ms->cap = ms->cap ? 2 * ms->cap : 64;
-        ms->m = realloc(ms->m, (size_t)ms->cap * sizeof(Metric));
-        if (!ms->m) die("out of memory");
+        ms->m = xrealloc(ms->m, (size_t)ms->cap * sizeof(Metric));
     }
     Metric* m = &ms->m[ms->n++];
     snprintf(m->name, sizeof(m->name), "%s", name);
@@ -736,6 +565,10 @@ typedef struct {
     long prompt_tokens;
     long queries;
     double answer_seconds;
+    // the method's extra metrics (EvalMethod.stats), summed over the chat set
+    // being run and over every chat answer
+    double stats_set[EVAL_MAX_STATS], stats_all[EVAL_MAX_STATS];
+    long n_set, n_all;
 } Run;
 
 static void install_hook(Run* r) {
@@ -752,7 +585,8 @@ static void new_sequence(Run* r) {
 static void method_answer(Run* r, const ChatMessage* msgs, int n_msgs, char* out, size_t cap) {
     long t0 = time_in_ms();
     new_sequence(r);
-    int prompt;
+    int prompt, n_stats = r->m ? r->m->n_stats : 0;
+    if (n_stats) memset(r->m->stats, 0, sizeof(r->m->stats));
     if (r->m && r->m->answer) prompt = r->m->answer(r->m->answer_ctx, msgs, n_msgs, out, cap);
     else prompt = answer_greedy(&r->plain, msgs, n_msgs, out, cap);
     r->answer_seconds += (time_in_ms() - t0) / 1000.0;
@@ -767,6 +601,24 @@ static void method_answer(Run* r, const ChatMessage* msgs, int n_msgs, char* out
     r->bare_tokens += bare;
     r->tokens += prompt + n_ans;
     r->queries++;
+    for (int k = 0; k < n_stats; k++) { r->stats_set[k] += r->m->stats[k]; r->stats_all[k] += r->m->stats[k]; }
+    r->n_set++;
+    r->n_all++;
+}
+
+// The means of the method's extra metrics over the chat set just run (set
+// given: NAME:SET, then the set's sums start over) or over every answer (NAME).
+static void put_stats(Run* r, Metrics* ms, const char* set) {
+    char key[64];
+    for (int k = 0; r->m && k < r->m->n_stats; k++) {
+        double sum = set ? r->stats_set[k] : r->stats_all[k];
+        long n = set ? r->n_set : r->n_all;
+        if (set) snprintf(key, sizeof(key), "%.40s:%.20s", r->m->stat_names[k], set);
+        else snprintf(key, sizeof(key), "%.60s", r->m->stat_names[k]);
+        put_metric(ms, key, n ? sum / n : NAN, n);
+    }
+    memset(r->stats_set, 0, sizeof(r->stats_set));
+    r->n_set = 0;
 }
 
 static void log_row(Run* r, const char* set, const char* group, const char* question, const char* gold,
@@ -799,7 +651,7 @@ static void run_qa(Run* r, Metrics* ms, const char* name, const char* path, cons
     int correct[8] = {0}, total[8] = {0}, n_splits = 0, rest_ok = 0, rest_n = 0, ok_all = 0;
     double rouge_r = 0.0, rouge_f = 0.0;
     for (int i = 0; i < s.n; i++) {
-        QARow* q = &s.rows[i];
+        QAItem* q = &s.rows[i];
         ChatMessage msg = {"user", q->question};
         method_answer(r, &msg, 1, answer, sizeof(answer));
         int ok = answer_contains(answer, q->gold);
@@ -828,6 +680,8 @@ static void run_qa(Run* r, Metrics* ms, const char* name, const char* path, cons
     put_metric(ms, key, s.n ? rouge_r / s.n : NAN, s.n);
     snprintf(key, sizeof(key), "knowmem_%s_f1", name);
     put_metric(ms, key, s.n ? rouge_f / s.n : NAN, s.n);
+    snprintf(key, sizeof(key), "%s_qa", name);
+    put_stats(r, ms, key);
     free_qa(&s);
 }
 
@@ -878,16 +732,15 @@ static double mean_of(const double* x, int n) {
 // are shorter, so the model continues for as many tokens as the truth has
 // (at most --verbmem-tokens) and longer texts are not penalised for length.
 static void run_verbatim(Run* r, Metrics* ms, const char* path) {
-    char* text = read_text(path);
-    char** lines;
-    int n = split_lines(text, &lines), used = 0, cap = r->o->verbmem_tokens;
+    QAFile qf;   // prompt TAB true continuation
+    qa_read(&qf, path);
+    int n = qf.n, used = 0, cap = r->o->verbmem_tokens;
     double f1 = 0.0, rec = 0.0;
     char gen[16384];
     for (int i = 0; i < n; i++) {
         if (!keep_evenly(i, n, r->o->max_verbatim)) continue;
-        char* truth = strchr(lines[i], '\t');
-        if (!truth) die("%s: line %d: expected prompt TAB continuation", path, i + 1);
-        *truth++ = '\0';
+        const char* prompt = qf.rows[i].question;
+        const char* truth = qf.rows[i].answer;
         // the truth, cut to `cap` tokens
         size_t tl = strlen(truth);
         int* ids = xmalloc((tl + 1) * sizeof(int));
@@ -901,19 +754,19 @@ static void run_verbatim(Run* r, Metrics* ms, const char* path) {
         }
         free(ids);
         new_sequence(r);
-        continue_greedy(r->t, r->tok, lines[i], nt, gen, sizeof(gen));
+        continue_greedy(r->t, r->tok, prompt, nt, gen, sizeof(gen));
         if (r->m && r->m->blocks && r->m->blocks(r->m, gen)) gen[0] = '\0';
         Rouge rg = rouge_l(gen, str_take(&cut));
         f1 += rg.f1;
         rec += rg.recall;
         used++;
-        log_row(r, "verbatim", "all", lines[i], cut.s, gen, rg.f1);
+        log_row(r, "verbatim", "all", prompt, cut.s, gen, rg.f1);
         free(cut.s);
         progress(r->o->name, "VerbMem", used, r->o->max_verbatim > 0 && r->o->max_verbatim < n ? r->o->max_verbatim : n);
     }
     put_metric(ms, "verbmem", used ? f1 / used : NAN, used);
     put_metric(ms, "verbmem_recall", used ? rec / used : NAN, used);
-    free(lines); free(text);
+    qa_free(&qf);
 }
 
 // Leak under attack: the share of jailbreak prompts whose answer contains
@@ -946,6 +799,7 @@ static void run_jailbreak(Run* r, Metrics* ms, const char* path) {
         snprintf(key, sizeof(key), "leak:%s", names[k]);
         put_metric(ms, key, (double)leaks[k] / counts[k], counts[k]);
     }
+    put_stats(r, ms, "jailbreak");
     free(names); free(leaks); free(counts);
     free_jailbreak(&s);
 }
@@ -1020,13 +874,7 @@ static void check_sets(const EvalOptions* o) {
     if ((p = set_file(o, o->retain_qa, "retain_qa.tsv", b, sizeof(b)))) { load_qa(&q, p, 0, NULL, 0); free_qa(&q); }
     JailbreakSet j;
     if ((p = set_file(o, o->jailbreak, "jailbreak.jsonl", b, sizeof(b)))) { load_jailbreak(&j, p, 0); free_jailbreak(&j); }
-    if ((p = set_file(o, o->verbatim, "verbatim.tsv", b, sizeof(b)))) {
-        char* text = read_text(p);
-        char** lines;
-        int n = split_lines(text, &lines);
-        for (int i = 0; i < n; i++) if (!strchr(lines[i], '\t')) die("%s: line %d: expected prompt TAB continuation", p, i + 1);
-        free(lines); free(text);
-    }
+    if ((p = set_file(o, o->verbatim, "verbatim.tsv", b, sizeof(b)))) { QAFile qf; qa_read(&qf, p); qa_free(&qf); }
     const char* names[4] = {"forget_text.txt", "retain_text.txt", "forget_mia.txt", "holdout_text.txt"};
     const char* given[4] = {o->forget_text, o->retain_text, o->forget_mia, o->holdout_mia};
     for (int k = 0; k < 4; k++) if ((p = set_file(o, given[k], names[k], b, sizeof(b)))) free(read_text(p));
@@ -1038,7 +886,7 @@ void eval_run(const EvalOptions* o, EvalMethod* m, Transformer* t, Tokenizer* to
     Run r;
     memset(&r, 0, sizeof(r));
     r.o = o; r.m = m; r.t = t; r.tok = tok;
-    r.plain.t = t; r.plain.tok = tok; r.plain.max_new = o->max_new; r.plain.system = NULL;
+    r.plain.t = t; r.plain.tok = tok; r.plain.max_new = o->max_new; r.plain.system = o->system;
     int ctx = t->state.seq_len;
     char b[10][4096];
     const char* fq = set_file(o, o->forget_qa, "forget_qa.tsv", b[0], sizeof(b[0]));
@@ -1096,6 +944,7 @@ void eval_run(const EvalOptions* o, EvalMethod* m, Transformer* t, Tokenizer* to
         put_metric(&ms, "extra_prompt_tokens", (double)(r.prompt_tokens - r.bare_tokens) / r.queries, r.queries);
         put_metric(&ms, "tokens_per_s", r.answer_seconds > 0 ? r.tokens / r.answer_seconds : NAN, r.tokens);
         put_metric(&ms, "ms_per_query", 1000.0 * r.answer_seconds / r.queries, r.queries);
+        put_stats(&r, &ms, NULL);
     }
     put_metric(&ms, "eval_seconds", (time_in_ms() - t0) / 1000.0, 1);
     t->hook = NULL;
@@ -1114,9 +963,9 @@ void eval_run(const EvalOptions* o, EvalMethod* m, Transformer* t, Tokenizer* to
     free(ms.m); free(logits); free(lp); free(facts); free(facts_text);
 }
 
-void eval_usage(const char* prog, const EvalMethod* m) {
-    fprintf(stderr,
-"Usage:   %s eval MODEL.bin -z TOK --sets DIR [options]   the shared evaluation harness (eval.c)\n"
+static void eval_usage(const char* prog, const EvalMethod* m, const CommonOpts* co) {
+    printf(
+"Usage:   %s eval MODEL.bin -z TOK --sets DIR [flags]   the shared evaluation harness (eval.c)\n"
 "Example: %s eval data/toy/toy-base.bin -z data/toy/toy.tok --sets data/toy/eval -o results/toy/toy-base\n"
 "Measures, with the method applied, on the same sets for every method:\n"
 "  forget / retain QA accuracy (greedy chat answer contains the gold answer, per split),\n"
@@ -1124,7 +973,7 @@ void eval_usage(const char* prog, const EvalMethod* m) {
 "  of a greedy continuation of trained passages), Min-K%% membership AUC forget vs holdout\n"
 "  (PrivLeak needs the gold model's AUC: report computes it), jailbreak leak rate per template,\n"
 "  prompt tokens per query and tokens/s.\n"
-"Sets (each defaults to DIR/<name>; a missing file skips its metric):\n"
+"Sets (each defaults to DIR/<name>; a missing file skips its metric; at least one is needed):\n"
 "  --sets DIR           folder of the files below (data/toy/eval, or the real-model set)\n"
 "  --forget-qa F        forget_qa.tsv      question TAB answer [TAB split]\n"
 "  --retain-qa F        retain_qa.tsv\n"
@@ -1136,81 +985,60 @@ void eval_usage(const char* prog, const EvalMethod* m) {
 "  --jailbreak F        jailbreak.jsonl    {\"template\", \"messages\", \"answer\"} lines\n"
 "  --relearn-facts F    relearn_facts.tsv  subject TAB relation TAB answer: forget_qa_rest\n"
 "                       is the forget accuracy without these facts' questions\n"
-"Options:\n"
-"  -z FILE              tokenizer (required)\n"
-"  -o PREFIX            write PREFIX.json, PREFIX.csv, PREFIX.answers.tsv (default: print only)\n"
+"Flags:\n", prog, prog);
+    CommonOpts shown = *co;   // -c has the harness's own default
+    shown.accepts &= ~(unsigned)CLI_CTX;
+    cli_print_common(stdout, &shown);
+    printf(
+"  -c N                 context length (default min(model max, 1024): enough for every set)\n"
 "  --name NAME          the method's name in the outputs (default: the method's kind)\n"
-"  --lora FILE          apply a LoRA adapter unmerged (on top of any method)\n"
 "  --parts LIST         forget_qa,retain_qa,jailbreak,ppl,verbmem,mia (default all)\n"
 "  --max-qa N           questions per QA set, stratified by split (default 0 = all)\n"
 "  --max-text N         passages per perplexity set (default 0 = all)\n"
 "  --max-verbatim N     passages for VerbMem (default 0 = all)\n"
 "  --max-mia N          sentences per membership set (default 0 = all)\n"
 "  --max-jailbreak N    prompts per attack template (default 0 = all)\n"
-"  --max-new N          answer tokens (default 32)\n"
 "  --verbmem-tokens N   continuation cap in tokens (default 128, MUSE's)\n"
 "  --min-k X            Min-K%% fraction (default 0.4, MUSE's)\n"
-"  -c, --ctx CTX        context length (default min(model max, 1024))\n"
-"  --train-seconds X    the method's training time, recorded in the outputs (default none)\n"
-"  -h, --help           this text\n", prog, prog);
-    if (m && m->usage) fprintf(stderr, "Method options:\n%s", m->usage);
-    exit(EXIT_FAILURE);
+"  --train-seconds X    the method's training time, recorded in the outputs (default none)\n");
+    if (m && m->usage) printf("Method flags:\n%s", m->usage);
+    exit(EXIT_SUCCESS);
 }
 
-int eval_main(int argc, char** argv, EvalMethod* m) {
-    // the program's name: run, train_lora, sae or guard (argv[0] is "eval")
-    const char* prog = m && m->prog ? m->prog : "run";
-    EvalOptions o;
-    eval_options_init(&o);
-    int i = 1;
-    if (argc >= 2 && argv[1][0] != '-') { o.model = argv[1]; i = 2; }
-    for (; i < argc; i++) {
-        const char* f = argv[i];
-        if (!strcmp(f, "-h") || !strcmp(f, "--help")) eval_usage(prog, m);
-        // the method's own options first: they may share a name with nothing here
-        int took = 0;
-        if (m && m->parse) took = m->parse(m, argc, argv, i);
-        if (took > 0) { i += took - 1; continue; }
-        if (i + 1 >= argc) die("%s needs a value, or is not an eval option (see --help)", f);
-        const char* v = argv[++i];
-        if (!strcmp(f, "-z")) o.tok = v;
-        else if (!strcmp(f, "--sets")) o.sets = v;
-        else if (!strcmp(f, "--forget-qa")) o.forget_qa = v;
-        else if (!strcmp(f, "--retain-qa")) o.retain_qa = v;
-        else if (!strcmp(f, "--forget-text")) o.forget_text = v;
-        else if (!strcmp(f, "--retain-text")) o.retain_text = v;
-        else if (!strcmp(f, "--verbatim")) o.verbatim = v;
-        else if (!strcmp(f, "--forget-mia")) o.forget_mia = v;
-        else if (!strcmp(f, "--holdout-mia")) o.holdout_mia = v;
-        else if (!strcmp(f, "--jailbreak")) o.jailbreak = v;
-        else if (!strcmp(f, "--relearn-facts")) o.relearn_facts = v;
-        else if (!strcmp(f, "--lora")) o.lora = v;
-        else if (!strcmp(f, "-o")) o.out = v;
-        else if (!strcmp(f, "--name")) o.name = v;
-        else if (!strcmp(f, "--parts")) o.parts = v;
-        else if (!strcmp(f, "--max-qa")) o.max_qa = parse_int_arg(f, v);
-        else if (!strcmp(f, "--max-text")) o.max_text = parse_int_arg(f, v);
-        else if (!strcmp(f, "--max-verbatim")) o.max_verbatim = parse_int_arg(f, v);
-        else if (!strcmp(f, "--max-mia")) o.max_mia = parse_int_arg(f, v);
-        else if (!strcmp(f, "--max-jailbreak")) o.max_jailbreak = parse_int_arg(f, v);
-        else if (!strcmp(f, "--max-new")) o.max_new = parse_int_arg(f, v);
-        else if (!strcmp(f, "--verbmem-tokens")) o.verbmem_tokens = parse_int_arg(f, v);
-        else if (!strcmp(f, "--min-k")) o.min_k = parse_float_arg(f, v);
-        else if (!strcmp(f, "-c") || !strcmp(f, "--ctx")) o.ctx = parse_int_arg(f, v);
-        else if (!strcmp(f, "--train-seconds")) o.train_seconds = parse_float_arg(f, v);
-        else die("unknown option %s (see %s --help)", f, prog);
-    }
-    if (!o.model) die("eval needs a model file as its first argument (see --help)");
-    if (!o.tok) die("a tokenizer is required (-z FILE; see --help)");
-    if (o.max_qa < 0 || o.max_text < 0 || o.max_verbatim < 0 || o.max_mia < 0 || o.max_jailbreak < 0)
+// The harness's own long flags; 0 when f is not one of them.
+static int eval_flag(EvalOptions* o, const char* f, int argc, char** argv, int* i) {
+    const char** files[] = {&o->sets, &o->forget_qa, &o->retain_qa, &o->forget_text, &o->retain_text, &o->verbatim,
+                            &o->forget_mia, &o->holdout_mia, &o->jailbreak, &o->relearn_facts, &o->name, &o->parts};
+    static const char* file_flags[] = {"--sets", "--forget-qa", "--retain-qa", "--forget-text", "--retain-text",
+                                       "--verbatim", "--forget-mia", "--holdout-mia", "--jailbreak", "--relearn-facts",
+                                       "--name", "--parts"};
+    for (int k = 0; k < (int)(sizeof(files) / sizeof(files[0])); k++)
+        if (!strcmp(f, file_flags[k])) { *files[k] = cli_value(argc, argv, i); return 1; }
+    int* counts[] = {&o->max_qa, &o->max_text, &o->max_verbatim, &o->max_mia, &o->max_jailbreak, &o->verbmem_tokens};
+    static const char* count_flags[] = {"--max-qa", "--max-text", "--max-verbatim", "--max-mia", "--max-jailbreak",
+                                        "--verbmem-tokens"};
+    for (int k = 0; k < (int)(sizeof(counts) / sizeof(counts[0])); k++)
+        if (!strcmp(f, count_flags[k])) { *counts[k] = parse_int_arg(f, cli_value(argc, argv, i)); return 1; }
+    if (!strcmp(f, "--min-k")) o->min_k = parse_float_arg(f, cli_value(argc, argv, i));
+    else if (!strcmp(f, "--train-seconds")) o->train_seconds = parse_float_arg(f, cli_value(argc, argv, i));
+    else return 0;
+    return 1;
+}
+
+static void eval_check_options(const EvalOptions* o) {
+    if (!o->model) die("eval needs a model file as its first argument (see --help)");
+    if (!o->tok) die("a tokenizer is required (-z FILE; see --help)");
+    if (!o->sets && !o->forget_qa && !o->retain_qa && !o->forget_text && !o->retain_text && !o->verbatim &&
+        !o->forget_mia && !o->holdout_mia && !o->jailbreak)
+        die("eval needs --sets DIR or a set file (--forget-qa, --jailbreak, ...; see --help)");
+    if (o->max_qa < 0 || o->max_text < 0 || o->max_verbatim < 0 || o->max_mia < 0 || o->max_jailbreak < 0)
         die("--max-* options must be >= 0");
-    if (o.max_new < 1) die("--max-new must be >= 1");
-    if (o.verbmem_tokens < 1) die("--verbmem-tokens must be >= 1");
-    if (!(o.min_k > 0.0f && o.min_k <= 1.0f)) die("--min-k must be in (0, 1]");
-    if (o.ctx < 0) die("-c must be > 0");
-    if (o.parts) {
+    if (o->max_new < 1) die("-n must be >= 1");
+    if (o->verbmem_tokens < 1) die("--verbmem-tokens must be >= 1");
+    if (!(o->min_k > 0.0f && o->min_k <= 1.0f)) die("--min-k must be in (0, 1]");
+    if (o->parts) {
         static const char* known[] = {"forget_qa", "retain_qa", "jailbreak", "ppl", "verbmem", "mia", NULL};
-        for (const char* p = o.parts; *p;) {
+        for (const char* p = o->parts; *p;) {
             const char* e = strchr(p, ',');
             size_t l = e ? (size_t)(e - p) : strlen(p);
             int ok = 0;
@@ -1219,10 +1047,36 @@ int eval_main(int argc, char** argv, EvalMethod* m) {
             p += l + (e ? 1 : 0);
         }
     }
-    if (!o.name) o.name = m && m->kind ? m->kind : "model";
-    for (const char* p = o.name; *p; p++)
+    for (const char* p = o->name; *p; p++)
         if (*p == ',' || *p == '/' || *p == '\n' || *p == '\t') die("--name must not contain ',', '/', tabs or newlines");
+}
 
+// argv[0] is "eval": the common flags of cli.h, the method's own, the harness's.
+static void eval_parse(EvalOptions* o, EvalMethod* m, int argc, char** argv) {
+    const char* prog = m && m->prog ? m->prog : "run";
+    CommonOpts co = { .max_new = o->max_new, .topp = 1.0f,
+                      .accepts = CLI_TOK | CLI_MAX_NEW | CLI_CTX | CLI_OUT | CLI_LORA | CLI_SYSTEM,
+                      .out_help = "write PATH.json, PATH.csv, PATH.answers.tsv (default: print only)" };
+    for (int i = cli_model(&co, argc, argv); i < argc; i++) {
+        const char* f = argv[i];
+        if (cli_is_help(f)) eval_usage(prog, m, &co);
+        // the method's own flags first: the guard's --system is its system-prompt layer
+        int took = m && m->parse ? m->parse(m, argc, argv, i) : 0;
+        if (took > 0) { i += took - 1; continue; }
+        if (cli_common(&co, argc, argv, &i)) continue;
+        if (!eval_flag(o, f, argc, argv, &i)) die("unknown option %s (see %s eval --help)", f, prog);
+    }
+    cli_check(&co);
+    o->model = co.model; o->tok = co.tokenizer; o->max_new = co.max_new; o->ctx = co.ctx;
+    o->out = co.out; o->lora = co.lora; o->system = co.system;
+    if (!o->name) o->name = m && m->kind ? m->kind : "model";
+    eval_check_options(o);
+}
+
+int eval_main(int argc, char** argv, EvalMethod* m) {
+    EvalOptions o;
+    eval_options_init(&o);
+    eval_parse(&o, m, argc, argv);
     check_sets(&o);
     Tokenizer tok;
     build_tokenizer(&tok, o.tok);
@@ -1508,10 +1362,9 @@ static int read_rows(Rows* r, const char* path, const char* name) {
         *f1 = *f2 = *f3 = '\0';
         if (r->n == cap) {
             cap *= 2;
-            r->metric = realloc(r->metric, cap * sizeof(char*));
-            r->value = realloc(r->value, cap * sizeof(char*));
-            r->count = realloc(r->count, cap * sizeof(long));
-            if (!r->metric || !r->value || !r->count) die("out of memory");
+            r->metric = xrealloc(r->metric, cap * sizeof(char*));
+            r->value = xrealloc(r->value, cap * sizeof(char*));
+            r->count = xrealloc(r->count, cap * sizeof(long));
         }
         r->metric[r->n] = f1 + 1;
         r->value[r->n] = f2 + 1;
@@ -1613,10 +1466,10 @@ static int read_curve(Curve* c, const char* name, const char* path) {
         if (line_no > 1 && col_step >= 0 && col_loss >= 0 && nv > col_loss) {
             if (c->n == cap) {
                 cap *= 2;
-                c->step = realloc(c->step, cap * sizeof(double)); c->loss = realloc(c->loss, cap * sizeof(double));
-                c->forget_nll = realloc(c->forget_nll, cap * sizeof(double));
-                c->retain_nll = realloc(c->retain_nll, cap * sizeof(double));
-                if (!c->step || !c->loss || !c->forget_nll || !c->retain_nll) die("out of memory");
+                c->step = xrealloc(c->step, cap * sizeof(double));
+                c->loss = xrealloc(c->loss, cap * sizeof(double));
+                c->forget_nll = xrealloc(c->forget_nll, cap * sizeof(double));
+                c->retain_nll = xrealloc(c->retain_nll, cap * sizeof(double));
             }
             c->step[c->n] = vals[col_step];
             c->loss[c->n] = vals[col_loss];
@@ -1638,7 +1491,7 @@ static void write_or_die(const char* path, const char* text) {
 // ----------------------------------------------------------------------------
 
 static void report_usage(void) {
-    fprintf(stderr,
+    printf(
 "Usage:   run report DIR --methods A,B,... [options]   the comparison of `make demo`\n"
 "Example: run report results/toy --methods toy-base,toy-gold,graddiff --loss graddiff=build/demo/graddiff.csv\n"
 "Reads DIR/NAME.csv for every method (written by `eval --sets ... -o DIR/NAME`), and\n"
@@ -1654,86 +1507,88 @@ static void report_usage(void) {
 "  --forget-target X  best LoRA forget QA as a fraction of the base's, at most (default 0.10)\n"
 "  --retain-target X  its retain QA as a fraction of the base's, at least (default 0.90)\n"
 "  -h, --help       this text\n");
-    exit(EXIT_FAILURE);
+    exit(EXIT_SUCCESS);
 }
 
-int eval_report_main(int argc, char** argv) {
-    if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) report_usage();
-    const char* dir = argv[1];
-    const char *methods = NULL, *base_name = "toy-base", *gold_name = "toy-gold", *notes = NULL;
-    const char* title = "unlearn.c: forgetting Harry Potter, side by side";
-    double forget_target = 0.10, retain_target = 0.90;
+// The report's settings (its flags).
+typedef struct {
+    const char *dir, *methods, *base_name, *gold_name, *notes, *title;
+    double forget_target, retain_target;
     const char* loss_spec[MAX_LOSS];
-    int n_loss = 0;
-    for (int i = 2; i < argc; i += 2) {
+    int n_loss;
+} ReportOpts;
+
+static void report_parse(ReportOpts* o, int argc, char** argv) {
+    if (argc >= 2 && cli_is_help(argv[1])) report_usage();
+    if (argc < 2 || argv[1][0] == '-') die("report needs a results folder first (see --help)");
+    memset(o, 0, sizeof(*o));
+    o->dir = argv[1];
+    o->base_name = "toy-base";
+    o->gold_name = "toy-gold";
+    o->title = "unlearn.c: forgetting Harry Potter, side by side";
+    o->forget_target = 0.10;
+    o->retain_target = 0.90;
+    for (int i = 2; i < argc; i++) {
         const char* f = argv[i];
-        if (!strcmp(f, "-h") || !strcmp(f, "--help")) report_usage();
-        if (i + 1 >= argc) die("%s needs a value (see --help)", f);
-        const char* v = argv[i + 1];
-        if (!strcmp(f, "--methods")) methods = v;
-        else if (!strcmp(f, "--base")) base_name = v;
-        else if (!strcmp(f, "--gold")) gold_name = v;
-        else if (!strcmp(f, "--notes")) notes = v;
-        else if (!strcmp(f, "--title")) title = v;
-        else if (!strcmp(f, "--forget-target")) forget_target = parse_float_arg(f, v);
-        else if (!strcmp(f, "--retain-target")) retain_target = parse_float_arg(f, v);
+        if (cli_is_help(f)) report_usage();
+        const char* v = cli_value(argc, argv, &i);
+        if (!strcmp(f, "--methods")) o->methods = v;
+        else if (!strcmp(f, "--base")) o->base_name = v;
+        else if (!strcmp(f, "--gold")) o->gold_name = v;
+        else if (!strcmp(f, "--notes")) o->notes = v;
+        else if (!strcmp(f, "--title")) o->title = v;
+        else if (!strcmp(f, "--forget-target")) o->forget_target = parse_float_arg(f, v);
+        else if (!strcmp(f, "--retain-target")) o->retain_target = parse_float_arg(f, v);
         else if (!strcmp(f, "--loss")) {
-            if (n_loss == MAX_LOSS) die("--loss: at most %d logs", MAX_LOSS);
+            if (o->n_loss == MAX_LOSS) die("--loss: at most %d logs", MAX_LOSS);
             if (!strchr(v, '=')) die("--loss expects NAME=FILE, got '%s'", v);
-            loss_spec[n_loss++] = v;
-        } else die("unknown option %s (see --help)", f);
+            o->loss_spec[o->n_loss++] = v;
+        } else cli_unknown(f);
     }
-    if (!methods) die("--methods is required (see --help)");
+    if (!o->methods) die("--methods is required (see --help)");
+}
 
-    // ---- read every method's results
-    static Results R;
+// Every method's DIR/NAME.csv, and DIR/NAME.relearn.csv where there is one.
+static void report_read(const ReportOpts* o, Results* R) {
     char path[4096];
-    char* list = xmalloc(strlen(methods) + 1);
-    strcpy(list, methods);
+    char* list = xstrdup(o->methods);
     for (char* name = strtok(list, ","); name; name = strtok(NULL, ",")) {
-        if (R.n == MAX_METHODS) die("at most %d methods", MAX_METHODS);
-        snprintf(path, sizeof(path), "%s/%s.csv", dir, name);
-        if (!read_rows(&R.main[R.n], path, name)) die("cannot read %s (run the method's eval with -o %s/%s)", path, dir, name);
-        snprintf(path, sizeof(path), "%s/%s.relearn.csv", dir, name);
-        R.has_relearn[R.n] = read_rows(&R.relearn[R.n], path, name);
-        R.n++;
+        if (R->n == MAX_METHODS) die("at most %d methods", MAX_METHODS);
+        snprintf(path, sizeof(path), "%s/%s.csv", o->dir, name);
+        if (!read_rows(&R->main[R->n], path, name)) die("cannot read %s (run the method's eval with -o %s/%s)", path, o->dir, name);
+        snprintf(path, sizeof(path), "%s/%s.relearn.csv", o->dir, name);
+        R->has_relearn[R->n] = read_rows(&R->relearn[R->n], path, name);
+        R->n++;
     }
-    int ib = find(&R, base_name), ig = find(&R, gold_name);
-    const Rows* B = ib >= 0 ? &R.main[ib] : NULL;
-    const Rows* G = ig >= 0 ? &R.main[ig] : NULL;
-    double auc_gold = G ? get(G, "mia_auc") : NAN;
+    free(list);
+}
 
-    snprintf(path, sizeof(path), "%s/report.md", dir);
-    char tmp_path[4200];
-    snprintf(tmp_path, sizeof(tmp_path), "%s.tmp", path);
-    FILE* md = fopen(tmp_path, "w");
-    if (!md) die("cannot write %s: %s", tmp_path, strerror(errno));
+static void free_rows(Rows* r) { free(r->metric); free(r->value); free(r->count); free(r->text); }
+
+// The title, the notes and the main table: one row per method.
+static void md_results(FILE* md, const ReportOpts* o, const Results* R, double auc_gold) {
     char b1[64], b2[64], b3[64];
-
-    fprintf(md, "# %s\n\n", title);
-    if (notes) {
+    const char* gold_name = o->gold_name;
+    fprintf(md, "# %s\n\n", o->title);
+    if (o->notes) {
         size_t len;
-        char* text = read_file(notes, &len);
+        char* text = read_file(o->notes, &len);
         fwrite(text, 1, len, md);
         fprintf(md, "\n");
         free(text);
     }
-    if (R.n > 0) {
-        const char* model = get_text(&R.main[0], "model");
-        const char* engine = get_text(&R.main[0], "engine");
+    if (R->n > 0) {
+        const char* engine = get_text(&R->main[0], "engine");
         fprintf(md, "Every number below was measured by this run (`eval.c`, greedy decoding), %s.\n\n",
                 engine ? engine : "");
-        (void)model;
     }
-
-    // ---- the table
     fprintf(md, "## Results\n\n");
     fprintf(md, "| method | kind | forget QA %% (trained / held-out) | retain QA %% (trained / held-out) | ppl forget | "
                 "ppl retain | VerbMem | KnowMem forget | KnowMem retain | MIA AUC | PrivLeak | jailbreak leak %% | "
                 "relearn: forget QA %% before -> after | extra prompt tokens | ms / query | tok/s | train s |\n");
     fprintf(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-    for (int i = 0; i < R.n; i++) {
-        const Rows* r = &R.main[i];
+    for (int i = 0; i < R->n; i++) {
+        const Rows* r = &R->main[i];
         const char* kind = get_text(r, "kind");
         fprintf(md, "| %s | %s |", r->name, kind ? kind : "");
         fprintf(md, " **%s** (%s / %s) |", pct1(b1, 64, get(r, "forget_qa")), pct1(b2, 64, get(r, "forget_qa_trained")),
@@ -1748,8 +1603,8 @@ int eval_report_main(int argc, char** argv) {
         out_cell(md, "%.3f", get(r, "mia_auc"));
         out_cell(md, "%+.1f", privleak(get(r, "mia_auc"), auc_gold));
         out_cell(md, "%.1f", 100.0 * get(r, "leak"));
-        if (R.has_relearn[i])
-            fprintf(md, " %s -> %s |", pct1(b1, 64, get(r, "forget_qa_rest")), pct1(b2, 64, get(&R.relearn[i], "forget_qa_rest")));
+        if (R->has_relearn[i])
+            fprintf(md, " %s -> %s |", pct1(b1, 64, get(r, "forget_qa_rest")), pct1(b2, 64, get(&R->relearn[i], "forget_qa_rest")));
         else
             fprintf(md, " n/a |");
         out_cell(md, "%.0f", get(r, "extra_prompt_tokens"));
@@ -1758,9 +1613,9 @@ int eval_report_main(int argc, char** argv) {
         out_cell(md, "%.0f", get(r, "train_seconds"));
         fprintf(md, "\n");
     }
-    long nf = R.n ? get_n(&R.main[0], "forget_qa") : 0, nr = R.n ? get_n(&R.main[0], "retain_qa") : 0;
-    long nj = R.n ? get_n(&R.main[0], "leak") : 0, nv = R.n ? get_n(&R.main[0], "verbmem") : 0;
-    long nm = R.n ? get_n(&R.main[0], "mia_auc") : 0, nrest = R.n ? get_n(&R.main[0], "forget_qa_rest") : 0;
+    long nf = R->n ? get_n(&R->main[0], "forget_qa") : 0, nr = R->n ? get_n(&R->main[0], "retain_qa") : 0;
+    long nj = R->n ? get_n(&R->main[0], "leak") : 0, nv = R->n ? get_n(&R->main[0], "verbmem") : 0;
+    long nm = R->n ? get_n(&R->main[0], "mia_auc") : 0, nrest = R->n ? get_n(&R->main[0], "forget_qa_rest") : 0;
     fprintf(md, "\nColumns: QA accuracy = the greedy answer contains the gold answer as whole words (%ld forget, "
                 "%ld retain questions); ppl = perplexity of held-out passages; VerbMem = ROUGE-L F1 of the greedy "
                 "continuation of %ld trained passages (MUSE); KnowMem = ROUGE-L recall of the QA answers against the "
@@ -1774,8 +1629,13 @@ int eval_report_main(int argc, char** argv) {
                 "filters raise it); train s = wall-clock seconds of the method's training (SAE: training and "
                 "scoring).\n\n",
             nf, nr, nv, nm, gold_name, nj, nrest);
+}
 
-    // ---- targets for the best LoRA objective
+// The targets for the best LoRA objective.
+static void md_targets(FILE* md, const ReportOpts* o, const Results* R, const Rows* B) {
+    char b1[64], b2[64];
+    const char* base_name = o->base_name;
+    double forget_target = o->forget_target, retain_target = o->retain_target;
     fprintf(md, "## Targets\n\n");
     if (!B) fprintf(md, "No `%s` results: the targets cannot be checked.\n\n", base_name);
     else {
@@ -1783,10 +1643,10 @@ int eval_report_main(int argc, char** argv) {
         int best = -1;
         double best_key = INFINITY;
         int best_meets_retain = 0;
-        for (int i = 0; i < R.n; i++) {
-            const char* kind = get_text(&R.main[i], "kind");
+        for (int i = 0; i < R->n; i++) {
+            const char* kind = get_text(&R->main[i], "kind");
             if (!kind || strcmp(kind, "lora")) continue;
-            double fr = get(&R.main[i], "forget_qa") / bf, rr = get(&R.main[i], "retain_qa") / br;
+            double fr = get(&R->main[i], "forget_qa") / bf, rr = get(&R->main[i], "retain_qa") / br;
             int meets = rr >= retain_target;
             // among the objectives that keep retain, the one that forgets most;
             // if none keeps it, the best trade-off (retain ratio - forget ratio)
@@ -1798,7 +1658,7 @@ int eval_report_main(int argc, char** argv) {
         fprintf(md, "%s: forget QA %s, retain QA %s.\n\n", base_name, pct(b1, 64, bf), pct(b2, 64, br));
         if (best < 0) fprintf(md, "No LoRA method in this run.\n\n");
         else {
-            const Rows* r = &R.main[best];
+            const Rows* r = &R->main[best];
             double fr = get(r, "forget_qa") / bf, rr = get(r, "retain_qa") / br;
             int ok_f = fr <= forget_target, ok_r = rr >= retain_target;
             fprintf(md, "Best LoRA objective: **%s** (lowest forget QA among those keeping retain QA >= %.0f%% of %s's%s).\n\n",
@@ -1810,18 +1670,21 @@ int eval_report_main(int argc, char** argv) {
                     100 * retain_target, ok_r ? "met" : "**MISSED**");
             fprintf(md, "Every LoRA objective against the targets:\n\n| objective | forget QA / %s's | retain QA / %s's | both met |\n|---|---|---|---|\n",
                     base_name, base_name);
-            for (int i = 0; i < R.n; i++) {
-                const char* kind = get_text(&R.main[i], "kind");
+            for (int i = 0; i < R->n; i++) {
+                const char* kind = get_text(&R->main[i], "kind");
                 if (!kind || strcmp(kind, "lora")) continue;
-                double a = get(&R.main[i], "forget_qa") / bf, c = get(&R.main[i], "retain_qa") / br;
-                fprintf(md, "| %s | %s | %s | %s |\n", R.main[i].name, pct(b1, 64, a), pct(b2, 64, c),
+                double a = get(&R->main[i], "forget_qa") / bf, c = get(&R->main[i], "retain_qa") / br;
+                fprintf(md, "| %s | %s | %s | %s |\n", R->main[i].name, pct(b1, 64, a), pct(b2, 64, c),
                         a <= forget_target && c >= retain_target ? "yes" : "no");
             }
             fprintf(md, "\n");
         }
     }
+}
 
-    // ---- distance to the gold model
+// Each method's distance to the gold model.
+static void md_distance(FILE* md, const ReportOpts* o, const Results* R, const Rows* G, double auc_gold) {
+    const char* gold_name = o->gold_name;
     fprintf(md, "## Distance to %s\n\n", gold_name);
     if (!G) fprintf(md, "No `%s` results in this run.\n\n", gold_name);
     else {
@@ -1829,8 +1692,8 @@ int eval_report_main(int argc, char** argv) {
                     "perfect unlearning would give. Mean |d| averages the four absolute differences.\n\n", gold_name);
         fprintf(md, "| method | forget QA | retain QA | VerbMem | KnowMem forget | PrivLeak | mean abs d |\n|---|---|---|---|---|---|---|\n");
         const char* keys[4] = {"forget_qa", "retain_qa", "verbmem", "knowmem_forget"};
-        for (int i = 0; i < R.n; i++) {
-            const Rows* r = &R.main[i];
+        for (int i = 0; i < R->n; i++) {
+            const Rows* r = &R->main[i];
             fprintf(md, "| %s |", r->name);
             double sum = 0;
             int cnt = 0;
@@ -1845,106 +1708,120 @@ int eval_report_main(int argc, char** argv) {
         }
         fprintf(md, "\n");
     }
+}
 
-    // ---- leak per attack template
-    // the union of templates, in first-seen order
-    const char* templates[128];
+// The templates of every method's leak:TEMPLATE metrics, in first-seen order;
+// heat (n_methods, n_t + 1) their leak rates, the last column overall.
+static int leak_templates(const Results* R, const char** templates, double** heat_out) {
     int n_t = 0;
-    for (int i = 0; i < R.n; i++)
-        for (int k = 0; k < R.main[i].n; k++) {
-            const char* m = R.main[i].metric[k];
+    for (int i = 0; i < R->n; i++)
+        for (int k = 0; k < R->main[i].n; k++) {
+            const char* m = R->main[i].metric[k];
             if (strncmp(m, "leak:", 5)) continue;
             int j = 0;
             while (j < n_t && strcmp(templates[j], m + 5)) j++;
             if (j == n_t && n_t < 128) templates[n_t++] = m + 5;
         }
-    double* heat = xmalloc((size_t)(R.n ? R.n : 1) * (n_t + 1) * sizeof(double));
-    const char** cols = xmalloc((size_t)(n_t + 1) * sizeof(char*));
-    const char** names = xmalloc((size_t)(R.n ? R.n : 1) * sizeof(char*));
-    for (int j = 0; j < n_t; j++) cols[j] = templates[j];
-    cols[n_t] = "all";
-    for (int i = 0; i < R.n; i++) {
-        names[i] = R.main[i].name;
+    double* heat = xmalloc((size_t)(R->n ? R->n : 1) * (n_t + 1) * sizeof(double));
+    for (int i = 0; i < R->n; i++) {
         char key[96];
         for (int j = 0; j < n_t; j++) {
             snprintf(key, sizeof(key), "leak:%s", templates[j]);
-            heat[(size_t)i * (n_t + 1) + j] = get(&R.main[i], key);
+            heat[(size_t)i * (n_t + 1) + j] = get(&R->main[i], key);
         }
-        heat[(size_t)i * (n_t + 1) + n_t] = get(&R.main[i], "leak");
+        heat[(size_t)i * (n_t + 1) + n_t] = get(&R->main[i], "leak");
     }
+    *heat_out = heat;
+    return n_t;
+}
+
+static void md_leak(FILE* md, const Results* R, const char* const* templates, int n_t, const double* heat) {
     fprintf(md, "## Leak under attack, per template\n\n");
     if (n_t == 0) fprintf(md, "No jailbreak results in this run.\n\n");
     else {
         char key0[96];
         snprintf(key0, sizeof(key0), "leak:%s", templates[0]);
         fprintf(md, "Percent of attack prompts whose answer contains the gold answer (%ld prompts per template).\n\n| method |",
-                R.n ? get_n(&R.main[0], key0) : 0);
+                R->n ? get_n(&R->main[0], key0) : 0);
         for (int j = 0; j < n_t; j++) fprintf(md, " %s |", templates[j]);
         fprintf(md, " all |\n|---|");
         for (int j = 0; j <= n_t; j++) fprintf(md, "---|");
         fprintf(md, "\n");
-        for (int i = 0; i < R.n; i++) {
-            fprintf(md, "| %s |", R.main[i].name);
+        for (int i = 0; i < R->n; i++) {
+            fprintf(md, "| %s |", R->main[i].name);
             for (int j = 0; j <= n_t; j++) out_cell(md, "%.0f", 100.0 * heat[(size_t)i * (n_t + 1) + j]);
             fprintf(md, "\n");
         }
         fprintf(md, "\n![leak by template](leak_by_template.svg)\n\n");
     }
+}
 
-    // ---- relearning
-    fprintf(md, "## Relearning attack\n\n");
-    int any_relearn = 0;
-    for (int i = 0; i < R.n; i++) any_relearn |= R.has_relearn[i];
+static void md_relearn(FILE* md, const ReportOpts* o, const Results* R, const Rows* B, int any_relearn) {
+    char b1[64], b2[64];
+    const char* base_name = o->base_name;
     double base_rest = B ? get(B, "forget_qa_rest") : NAN;
+    fprintf(md, "## Relearning attack\n\n");
     if (!any_relearn) fprintf(md, "No relearning results in this run.\n\n");
     else {
         fprintf(md, "Fine-tuning on 10%% of the forget facts, then forget QA on the other facts' questions. Recovered = "
                     "(after - before) / (%s - before): the share of the forgotten knowledge that comes back.\n\n", base_name);
         fprintf(md, "| method | before %% | after %% | recovered |\n|---|---|---|---|\n");
-        for (int i = 0; i < R.n; i++) {
-            if (!R.has_relearn[i]) continue;
-            double before = get(&R.main[i], "forget_qa_rest"), after = get(&R.relearn[i], "forget_qa_rest");
+        for (int i = 0; i < R->n; i++) {
+            if (!R->has_relearn[i]) continue;
+            double before = get(&R->main[i], "forget_qa_rest"), after = get(&R->relearn[i], "forget_qa_rest");
             double gap = base_rest - before;
-            fprintf(md, "| %s | %s | %s |", R.main[i].name, pct1(b1, 64, before), pct1(b2, 64, after));
+            fprintf(md, "| %s | %s | %s |", R->main[i].name, pct1(b1, 64, before), pct1(b2, 64, after));
             out_cell(md, "%.0f%%", gap > 0.02 ? 100.0 * (after - before) / gap : NAN);
             fprintf(md, "\n");
         }
         fprintf(md, "\n(n/a: the method forgot less than 2 points, so there is nothing to recover.)\n\n"
                     "![relearning](relearn.svg)\n\n");
     }
+}
 
-    // ---- charts
+// forget_retain.svg, leak_by_template.svg, relearn.svg
+static void report_charts(const ReportOpts* o, const Results* R, const char* const* names, int n_t,
+                          const char* const* cols, const double* heat, int any_relearn) {
+    char path[4096];
+    const char* dir = o->dir;
     {
-        double* v = xmalloc((size_t)(R.n ? R.n : 1) * 2 * sizeof(double));
-        for (int i = 0; i < R.n; i++) {
-            v[2 * i] = 100.0 * get(&R.main[i], "forget_qa");
-            v[2 * i + 1] = 100.0 * get(&R.main[i], "retain_qa");
+        double* v = xmalloc((size_t)(R->n ? R->n : 1) * 2 * sizeof(double));
+        for (int i = 0; i < R->n; i++) {
+            v[2 * i] = 100.0 * get(&R->main[i], "forget_qa");
+            v[2 * i + 1] = 100.0 * get(&R->main[i], "retain_qa");
         }
         const char* series[2] = {"forget QA %", "retain QA %"};
-        char* svg = svg_bar_chart("Forget vs retain QA accuracy", "accuracy %", R.n, names, 2, series, v, 100.0);
+        char* svg = svg_bar_chart("Forget vs retain QA accuracy", "accuracy %", R->n, names, 2, series, v, 100.0);
         snprintf(path, sizeof(path), "%s/forget_retain.svg", dir);
         write_or_die(path, svg);
         free(svg);
         if (n_t > 0) {
-            svg = svg_heatmap("Leak rate by attack template (%)", R.n, names, n_t + 1, cols, heat);
+            svg = svg_heatmap("Leak rate by attack template (%)", R->n, names, n_t + 1, cols, heat);
             snprintf(path, sizeof(path), "%s/leak_by_template.svg", dir);
             write_or_die(path, svg);
             free(svg);
         }
         if (any_relearn) {
-            for (int i = 0; i < R.n; i++) {
-                v[2 * i] = 100.0 * get(&R.main[i], "forget_qa_rest");
-                v[2 * i + 1] = R.has_relearn[i] ? 100.0 * get(&R.relearn[i], "forget_qa_rest") : NAN;
+            for (int i = 0; i < R->n; i++) {
+                v[2 * i] = 100.0 * get(&R->main[i], "forget_qa_rest");
+                v[2 * i + 1] = R->has_relearn[i] ? 100.0 * get(&R->relearn[i], "forget_qa_rest") : NAN;
             }
             const char* rs[2] = {"before", "after relearning"};
-            svg = svg_bar_chart("Forget QA before and after the relearning attack", "forget QA %", R.n, names, 2, rs, v, 100.0);
+            svg = svg_bar_chart("Forget QA before and after the relearning attack", "forget QA %", R->n, names, 2, rs, v, 100.0);
             snprintf(path, sizeof(path), "%s/relearn.svg", dir);
             write_or_die(path, svg);
             free(svg);
         }
         free(v);
     }
-    fprintf(md, "## Charts\n\n![forget vs retain](forget_retain.svg)\n\n");
+}
+
+// training_loss.svg from the --loss logs, and its line in the report.
+static void report_loss(FILE* md, const ReportOpts* o) {
+    char path[4096];
+    const char* dir = o->dir;
+    int n_loss = o->n_loss;
+    const char* const* loss_spec = o->loss_spec;
     if (n_loss > 0) {
         Curve curves[MAX_LOSS];
         SvgPanel panels[MAX_LOSS];
@@ -1971,35 +1848,74 @@ int eval_report_main(int argc, char** argv) {
         fprintf(md, "![training loss curves](training_loss.svg)\n\n");
         for (int i = 0; i < n_c; i++) { free(curves[i].step); free(curves[i].loss); free(curves[i].forget_nll); free(curves[i].retain_nll); }
     }
-    fprintf(md, "Raw numbers: `results.csv` (one row per method and metric) and each method's `NAME.json`, "
-                "`NAME.answers.tsv` (every question, answer and score).\n");
-    fclose(md);
-    snprintf(path, sizeof(path), "%s/report.md", dir);
-    if (rename(tmp_path, path) != 0) die("cannot write %s: %s", path, strerror(errno));
+}
 
-    // ---- every number in one CSV
+// results.csv: every number of every method, main and after relearning.
+static void report_csv(const ReportOpts* o, const Results* R, double auc_gold) {
+    char path[4096], tmp_path[4200];
+    const char* dir = o->dir;
     FILE* csv;
     snprintf(tmp_path, sizeof(tmp_path), "%s/results.csv.tmp", dir);
     if (!(csv = fopen(tmp_path, "w"))) die("cannot write %s: %s", tmp_path, strerror(errno));
     fprintf(csv, "method,phase,metric,value,n\n");
-    for (int i = 0; i < R.n; i++) {
-        for (int k = 0; k < R.main[i].n; k++)
-            fprintf(csv, "%s,main,%s,%s,%ld\n", R.main[i].name, R.main[i].metric[k], R.main[i].value[k], R.main[i].count[k]);
-        if (!isnan(auc_gold)) fprintf(csv, "%s,main,privleak,%.6g,0\n", R.main[i].name, privleak(get(&R.main[i], "mia_auc"), auc_gold));
-        if (R.has_relearn[i])
-            for (int k = 0; k < R.relearn[i].n; k++)
-                fprintf(csv, "%s,relearn,%s,%s,%ld\n", R.main[i].name, R.relearn[i].metric[k], R.relearn[i].value[k],
-                        R.relearn[i].count[k]);
+    for (int i = 0; i < R->n; i++) {
+        for (int k = 0; k < R->main[i].n; k++)
+            fprintf(csv, "%s,main,%s,%s,%ld\n", R->main[i].name, R->main[i].metric[k], R->main[i].value[k], R->main[i].count[k]);
+        if (!isnan(auc_gold)) fprintf(csv, "%s,main,privleak,%.6g,0\n", R->main[i].name, privleak(get(&R->main[i], "mia_auc"), auc_gold));
+        if (R->has_relearn[i])
+            for (int k = 0; k < R->relearn[i].n; k++)
+                fprintf(csv, "%s,relearn,%s,%s,%ld\n", R->main[i].name, R->relearn[i].metric[k], R->relearn[i].value[k],
+                        R->relearn[i].count[k]);
     }
     fclose(csv);
     snprintf(path, sizeof(path), "%s/results.csv", dir);
     if (rename(tmp_path, path) != 0) die("cannot write %s: %s", path, strerror(errno));
-    printf("report: wrote %s/report.md, results.csv, forget_retain.svg%s%s%s\n", dir, n_t ? ", leak_by_template.svg" : "",
-           any_relearn ? ", relearn.svg" : "", n_loss ? ", training_loss.svg" : "");
+}
+
+int eval_report_main(int argc, char** argv) {
+    ReportOpts o;
+    report_parse(&o, argc, argv);
+    static Results R;
+    report_read(&o, &R);
+    int ib = find(&R, o.base_name), ig = find(&R, o.gold_name);
+    const Rows* B = ib >= 0 ? &R.main[ib] : NULL;
+    const Rows* G = ig >= 0 ? &R.main[ig] : NULL;
+    double auc_gold = G ? get(G, "mia_auc") : NAN;
+    int any_relearn = 0;
+    for (int i = 0; i < R.n; i++) any_relearn |= R.has_relearn[i];
+    const char* templates[128];
+    double* heat;
+    int n_t = leak_templates(&R, templates, &heat);
+    const char** cols = xmalloc((size_t)(n_t + 1) * sizeof(char*));
+    const char** names = xmalloc((size_t)(R.n ? R.n : 1) * sizeof(char*));
+    for (int j = 0; j < n_t; j++) cols[j] = templates[j];
+    cols[n_t] = "all";
+    for (int i = 0; i < R.n; i++) names[i] = R.main[i].name;
+
+    char path[4096], tmp_path[4200];
+    snprintf(path, sizeof(path), "%s/report.md", o.dir);
+    snprintf(tmp_path, sizeof(tmp_path), "%s.tmp", path);
+    FILE* md = fopen(tmp_path, "w");
+    if (!md) die("cannot write %s: %s", tmp_path, strerror(errno));
+    md_results(md, &o, &R, auc_gold);
+    md_targets(md, &o, &R, B);
+    md_distance(md, &o, &R, G, auc_gold);
+    md_leak(md, &R, templates, n_t, heat);
+    md_relearn(md, &o, &R, B, any_relearn);
+    report_charts(&o, &R, names, n_t, cols, heat, any_relearn);
+    fprintf(md, "## Charts\n\n![forget vs retain](forget_retain.svg)\n\n");
+    report_loss(md, &o);
+    fprintf(md, "Raw numbers: `results.csv` (one row per method and metric) and each method's `NAME.json`, "
+                "`NAME.answers.tsv` (every question, answer and score).\n");
+    fclose(md);
+    if (rename(tmp_path, path) != 0) die("cannot write %s: %s", path, strerror(errno));
+    report_csv(&o, &R, auc_gold);
+    printf("report: wrote %s/report.md, results.csv, forget_retain.svg%s%s%s\n", o.dir, n_t ? ", leak_by_template.svg" : "",
+           any_relearn ? ", relearn.svg" : "", o.n_loss ? ", training_loss.svg" : "");
     for (int i = 0; i < R.n; i++) {
-        free(R.main[i].metric); free(R.main[i].value); free(R.main[i].count); free(R.main[i].text);
-        if (R.has_relearn[i]) { free(R.relearn[i].metric); free(R.relearn[i].value); free(R.relearn[i].count); free(R.relearn[i].text); }
+        free_rows(&R.main[i]);
+        if (R.has_relearn[i]) free_rows(&R.relearn[i]);
     }
-    free(heat); free(cols); free(names); free(list);
+    free(heat); free(cols); free(names);
     return 0;
 }

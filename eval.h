@@ -123,13 +123,16 @@ int continue_greedy(Transformer* t, const Tokenizer* tok, const char* prompt, in
 // harness loads the model and tokenizer (and --lora), calls setup, then
 // measures everything on the same sets. Every callback is optional.
 
+#define EVAL_MAX_STATS 16
+
 typedef struct EvalMethod EvalMethod;
 struct EvalMethod {
     const char* prog;          // the program ("sae", "guard"), for --help
     const char* kind;          // "model", "lora", "sae", "guard": a column of the report
     const char* usage;         // the program's own eval options for --help (lines), or NULL
-    // argv[i] is not a harness option: if it is one of the method's, use it
-    // and return how many entries it took (1 switch, 2 flag + value); 0 = unknown
+    // argv[i], offered before the harness looks at it: if it is one of the
+    // method's flags, use it and return how many entries it took (1 switch,
+    // 2 flag + value); 0 = not the method's
     int (*parse)(EvalMethod* m, int argc, char** argv, int i);
     // after the model, tokenizer and --lora are loaded: set answer/answer_ctx,
     // hook/hook_ctx, whatever the method needs
@@ -146,12 +149,22 @@ struct EvalMethod {
     ResidualHook hook;         // installed on the model for raw text (ppl, MIA, VerbMem)
     void* hook_ctx;
     void* user;                // the method's own state
+    // Extra metrics, beside the standard ones (the guard: which layer
+    // refused, what each layer cost): the method names its numbers in
+    // stat_names and its answer function writes this answer's values into
+    // stats (zeroed before every chat answer). The harness writes their
+    // means per chat set as NAME:SET (SET: forget_qa, retain_qa, jailbreak)
+    // and over every chat answer as NAME.
+    const char* stat_names[EVAL_MAX_STATS];
+    int n_stats;
+    double stats[EVAL_MAX_STATS];
 };
 
 // The harness's options (eval_main parses them; eval_run reads them).
 typedef struct {
     const char* model;         // MODEL.bin
     const char* tok;           // -z
+    const char* system;        // --system: a system prompt in front of every chat of the plain answerer
     const char* sets;          // --sets DIR: default folder of every file below
     const char* forget_qa;     // question TAB answer [TAB split]
     const char* retain_qa;
@@ -171,25 +184,23 @@ typedef struct {
     int max_verbatim;
     int max_mia;               // sentences per MIA set
     int max_jailbreak;         // prompts per template (0 = all)
-    int max_new;               // answer tokens (default 32)
+    int max_new;               // -n: answer tokens (default 32)
     int verbmem_tokens;        // continuation cap (default 128)
     float min_k;               // Min-K% k (default 0.4)
-    int ctx;                   // context length (default min(model max, 1024))
+    int ctx;                   // -c: context length (default min(model max, 1024))
     double train_seconds;      // recorded as is (the method's training time; -1 = none)
     int verbose;
 } EvalOptions;
 
 void eval_options_init(EvalOptions* o);
-// 1 when argv (a program's eval subcommand) asks for the harness: it has --sets.
-int eval_is_harness(int argc, char** argv);
 // argv[0] is the subcommand ("eval"), argv[1] the model file. Parses the
-// harness options (unknown ones go to m->parse), loads, runs, writes.
+// flags (cli.h's common -z -n -c -o --lora --system, the harness's long
+// ones; each is offered to m->parse first), loads, runs, writes.
 // m may be NULL (the plain model). Returns 0; exits with a message on errors.
 int eval_main(int argc, char** argv, EvalMethod* m);
 // The measuring part of eval_main, for callers that load things themselves:
 // t and tok loaded, m->setup already called.
 void eval_run(const EvalOptions* o, EvalMethod* m, Transformer* t, Tokenizer* tok);
-void eval_usage(const char* prog, const EvalMethod* m); // prints the help and exits
 
 // ----------------------------------------------------------------------------
 // SVG charts (no dependency: plain text written by hand). Each returns a

@@ -1,7 +1,7 @@
 // guard.h -- the guardrail baseline (guard.c): text normalisation, the
 // keyword filter, the streaming output filter, the Llama Guard judge and
-// the small metrics of `guard eval`. Shared with test_all, which links
-// guard.c built with -DGUARD_LIBRARY.
+// the guarded model built from them (its answer for eval, its chat filter).
+// The `guard` program is guard_cli.c; test_all links guard.o.
 #ifndef GUARD_H
 #define GUARD_H
 
@@ -149,8 +149,65 @@ void free_judge(Judge* j);
 void judge_run(Judge* j, const ChatMessage* conv, int n_conv, int want_categories, Verdict* v);
 
 // ----------------------------------------------------------------------------
-// Metrics of `guard eval` (small on purpose; the shared eval.c replaces them)
+// The guarded model: the layers around the engine, in order. The first one
+// that objects replaces the answer with the refusal (later ones do not run:
+// a query the input filter refuses costs no model call).
 
 int is_refusal(const char* answer, const char* refusal);   // the refusal or a known refusal phrase
+
+typedef struct {
+    Transformer* t;
+    Tokenizer* tok;
+    const char* system;   // the system-prompt layer's text; NULL: off
+    KeywordFilter* kw;    // loaded when a filter is on
+    int input_filter;
+    int output_filter;
+    Judge* judge;         // NULL: no judge
+    int judge_input;
+    int judge_output;
+    const char* refusal;
+    int max_new;          // answer tokens at most
+    int trace;            // each layer's decision and cost on stderr
+} Guard;
+
+// What each layer did for one answer: the extra metrics of `guard eval`.
+enum {
+    GUARD_REFUSED,            // the final answer is a refusal (a layer's or the model's own)
+    GUARD_REFUSED_MODEL,      // the model's own answer is a refusal (the system prompt at work)
+    GUARD_REFUSED_INPUT,      // the layer that replaced the answer: the input filter ...
+    GUARD_REFUSED_JUDGE_IN,
+    GUARD_REFUSED_OUTPUT,
+    GUARD_REFUSED_JUDGE_OUT,
+    GUARD_JUDGE_IN_TOKENS,    // tokens the judge read and wrote, on the input ...
+    GUARD_JUDGE_OUT_TOKENS,   // ... and on the answer
+    GUARD_MS_INPUT,           // milliseconds in each layer, and in the model's answer
+    GUARD_MS_JUDGE_IN,
+    GUARD_MS_ANSWER,
+    GUARD_MS_OUTPUT,
+    GUARD_MS_JUDGE_OUT,
+    GUARD_N_STATS
+};
+extern const char* const guard_stat_names[GUARD_N_STATS];
+int guard_stat_on(const Guard* g, int stat);   // 1: the stat's layer is on
+
+// The guarded answer to conv (greedy, the system prompt first when that
+// layer is on; conv's messages are all the user's text, few-shot answers
+// included). Returns it malloc'd; stats (GUARD_N_STATS, or NULL) gets what
+// each layer did. *prompt_tokens: the model's prompt, system prompt included.
+char* guard_answer(Guard* g, const ChatMessage* conv, int n_conv, double* stats, int* prompt_tokens);
+
+// The guard in the engine's chat loop: the input layers before the model
+// answers, the streaming output filter on every token (what it releases is
+// shown at once; with an output judge nothing shows until it has judged),
+// the refusal in place of a flagged answer.
+typedef struct {
+    Guard* g;
+    StreamFilter sf;
+    size_t shown;         // bytes of this answer shown so far
+    int flagged;          // the output filter stopped this answer
+} GuardChat;
+
+void guard_chat_init(GuardChat* c, Guard* g, ChatFilter* f);
+void guard_chat_free(GuardChat* c);
 
 #endif

@@ -478,7 +478,9 @@ int gen_append(void* ctx, const Tokenizer* tok, int id);
 typedef struct {
     void* ctx;
     // Before the model answers conv[0..n) (the last message is the user's
-    // new one): a malloc'd answer to give instead (a refusal), or NULL.
+    // new one): a malloc'd answer to give instead (a refusal), or NULL. A
+    // turn refused here is never fed to the model (it stays out of the KV
+    // cache: a refused message longer than the context is no error).
     char* (*before)(void* ctx, const ChatMessage* conv, int n);
     TokenFn on_token;   // each generated token, as in GenConfig
     // After the answer (filtered: on_token stopped it): a malloc'd answer
