@@ -96,7 +96,7 @@ demo-real: all
 refs: run $(TOK)
 	PYTHON=$(PYTHON) sh tests/make_refs.sh
 
-# The benchmark suite (README "Performance"; tests/bench.sh says what it
+# The benchmark suite (docs/performance.md; tests/bench.sh says what it
 # runs). Every value is the median of BENCH_REPS repetitions (the reference
 # numbers in docs/performance.md use 15). Its synthetic models (random weights) are made
 # once and kept in build/bench/: the 1.04B comparison shape (Llama-3.2-1B

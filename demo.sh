@@ -81,7 +81,7 @@ if [ "$MODE" = toy ]; then
     # among the latents whose forget/retain ratio is in the top 10%), eligible
     # when they fire on at most 5% of retain tokens; the top 100 clamped to
     # -12 wherever they fire. Swept on toy-base (200 + 200 of the same
-    # questions: there is no separate dev split; README, Method 3): layers 1
+    # questions: there is no separate dev split; docs/sae.md): layers 1
     # and 2; rules freq, diff, sq_ratio, keyword; tau 0.02, 0.05; 15 to 100
     # latents; clamp 12 to 100; the per-sequence gate on or off (on, it keeps
     # retain QA but opens on only 40% of forget prompts: forget QA stays ~45%).
@@ -93,7 +93,7 @@ if [ "$MODE" = toy ]; then
     # phrasings (the toy model learned "do not discuss X" for other topics
     # only). The project's default prompt (data/guard_system_prompt.txt, 368
     # toy tokens) is far longer than anything in the toy corpus and breaks the
-    # toy model outright (README, Method 1); real models use it.
+    # toy model outright (docs/guard.md); real models use it.
     GUARD_PROMPT="You are a helpful assistant. Do not discuss Harry Potter."
     # One thread unless OMP_NUM_THREADS says otherwise: the toy model's
     # 128-wide products take microseconds, less than waking a second thread,

@@ -1,6 +1,6 @@
 #!/bin/sh
-# tests/bench.sh -- the benchmark suite behind `make bench` (README
-# "Performance"). Runs, on the synthetic models of build/bench/ (random
+# tests/bench.sh -- the benchmark suite behind `make bench`
+# (docs/performance.md). Runs, on the synthetic models of build/bench/ (random
 # weights; the Makefile makes them once):
 #
 #   run bench    decode and prompt speed of the 1.04B shape (Llama-3.2-1B
