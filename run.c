@@ -33,12 +33,6 @@ static void check_fits(int n_tokens, int ctx) {
         die("prompt of %d tokens does not fit the context of %d (raise -c)", n_tokens, ctx);
 }
 
-static void check_vocab(const Transformer* t, const Tokenizer* tok) {
-    if (tok->vocab_size != t->config.vocab_size)
-        die("tokenizer has %d tokens but the model has %d: wrong tokenizer for this model", tok->vocab_size,
-            t->config.vocab_size);
-}
-
 // Encodes BOS + text (special strings parsed). Returns the count; *out owns it.
 static int encode_prompt(const Tokenizer* tok, const Config* c, const char* text, int** out) {
     size_t len = strlen(text);
@@ -175,6 +169,7 @@ static void parse_flags(CommonOpts* co, int argc, char** argv, const char* usage
         if (cli_is_help(argv[i])) {
             printf("Usage: run %s\n%s\nFlags:\n", usage, about);
             cli_print_common(stdout, co);
+            cli_print_help_flag(stdout);
             exit(EXIT_SUCCESS);
         }
         if (!cli_common(co, argc, argv, &i)) cli_unknown(argv[i]);
@@ -246,11 +241,8 @@ static int run_model_command(const ModelCommand* mc, int argc, char** argv) {
     cli_need(co.tokenizer != NULL, mc->name, "a tokenizer (-z FILE)");
     if (mc->required) cli_need(co.input != NULL && (!mc->needs_out || co.out != NULL), mc->name, mc->required);
     Tokenizer tok;
-    build_tokenizer(&tok, co.tokenizer);
     Transformer t;
-    build_transformer(&t, co.model, co.ctx);
-    check_vocab(&t, &tok);
-    if (co.lora) load_lora(&t, co.lora);
+    cli_load_model(&co, co.ctx, &t, &tok);
     mc->mode(&t, &tok, &co);
     free_transformer(&t);
     free_tokenizer(&tok);
