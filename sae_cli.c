@@ -660,6 +660,17 @@ static void open_model(Transformer* t, Tokenizer* tok, const Opts* o, int ctx) {
     cli_load_model(&o->co, ctx, t, tok);
 }
 
+static void print_sae(const Sae* s, const char* path) {
+    int e = sae_engine_layer(s);
+    printf("sae %s: d %d, n %d, %s", path, s->d, s->n, sae_arch_name(s->arch));
+    if (s->arch == SAE_TOPK) printf(" k %d", s->k);
+    printf(", layer %d (%s, engine hook %d)", s->layer,
+           s->hook == SAE_HOOK_RESID_PRE ? "input of block = resid_pre" : "output of block = resid_post", e);
+    if (s->train_tokens) printf(", trained on %lld tokens, FVU %.4f", (long long)s->train_tokens, s->train_fvu);
+    printf("\n");
+}
+
+// The SAE of --sae, checked against model t, its header printed.
 static void load_sae_for(Sae* s, const char* path, const Transformer* t) {
     char err[512];
     if (!path) die("an SAE is required (--sae FILE; see --help)");
@@ -669,16 +680,7 @@ static void load_sae_for(Sae* s, const char* path, const Transformer* t) {
     if (e < 0 || e >= t->config.n_layers)
         die("SAE layer %d (%s) cannot be hooked in a model of %d layers", s->layer,
             s->hook == SAE_HOOK_RESID_PRE ? "input of the block" : "output of the block", t->config.n_layers);
-}
-
-static void print_sae(const Sae* s, const char* path) {
-    int e = sae_engine_layer(s);
-    printf("sae %s: d %d, n %d, %s", path, s->d, s->n, sae_arch_name(s->arch));
-    if (s->arch == SAE_TOPK) printf(" k %d", s->k);
-    printf(", layer %d (%s, engine hook %d)", s->layer,
-           s->hook == SAE_HOOK_RESID_PRE ? "input of block = resid_pre" : "output of block = resid_post", e);
-    if (s->train_tokens) printf(", trained on %lld tokens, FVU %.4f", (long long)s->train_tokens, s->train_fvu);
-    printf("\n");
+    print_sae(s, path);
 }
 
 static const char* SELFTEST_TEXT =
@@ -1113,7 +1115,6 @@ static int measure_main(int argc, char** argv) {
     open_model(&t, &tok, o, o->T);
     Sae s;
     load_sae_for(&s, o->sae, &t);
-    print_sae(&s, o->sae);
     RowSet sets[2];
     load_split_rows(&sets[0], &sets[1], &tok, o, 1);
     if (o->selftest) sae_selftest(&t, &tok, &s, &sets[1], 256);
@@ -1416,7 +1417,6 @@ static int score_main(int argc, char** argv) {
     open_model(&t, &tok, &o, o.T);
     Sae s;
     load_sae_for(&s, o.sae, &t);
-    print_sae(&s, o.sae);
     RowSet sets[2];
     load_split_rows(&sets[0], &sets[1], &tok, &o, 1);
     int rule = sae_rule_from_name(o.rule);
@@ -1477,7 +1477,6 @@ static void open_session(Session* ss, const Opts* o) {
     memset(ss, 0, sizeof(*ss));
     open_model(&ss->t, &ss->tok, o, o->co.ctx);
     load_sae_for(&ss->s, o->sae, &ss->t);
-    print_sae(&ss->s, o->sae);
     if (o->selftest) sae_selftest(&ss->t, &ss->tok, &ss->s, NULL, 256);
     if (o->latents) {
         setup_intervention(&ss->h, &ss->s, o, &ss->sel);
@@ -1570,7 +1569,6 @@ static void sae_method_setup(EvalMethod* m, Transformer* t, Tokenizer* tok, int 
     if (!sm->o.latents) die("sae eval needs --latents CSV (from sae score) or a list such as 12,345");
     sm->t = t; sm->tok = tok; sm->max_new = max_new;
     load_sae_for(&sm->s, sm->o.sae, t);
-    print_sae(&sm->s, sm->o.sae);
     if (sm->o.selftest) sae_selftest(t, tok, &sm->s, NULL, 256);
     setup_intervention(&sm->h, &sm->s, &sm->o, &sm->sel);
     fflush(stdout);
