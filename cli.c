@@ -60,6 +60,28 @@ void cli_need(int have, const char* subcommand, const char* what) {
     if (!have) die("%s needs %s (see --help)", subcommand, what);
 }
 
+void cli_load_model(const CommonOpts* o, int ctx, Transformer* t, Tokenizer* tok) {
+    build_tokenizer(tok, o->tokenizer);
+    build_transformer(t, o->model, ctx);
+    if (tok->vocab_size != t->config.vocab_size)
+        die("tokenizer has %d tokens but the model has %d: wrong tokenizer for this model", tok->vocab_size,
+            t->config.vocab_size);
+    if (o->lora) load_lora(t, o->lora);
+}
+
+int cli_flag(const CliFlag* flags, int n, int argc, char** argv, int* i) {
+    const char* f = argv[*i];
+    for (int k = 0; k < n; k++) {
+        if (strcmp(f, flags[k].name)) continue;
+        const char* v = cli_value(argc, argv, i);
+        if (flags[k].kind == CLI_TEXT) *(const char**)flags[k].to = v;
+        else if (flags[k].kind == CLI_INT) *(int*)flags[k].to = parse_int_arg(f, v);
+        else *(float*)flags[k].to = parse_float_arg(f, v);
+        return 1;
+    }
+    return 0;
+}
+
 void cli_print_common(FILE* f, const CommonOpts* o) {
     unsigned a = o->accepts;
     if (a & CLI_TOK) fprintf(f, "  -z FILE          tokenizer file (from export.py tokenizer)%s\n", o->tokenizer ? "" : ", required");
@@ -77,5 +99,6 @@ void cli_print_common(FILE* f, const CommonOpts* o) {
         fprintf(f, "  --lora FILE      %s\n",
                 o->lora_help ? o->lora_help : "apply a LoRA adapter (from train_lora) unmerged; works over int8");
     if (a & CLI_SYSTEM) fprintf(f, "  --system TEXT    system prompt (default none)\n");
-    fprintf(f, "  -h, --help       this text\n");
 }
+
+void cli_print_help_flag(FILE* f) { fprintf(f, "  -h, --help       this text\n"); }

@@ -17,6 +17,7 @@
 
 #include <stdio.h>
 #include <stdint.h>
+#include "run.h"
 
 // Which common flags a subcommand takes (a bit each).
 enum {
@@ -67,7 +68,26 @@ void cli_unknown(const char* flag) __attribute__((noreturn)); // dies: unknown o
 void cli_check(const CommonOpts* o);
 // Dies with "SUBCOMMAND needs WHAT" unless have.
 void cli_need(int have, const char* subcommand, const char* what);
-// The --help lines of the common flags o accepts, with o's values as defaults.
+// The tokenizer (-z) and the model (MODEL.bin) with a KV cache of ctx positions
+// (0: the model's, at most 4096); dies when they disagree on the vocabulary.
+// Applies the adapter of --lora when o has one.
+void cli_load_model(const CommonOpts* o, int ctx, Transformer* t, Tokenizer* tok);
+
+// A method's own flag with a plain value, as a row of a table (cli_flag).
+typedef enum { CLI_TEXT, CLI_INT, CLI_FLOAT } CliValue;
+typedef struct {
+    const char* name;   // e.g. "--lr"
+    CliValue kind;      // the value as is, or read by parse_int_arg / parse_float_arg
+    void* to;           // the const char*, int or float it sets
+} CliFlag;
+// If argv[*i] is one of the n flags, reads its value (moving *i) into the
+// flag's variable and returns 1; otherwise returns 0.
+int cli_flag(const CliFlag* flags, int n, int argc, char** argv, int* i);
+
+// --help lists the common flags (cli_print_common), then the subcommand's
+// own, and last the line of -h itself (cli_print_help_flag).
+// The lines of the common flags o accepts, with o's values as defaults.
 void cli_print_common(FILE* f, const CommonOpts* o);
+void cli_print_help_flag(FILE* f);
 
 #endif

@@ -76,16 +76,24 @@ static int guard_parse_layer(GuardOpts* go, int argc, char** argv, int* i) {
     const char* f = argv[*i];
     if (!strcmp(f, "--input-filter")) { go->input_filter = 1; return 1; }
     if (!strcmp(f, "--output-filter")) { go->output_filter = 1; return 1; }
-    const char** texts[] = {&go->system, &go->system_file, &go->keywords, &go->allow, &go->refusal, &go->judge_path,
-                            &go->judge_tok, &go->judge_category, &go->judge_policy};
-    static const char* text_flags[] = {"--system", "--system-file", "--keywords", "--allow", "--refusal", "--judge",
-                                       "--judge-tok", "--judge-category", "--judge-policy"};
-    for (int k = 0; k < (int)(sizeof(texts) / sizeof(texts[0])); k++)
-        if (!strcmp(f, text_flags[k])) { *texts[k] = cli_value(argc, argv, i); return 1; }
+    // the flags with a text or a number as their value
+    const CliFlag values[] = {
+        {"--system", CLI_TEXT, &go->system},
+        {"--system-file", CLI_TEXT, &go->system_file},
+        {"--keywords", CLI_TEXT, &go->keywords},
+        {"--allow", CLI_TEXT, &go->allow},
+        {"--refusal", CLI_TEXT, &go->refusal},
+        {"--judge", CLI_TEXT, &go->judge_path},
+        {"--judge-tok", CLI_TEXT, &go->judge_tok},
+        {"--judge-category", CLI_TEXT, &go->judge_category},
+        {"--judge-policy", CLI_TEXT, &go->judge_policy},
+        {"--judge-threshold", CLI_FLOAT, &go->threshold},
+    };
+    if (cli_flag(values, sizeof(values) / sizeof(values[0]), argc, argv, i)) return 1;
+    // the flags whose value is one of a few words
     static const char* const formats[] = {"lg3", "lg2"}, *const modes[] = {"prob", "token"};
     static const char* const sides[] = {"both", "input", "output"};
-    if (!strcmp(f, "--judge-threshold")) go->threshold = parse_float_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--judge-format")) go->judge_format = pick(f, cli_value(argc, argv, i), formats, 2) ? JUDGE_LG2 : JUDGE_LG3;
+    if (!strcmp(f, "--judge-format")) go->judge_format = pick(f, cli_value(argc, argv, i), formats, 2) ? JUDGE_LG2 : JUDGE_LG3;
     else if (!strcmp(f, "--judge-mode")) go->judge_mode = pick(f, cli_value(argc, argv, i), modes, 2) ? JUDGE_TOKEN : JUDGE_PROB;
     else if (!strcmp(f, "--judge-on")) {
         int side = pick(f, cli_value(argc, argv, i), sides, 3);
@@ -163,6 +171,7 @@ static void usage_talk(const char* cmd, const CommonOpts* co) {
                                                : "Multi-turn chat on stdin (one turn with -i), guarded.");
     cli_print_common(stdout, co);
     print_layer_flags(stdout);
+    cli_print_help_flag(stdout);
     exit(EXIT_SUCCESS);
 }
 
@@ -186,11 +195,8 @@ static int guard_talk(int argc, char** argv) {
     if (co.input) check_text("the user message", co.input);
     guard_load_files(&r);
     Tokenizer tok;
-    build_tokenizer(&tok, co.tokenizer);
     Transformer t;
-    build_transformer(&t, co.model, co.ctx);
-    if (tok.vocab_size != t.config.vocab_size)
-        die("tokenizer has %d tokens but the model has %d: wrong tokenizer for this model", tok.vocab_size, t.config.vocab_size);
+    cli_load_model(&co, co.ctx, &t, &tok);
     guard_bind(&r, &t, &tok, co.max_new, co.ctx);
     r.g.trace = !chat;
     Sampler sampler;

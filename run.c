@@ -28,35 +28,25 @@ static void check_prompt_text(const char* what, const char* s) {
         die("%s is not valid UTF-8", what);
 }
 
-static void check_fits(int n_tokens, int ctx) {
-    if (n_tokens > ctx)
-        die("prompt of %d tokens does not fit the context of %d (raise -c)", n_tokens, ctx);
-}
-
-static void check_vocab(const Transformer* t, const Tokenizer* tok) {
-    if (tok->vocab_size != t->config.vocab_size)
-        die("tokenizer has %d tokens but the model has %d: wrong tokenizer for this model", tok->vocab_size,
-            t->config.vocab_size);
-}
-
-// Encodes BOS + text (special strings parsed). Returns the count; *out owns it.
-static int encode_prompt(const Tokenizer* tok, const Config* c, const char* text, int** out) {
+// Encodes BOS + text (special strings parsed); dies when the text, named
+// what, is not UTF-8 or does not fit t's context. Returns the count; *out owns it.
+static int encode_prompt(const Transformer* t, const Tokenizer* tok, const char* what, const char* text, int** out) {
+    check_prompt_text(what, text);
     size_t len = strlen(text);
     int cap = (int)(len + 2);
     int* ids = xmalloc((size_t)cap * sizeof(int));
     int n = 0;
-    if (c->bos_id >= 0) ids[n++] = c->bos_id;
+    if (t->config.bos_id >= 0) ids[n++] = t->config.bos_id;
     n += encode(tok, text, len, 1, ids + n, cap - n);
+    if (n > t->state.seq_len)
+        die("prompt of %d tokens does not fit the context of %d (raise -c)", n, t->state.seq_len);
     *out = ids;
     return n;
 }
 
 static void generate_mode(Transformer* t, const Tokenizer* tok, const CommonOpts* co) {
-    const char* prompt = co->input;
-    check_prompt_text("prompt", prompt);
     int* ids;
-    int n = encode_prompt(tok, &t->config, prompt, &ids);
-    check_fits(n, t->state.seq_len);
+    int n = encode_prompt(t, tok, "prompt", co->input, &ids);
     for (int i = 0; i < n; i++) print_token(tok, ids[i]);
     long t0 = time_in_ms();
     float* logits = forward_batch(t, ids, n, 0, NULL);
@@ -91,12 +81,9 @@ static void tokenize_mode(const Tokenizer* tok, const char* text) {
 }
 
 static void logits_mode(Transformer* t, const Tokenizer* tok, const CommonOpts* co) {
-    const char* text = co->input;
     const char* out_path = co->out;
-    check_prompt_text("text", text);
     int* ids;
-    int n = encode_prompt(tok, &t->config, text, &ids);
-    check_fits(n, t->state.seq_len);
+    int n = encode_prompt(t, tok, "text", co->input, &ids);
     size_t V = t->config.vocab_size;
     float* all = xmalloc((size_t)n * V * sizeof(float));
     long t0 = time_in_ms();
@@ -175,6 +162,7 @@ static void parse_flags(CommonOpts* co, int argc, char** argv, const char* usage
         if (cli_is_help(argv[i])) {
             printf("Usage: run %s\n%s\nFlags:\n", usage, about);
             cli_print_common(stdout, co);
+            cli_print_help_flag(stdout);
             exit(EXIT_SUCCESS);
         }
         if (!cli_common(co, argc, argv, &i)) cli_unknown(argv[i]);
@@ -246,11 +234,8 @@ static int run_model_command(const ModelCommand* mc, int argc, char** argv) {
     cli_need(co.tokenizer != NULL, mc->name, "a tokenizer (-z FILE)");
     if (mc->required) cli_need(co.input != NULL && (!mc->needs_out || co.out != NULL), mc->name, mc->required);
     Tokenizer tok;
-    build_tokenizer(&tok, co.tokenizer);
     Transformer t;
-    build_transformer(&t, co.model, co.ctx);
-    check_vocab(&t, &tok);
-    if (co.lora) load_lora(&t, co.lora);
+    cli_load_model(&co, co.ctx, &t, &tok);
     mc->mode(&t, &tok, &co);
     free_transformer(&t);
     free_tokenizer(&tok);

@@ -417,14 +417,9 @@ typedef struct {
     const char* sae;
     const char* data[64];
     int n_data;
-    const char* forget;
-    const char* retain;
-    const char* qa;
-    const char* latents;
-    const char* keywords;
-    const char* cache;
-    const char* finetune;
-    const char* rule;
+    const char *forget, *retain, *qa;       // the sets of measure and score
+    const char *keywords, *rule, *latents;  // how score ranks the latents; those selected
+    const char *cache, *finetune;           // train's activation cache and starting SAE
     int layer, hook, n_latents, expansion, k, arch, batch, buffer, T, warmup, k_aux, median;
     int64_t tokens, dead_tokens;
     float lr, decay_frac, auxk_alpha, l1, max_norm_ratio;
@@ -503,122 +498,81 @@ static void parse_data(Opts* o, int argc, char** argv, int* i) {
     }
 }
 
-static int flag_sae(Opts* o, int argc, char** argv, int* i) {
-    const char* f = argv[*i];
-    if (!strcmp(f, "--sae")) o->sae = cli_value(argc, argv, i);
-    else if (!strcmp(f, "--no-selftest")) o->selftest = !parse_int_arg(f, cli_value(argc, argv, i));
-    else return 0;
-    return 1;
-}
-
-static int flag_data(Opts* o, int argc, char** argv, int* i) {
-    const char* f = argv[*i];
-    if (!strcmp(f, "--layer")) o->layer = parse_int_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--hook")) o->hook = parse_choice(f, cli_value(argc, argv, i), "post", "pre") ? SAE_HOOK_RESID_PRE : SAE_HOOK_RESID_POST;
-    else if (!strcmp(f, "--data")) parse_data(o, argc, argv, i);
-    else return 0;
-    return 1;
-}
-
-static int flag_recipe(Opts* o, int argc, char** argv, int* i) {
-    const char* f = argv[*i];
-    if (!strcmp(f, "--n-latents")) o->n_latents = parse_int_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--expansion")) o->expansion = parse_int_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--topk")) o->k = parse_int_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--arch")) o->arch = parse_choice(f, cli_value(argc, argv, i), "topk", "relu") ? SAE_RELU : SAE_TOPK;
-    else if (!strcmp(f, "--tokens")) o->tokens = parse_count(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--batch")) o->batch = parse_int_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--lr")) o->lr = parse_float_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--warmup")) o->warmup = parse_int_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--decay-frac")) o->decay_frac = parse_float_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--auxk-alpha")) o->auxk_alpha = parse_float_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--k-aux")) o->k_aux = parse_int_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--dead-tokens")) o->dead_tokens = parse_count(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--l1")) o->l1 = parse_float_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--bdec")) o->median = !parse_choice(f, cli_value(argc, argv, i), "median", "mean");
-    else if (!strcmp(f, "--log-every")) o->log_every = parse_int_arg(f, cli_value(argc, argv, i));
-    else return 0;
-    return 1;
-}
-
-static int flag_stream(Opts* o, int argc, char** argv, int* i) {
-    const char* f = argv[*i];
-    if (!strcmp(f, "--buffer")) o->buffer = parse_int_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--max-norm")) o->max_norm_ratio = parse_float_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--cache")) o->cache = cli_value(argc, argv, i);
-    else if (!strcmp(f, "--finetune")) o->finetune = cli_value(argc, argv, i);
-    else if (!strcmp(f, "--save-every")) o->save_every = parse_int_arg(f, cli_value(argc, argv, i));
-    else return 0;
-    return 1;
-}
-
-static int flag_planted(Opts* o, int argc, char** argv, int* i) {
-    const char* f = argv[*i];
-    if (!strcmp(f, "--d")) o->planted_d = parse_int_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--true")) o->planted_true = parse_int_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--s")) o->planted_s = parse_int_arg(f, cli_value(argc, argv, i));
-    else return 0;
-    return 1;
-}
-
-static int flag_sets(Opts* o, int argc, char** argv, int* i) {
-    const char* f = argv[*i];
-    if (!strcmp(f, "--forget")) o->forget = cli_value(argc, argv, i);
-    else if (!strcmp(f, "--retain")) o->retain = cli_value(argc, argv, i);
-    else if (!strcmp(f, "--qa")) o->qa = cli_value(argc, argv, i);
-    else return 0;
-    return 1;
-}
-
-static int flag_score(Opts* o, int argc, char** argv, int* i) {
-    const char* f = argv[*i];
-    if (!strcmp(f, "--keywords")) o->keywords = cli_value(argc, argv, i);
-    else if (!strcmp(f, "--rule")) o->rule = cli_value(argc, argv, i);
-    else if (!strcmp(f, "--tau")) o->tau = parse_float_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--contexts")) o->contexts = parse_int_arg(f, cli_value(argc, argv, i));
-    else return 0;
-    return 1;
-}
-
-static int flag_interv(Opts* o, int argc, char** argv, int* i) {
-    const char* f = argv[*i];
-    if (!strcmp(f, "--latents")) o->latents = cli_value(argc, argv, i);
-    else if (!strcmp(f, "--mode")) o->mode = parse_mode(cli_value(argc, argv, i));
-    else if (!strcmp(f, "--clamp")) o->clamp_c = parse_float_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--scale")) o->scale_m = parse_float_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--gate")) o->gate = parse_int_arg(f, cli_value(argc, argv, i));
-    else if (!strcmp(f, "--gate-alpha")) o->gate_alpha = parse_float_arg(f, cli_value(argc, argv, i));
-    else return 0;
-    return 1;
-}
-
 // If argv[*i] is one of sae's flags in groups, takes it (and its value,
 // moving *i) into o and returns 1; otherwise returns 0.
 static int sae_flag(Opts* o, unsigned groups, int argc, char** argv, int* i) {
+    // the flags with a plain value, and the groups that take each
+    const struct { unsigned groups; CliFlag flag; } plain[] = {
+        {G_SAE, {"--sae", CLI_TEXT, &o->sae}},
+        {G_DATA, {"--layer", CLI_INT, &o->layer}},
+        {G_RECIPE, {"--n-latents", CLI_INT, &o->n_latents}},
+        {G_RECIPE, {"--expansion", CLI_INT, &o->expansion}},
+        {G_RECIPE, {"--topk", CLI_INT, &o->k}},
+        {G_RECIPE, {"--batch", CLI_INT, &o->batch}},
+        {G_RECIPE, {"--lr", CLI_FLOAT, &o->lr}},
+        {G_RECIPE, {"--warmup", CLI_INT, &o->warmup}},
+        {G_RECIPE, {"--decay-frac", CLI_FLOAT, &o->decay_frac}},
+        {G_RECIPE, {"--auxk-alpha", CLI_FLOAT, &o->auxk_alpha}},
+        {G_RECIPE, {"--k-aux", CLI_INT, &o->k_aux}},
+        {G_RECIPE, {"--l1", CLI_FLOAT, &o->l1}},
+        {G_RECIPE, {"--log-every", CLI_INT, &o->log_every}},
+        {G_STREAM, {"--buffer", CLI_INT, &o->buffer}},
+        {G_STREAM, {"--max-norm", CLI_FLOAT, &o->max_norm_ratio}},
+        {G_STREAM, {"--cache", CLI_TEXT, &o->cache}},
+        {G_STREAM, {"--finetune", CLI_TEXT, &o->finetune}},
+        {G_STREAM, {"--save-every", CLI_INT, &o->save_every}},
+        {G_PLANTED, {"--d", CLI_INT, &o->planted_d}},
+        {G_PLANTED, {"--true", CLI_INT, &o->planted_true}},
+        {G_PLANTED, {"--s", CLI_INT, &o->planted_s}},
+        {G_SETS, {"--forget", CLI_TEXT, &o->forget}},
+        {G_SETS, {"--retain", CLI_TEXT, &o->retain}},
+        {G_SETS, {"--qa", CLI_TEXT, &o->qa}},
+        {G_SCORE, {"--keywords", CLI_TEXT, &o->keywords}},
+        {G_SCORE, {"--rule", CLI_TEXT, &o->rule}},
+        {G_SCORE, {"--tau", CLI_FLOAT, &o->tau}},
+        {G_SCORE, {"--contexts", CLI_INT, &o->contexts}},
+        {G_INTERV, {"--latents", CLI_TEXT, &o->latents}},
+        {G_INTERV, {"--clamp", CLI_FLOAT, &o->clamp_c}},
+        {G_INTERV, {"--scale", CLI_FLOAT, &o->scale_m}},
+        {G_INTERV, {"--gate", CLI_INT, &o->gate}},
+        {G_INTERV, {"--gate-alpha", CLI_FLOAT, &o->gate_alpha}},
+        // the flags of two groups
+        {G_DATA | G_SETS, {"--seq-len", CLI_INT, &o->T}},
+        {G_SCORE | G_INTERV, {"--select", CLI_INT, &o->N}},
+    };
+    for (size_t k = 0; k < sizeof(plain) / sizeof(plain[0]); k++)
+        if ((groups & plain[k].groups) && cli_flag(&plain[k].flag, 1, argc, argv, i)) return 1;
+    // the others: one of two words, a count with a k/M/G suffix, a list of files
     const char* f = argv[*i];
-    if ((groups & (G_DATA | G_SETS)) && !strcmp(f, "--seq-len")) { o->T = parse_int_arg(f, cli_value(argc, argv, i)); return 1; }
-    if ((groups & (G_SCORE | G_INTERV)) && !strcmp(f, "--select")) { o->N = parse_int_arg(f, cli_value(argc, argv, i)); return 1; }
-    return ((groups & G_SAE) && flag_sae(o, argc, argv, i)) || ((groups & G_DATA) && flag_data(o, argc, argv, i)) ||
-           ((groups & G_RECIPE) && flag_recipe(o, argc, argv, i)) || ((groups & G_STREAM) && flag_stream(o, argc, argv, i)) ||
-           ((groups & G_PLANTED) && flag_planted(o, argc, argv, i)) || ((groups & G_SETS) && flag_sets(o, argc, argv, i)) ||
-           ((groups & G_SCORE) && flag_score(o, argc, argv, i)) || ((groups & G_INTERV) && flag_interv(o, argc, argv, i));
+    if ((groups & G_SAE) && !strcmp(f, "--no-selftest")) o->selftest = !parse_int_arg(f, cli_value(argc, argv, i));
+    else if ((groups & G_DATA) && !strcmp(f, "--data")) parse_data(o, argc, argv, i);
+    else if ((groups & G_DATA) && !strcmp(f, "--hook"))
+        o->hook = parse_choice(f, cli_value(argc, argv, i), "post", "pre") ? SAE_HOOK_RESID_PRE : SAE_HOOK_RESID_POST;
+    else if ((groups & G_RECIPE) && !strcmp(f, "--arch"))
+        o->arch = parse_choice(f, cli_value(argc, argv, i), "topk", "relu") ? SAE_RELU : SAE_TOPK;
+    else if ((groups & G_RECIPE) && !strcmp(f, "--bdec")) o->median = !parse_choice(f, cli_value(argc, argv, i), "median", "mean");
+    else if ((groups & G_RECIPE) && !strcmp(f, "--tokens")) o->tokens = parse_count(f, cli_value(argc, argv, i));
+    else if ((groups & G_RECIPE) && !strcmp(f, "--dead-tokens")) o->dead_tokens = parse_count(f, cli_value(argc, argv, i));
+    else if ((groups & G_INTERV) && !strcmp(f, "--mode")) o->mode = parse_mode(cli_value(argc, argv, i));
+    else return 0;
+    return 1;
 }
 
-// The --help lines of sae's own flags in groups, with their defaults.
-static void print_sae_flags(FILE* f, unsigned groups) {
-    if (groups & G_SAE) fprintf(f,
+// The --help lines of sae's own flags, by the groups that take them, in the order printed.
+static const struct { unsigned groups; const char* lines; } SAE_FLAG_HELP[] = {
+    {G_SAE,
 "  --sae FILE       the SAE (from sae train or sae_export.py), required\n"
-"  --no-selftest 1  skip the FVU check at layers L-1, L, L+1 when loading the SAE\n");
-    if (groups & G_DATA) fprintf(f,
+"  --no-selftest 1  skip the FVU check at layers L-1, L, L+1 when loading the SAE\n"},
+    {G_DATA,
 "  --layer L        the residual stream after block L (0-based; the engine's hook L,\n"
 "                   Hugging Face hidden_states[L+1]), required\n"
 "  --hook post|pre  pre: the input of block L instead (default post)\n"
 "  --data FILE...   one or more files: text is cut into rows of --seq-len positions (BOS +\n"
 "                   text); .tsv holds question<TAB>answer[<TAB>forget|retain] lines, each\n"
-"                   one row in the Llama-3 chat template\n");
-    if (groups & (G_DATA | G_SETS)) fprintf(f,
-"  --seq-len N      positions per row (default 256)\n");
-    if (groups & G_RECIPE) fprintf(f,
+"                   one row in the Llama-3 chat template\n"},
+    {G_DATA | G_SETS,
+"  --seq-len N      positions per row (default 256)\n"},
+    {G_RECIPE,
 "  --arch topk|relu SAE architecture (default topk)\n"
 "  --topk K         TopK k (default 32; planted: --s)\n"
 "  --n-latents N    latents (default --expansion x dim; planted: 2 x --true)\n"
@@ -633,30 +587,30 @@ static void print_sae_flags(FILE* f, unsigned groups) {
 "  --dead-tokens N  dead after N tokens without firing (default min(10M, tokens/10); planted: 20000)\n"
 "  --l1 X           ReLU: L1 weight on sum f / rms(x - mean) (default 0.1)\n"
 "  --bdec median|mean  b_dec init (default median)\n"
-"  --log-every N    progress every N steps (default 10)\n");
-    if (groups & G_STREAM) fprintf(f,
+"  --log-every N    progress every N steps (default 10)\n"},
+    {G_STREAM,
 "  --buffer N       shuffle buffer in tokens (default 65536, at most 1 GiB)\n"
 "  --max-norm R     drop tokens whose norm exceeds R x the median (default 10; 0 = off)\n"
 "  --cache FILE     activation cache (sae capture writes one): written by one pass over\n"
 "                   --data if missing, then reused\n"
 "  --finetune FILE  start from this SAE instead of a fresh init\n"
-"  --save-every N   save every N steps (default 500; 0 = at the end only)\n");
-    if (groups & G_PLANTED) fprintf(f,
+"  --save-every N   save every N steps (default 500; 0 = at the end only)\n"},
+    {G_PLANTED,
 "  --d D            dimension (default 64)\n"
 "  --true N         planted directions (default 128)\n"
-"  --s S            directions active per sample (default 4)\n");
-    if (groups & G_SETS) fprintf(f,
+"  --s S            directions active per sample (default 4)\n"},
+    {G_SETS,
 "  --forget FILE    forget text or QA .tsv\n"
 "  --retain FILE    retain text or QA .tsv\n"
-"  --qa FILE        one QA .tsv with a forget|retain column, instead of the two\n");
-    if (groups & G_SCORE) fprintf(f,
+"  --qa FILE        one QA .tsv with a forget|retain column, instead of the two\n"},
+    {G_SCORE,
 "  --rule R         freq|diff|ratio|sq_ratio|keyword (default freq; sae.h says what each is)\n"
 "  --keywords FILE  keyword list: statistics at keyword positions (needed by --rule keyword)\n"
 "  --tau X          eligible only when the retain frequency <= X (default 0.01)\n"
-"  --contexts N     top contexts printed per selected latent (default 5)\n");
-    if (groups & (G_SCORE | G_INTERV)) fprintf(f,
-"  --select N       latents selected: the first N eligible ones (default 20)\n");
-    if (groups & G_INTERV) fprintf(f,
+"  --contexts N     top contexts printed per selected latent (default 5)\n"},
+    {G_SCORE | G_INTERV,
+"  --select N       latents selected: the first N eligible ones (default 20)\n"},
+    {G_INTERV,
 "  --latents CSV    from sae score (its first --select eligible rows), or a list such as 12,345\n"
 "  --mode M         clamp|zero|scale (default clamp): an active selected latent is set to\n"
 "                   -clamp, to 0, or to -scale times its value; the SAE error term is kept\n"
@@ -664,7 +618,12 @@ static void print_sae_flags(FILE* f, unsigned groups) {
 "  --scale M        scale factor (default 1)\n"
 "  --gate 1         per-sequence gate: intervene only once the fraction of positions with a\n"
 "                   selected latent active exceeds alpha\n"
-"  --gate-alpha X   alpha (default: from the CSV when --select matches the score run)\n");
+"  --gate-alpha X   alpha (default: from the CSV when --select matches the score run)\n"},
+};
+
+static void print_sae_flags(FILE* f, unsigned groups) {
+    for (size_t k = 0; k < sizeof(SAE_FLAG_HELP) / sizeof(SAE_FLAG_HELP[0]); k++)
+        if (groups & SAE_FLAG_HELP[k].groups) fputs(SAE_FLAG_HELP[k].lines, f);
 }
 
 static const Command* find_command(const char* name);
@@ -674,6 +633,7 @@ static void usage(const Opts* o, unsigned groups) {
     printf("Usage: sae %s %s[flags]   %s\n\n", o->cmd, positional, find_command(o->cmd)->summary);
     cli_print_common(stdout, &o->co);
     print_sae_flags(stdout, groups);
+    cli_print_help_flag(stdout);
     exit(EXIT_SUCCESS);
 }
 
@@ -697,21 +657,7 @@ static void parse_args(Opts* o, unsigned accepts, unsigned groups, int argc, cha
 static void open_model(Transformer* t, Tokenizer* tok, const Opts* o, int ctx) {
     cli_need(o->co.model != NULL, o->cmd, "a model file as its first argument");
     cli_need(o->co.tokenizer != NULL, o->cmd, "a tokenizer (-z FILE)");
-    build_tokenizer(tok, o->co.tokenizer);
-    build_transformer(t, o->co.model, ctx);
-    if (tok->vocab_size != t->config.vocab_size)
-        die("tokenizer has %d tokens but the model has %d: wrong tokenizer for this model", tok->vocab_size, t->config.vocab_size);
-}
-
-static void load_sae_for(Sae* s, const char* path, const Transformer* t) {
-    char err[512];
-    if (!path) die("an SAE is required (--sae FILE; see --help)");
-    if (sae_load(s, path, err, sizeof(err)) != 0) die("%s", err);
-    if (s->d != t->config.dim) die("SAE %s has d=%d but the model's dim is %d", path, s->d, t->config.dim);
-    int e = sae_engine_layer(s);
-    if (e < 0 || e >= t->config.n_layers)
-        die("SAE layer %d (%s) cannot be hooked in a model of %d layers", s->layer,
-            s->hook == SAE_HOOK_RESID_PRE ? "input of the block" : "output of the block", t->config.n_layers);
+    cli_load_model(&o->co, ctx, t, tok);
 }
 
 static void print_sae(const Sae* s, const char* path) {
@@ -722,6 +668,19 @@ static void print_sae(const Sae* s, const char* path) {
            s->hook == SAE_HOOK_RESID_PRE ? "input of block = resid_pre" : "output of block = resid_post", e);
     if (s->train_tokens) printf(", trained on %lld tokens, FVU %.4f", (long long)s->train_tokens, s->train_fvu);
     printf("\n");
+}
+
+// The SAE of --sae, checked against model t, its header printed.
+static void load_sae_for(Sae* s, const char* path, const Transformer* t) {
+    char err[512];
+    if (!path) die("an SAE is required (--sae FILE; see --help)");
+    if (sae_load(s, path, err, sizeof(err)) != 0) die("%s", err);
+    if (s->d != t->config.dim) die("SAE %s has d=%d but the model's dim is %d", path, s->d, t->config.dim);
+    int e = sae_engine_layer(s);
+    if (e < 0 || e >= t->config.n_layers)
+        die("SAE layer %d (%s) cannot be hooked in a model of %d layers", s->layer,
+            s->hook == SAE_HOOK_RESID_PRE ? "input of the block" : "output of the block", t->config.n_layers);
+    print_sae(s, path);
 }
 
 static const char* SELFTEST_TEXT =
@@ -832,18 +791,28 @@ static int64_t load_data_rows(RowSet* rows, const Tokenizer* tok, const Opts* o,
     return data_tokens;
 }
 
+// What capture and train start from (they need --layer, --data and -o,
+// out_file named when missing): the model, its tokenizer and the rows of
+// --data. Returns the engine hook layer; *data_tokens the content tokens.
+static int open_data(const Opts* o, const char* out_file, Transformer* t, Tokenizer* tok, RowSet* rows,
+                     int64_t* data_tokens) {
+    cli_need(o->layer != -1000, o->cmd, "--layer L");
+    cli_need(o->n_data > 0, o->cmd, "--data FILE...");
+    cli_need(o->co.out != NULL, o->cmd, out_file);
+    open_model(t, tok, o, o->T);
+    int e = data_layer(o, t);
+    *data_tokens = load_data_rows(rows, tok, o, e);
+    return e;
+}
+
 static int capture_main(int argc, char** argv) {
     Opts o;
     parse_args(&o, CLI_TOK | CLI_OUT | CLI_SYSTEM, G_DATA, argc, argv);
-    cli_need(o.layer != -1000, "capture", "--layer L");
-    cli_need(o.n_data > 0, "capture", "--data FILE...");
-    cli_need(o.co.out != NULL, "capture", "-o ACTS (the cache file)");
     Transformer t;
     Tokenizer tok;
-    open_model(&t, &tok, &o, o.T);
-    int e = data_layer(&o, &t);
     RowSet rows;
-    load_data_rows(&rows, &tok, &o, e);
+    int64_t data_tokens;
+    int e = open_data(&o, "-o ACTS (the cache file)", &t, &tok, &rows, &data_tokens);
     write_cache(&t, &rows, e, o.T, o.co.out, data_fingerprint(o.data, o.n_data, o.T));
     printf("wrote %s\n", o.co.out);
     free_rows(&rows);
@@ -951,15 +920,11 @@ static void train_steps(Sae* s, ShuffleBuffer* sb, ActStream* st, float* x, cons
 static int train_main(int argc, char** argv) {
     Opts o;
     parse_args(&o, CLI_TOK | CLI_OUT | CLI_SEED | CLI_SYSTEM, G_DATA | G_RECIPE | G_STREAM, argc, argv);
-    cli_need(o.layer != -1000, "train", "--layer L");
-    cli_need(o.n_data > 0, "train", "--data FILE...");
-    cli_need(o.co.out != NULL, "train", "-o SAE.bin");
     Transformer t;
     Tokenizer tok;
-    open_model(&t, &tok, &o, o.T);
-    int d = t.config.dim, e = data_layer(&o, &t);
     RowSet rows;
-    int64_t data_tokens = load_data_rows(&rows, &tok, &o, e);
+    int64_t data_tokens;
+    int e = open_data(&o, "-o SAE.bin", &t, &tok, &rows, &data_tokens), d = t.config.dim;
     ActStream st;
     data_tokens = stream_open(&st, &t, &rows, e, &o, data_tokens);
     long t0 = time_in_ms();
@@ -1150,7 +1115,6 @@ static int measure_main(int argc, char** argv) {
     open_model(&t, &tok, o, o->T);
     Sae s;
     load_sae_for(&s, o->sae, &t);
-    print_sae(&s, o->sae);
     RowSet sets[2];
     load_split_rows(&sets[0], &sets[1], &tok, o, 1);
     if (o->selftest) sae_selftest(&t, &tok, &s, &sets[1], 256);
@@ -1453,7 +1417,6 @@ static int score_main(int argc, char** argv) {
     open_model(&t, &tok, &o, o.T);
     Sae s;
     load_sae_for(&s, o.sae, &t);
-    print_sae(&s, o.sae);
     RowSet sets[2];
     load_split_rows(&sets[0], &sets[1], &tok, &o, 1);
     int rule = sae_rule_from_name(o.rule);
@@ -1514,7 +1477,6 @@ static void open_session(Session* ss, const Opts* o) {
     memset(ss, 0, sizeof(*ss));
     open_model(&ss->t, &ss->tok, o, o->co.ctx);
     load_sae_for(&ss->s, o->sae, &ss->t);
-    print_sae(&ss->s, o->sae);
     if (o->selftest) sae_selftest(&ss->t, &ss->tok, &ss->s, NULL, 256);
     if (o->latents) {
         setup_intervention(&ss->h, &ss->s, o, &ss->sel);
@@ -1607,7 +1569,6 @@ static void sae_method_setup(EvalMethod* m, Transformer* t, Tokenizer* tok, int 
     if (!sm->o.latents) die("sae eval needs --latents CSV (from sae score) or a list such as 12,345");
     sm->t = t; sm->tok = tok; sm->max_new = max_new;
     load_sae_for(&sm->s, sm->o.sae, t);
-    print_sae(&sm->s, sm->o.sae);
     if (sm->o.selftest) sae_selftest(t, tok, &sm->s, NULL, 256);
     setup_intervention(&sm->h, &sm->s, &sm->o, &sm->sel);
     fflush(stdout);

@@ -207,6 +207,7 @@ static void usage_train(const Options* o) {
 "  --halt-after N     stop after N steps of this run, checkpoint saved (default 0 = off)\n"
 "  --dump-rows N      print the first N forget rows (each target token, [counted] or not;\n"
 "                     whp: <- the translated token whose prediction labels it) and exit\n");
+    cli_print_help_flag(stdout);
     exit(EXIT_SUCCESS);
 }
 
@@ -831,6 +832,7 @@ static void usage_merge(const CommonOpts* co) {
     printf("Usage: train_lora merge MODEL.bin --lora ADAPTER -o OUT.bin [--int8]   merge an adapter into a model file\n");
     cli_print_common(stdout, co);
     printf("  --int8           write OUT.bin in int8 (Q8_0; default fp32)\n");
+    cli_print_help_flag(stdout);
     exit(EXIT_SUCCESS);
 }
 
