@@ -33,6 +33,9 @@ static void check(int ok, const char* fmt, ...) {
 }
 
 static const char* TOK_PATH = "build/llama3.tok";
+// The tiny synthetic model and the real tokenizer, as the command lines of the
+// error checks name them (a literal, so that "./run chat " TINY " -i hi" is one string).
+#define TINY "build/models/tiny-3.2.f32.bin -z build/llama3.tok"
 // A shell prefix that sets $PY to a python3 with numpy ($PYTHON first, as
 // the Makefile finds it) and fails when there is none.
 static const char* FIND_PYTHON =
@@ -679,17 +682,28 @@ static void test_sampler(void) {
 // Bad input: every case must exit non-zero with one line "error: ..." on
 // stderr, and must not die by a signal.
 
-static void expect_error(const char* what, const char* cmd) {
-    char full[2048];
+// 1 when cmd exits with a status of 1..125 (no signal) and writes exactly one
+// line "error: ..." to stderr, holding needle unless needle is NULL. *err
+// gets that stderr without its final newline (malloc'd, caller frees).
+// expect_error, tt_expect_error and rb_expect_error differ only in the
+// message they check it under.
+static int one_line_error(const char* cmd, const char* needle, char** err) {
+    char full[4096];
     snprintf(full, sizeof(full), "%s >/dev/null 2>build/test_stderr.txt", cmd);
     int status = system(full);
     size_t len = 0;
-    char* err = read_file("build/test_stderr.txt", &len);
+    char* e = read_file("build/test_stderr.txt", &len);
     int lines = 0;
-    for (size_t i = 0; i < len; i++) lines += err[i] == '\n';
+    for (size_t i = 0; i < len; i++) lines += e[i] == '\n';
     int exited = status != -1 && WIFEXITED(status) && WEXITSTATUS(status) != 0 && WEXITSTATUS(status) < 126;
-    int ok = exited && lines == 1 && strncmp(err, "error: ", 7) == 0;
-    if (len && err[len - 1] == '\n') err[len - 1] = '\0';
+    if (len && e[len - 1] == '\n') e[len - 1] = '\0';
+    *err = e;
+    return exited && lines == 1 && strncmp(e, "error: ", 7) == 0 && (!needle || strstr(e, needle));
+}
+
+static void expect_error(const char* what, const char* cmd) {
+    char* err;
+    int ok = one_line_error(cmd, NULL, &err);
     check(ok, "bad input: %s -> \"%s\"", what, err);
     free(err);
 }
@@ -822,25 +836,24 @@ static void test_bench_cli(void) {
               m ? " and q8gemm_prefill" : "");
         free(file); free(out);
     }
-    const char* M = "./run bench build/models/tiny-3.2.f32.bin --bw-mib 1 --gemm 8";
-    char cmd[1024];
     expect_error("bench without a model", "./run bench --reps 2");
     expect_error("bench of a missing model", "./run bench build/no_such_model.bin");
     expect_error("bench with two models", "./run bench build/models/tiny-3.2.f32.bin build/models/tiny-3.2.q8.bin");
-    snprintf(cmd, sizeof(cmd), "%s --frobnicate 1", M);
-    expect_error("bench unknown option", cmd);
-    snprintf(cmd, sizeof(cmd), "%s --reps 0", M);
-    expect_error("bench --reps 0", cmd);
-    snprintf(cmd, sizeof(cmd), "%s --reps", M);
-    expect_error("bench --reps without a value", cmd);
-    snprintf(cmd, sizeof(cmd), "%s --prefill 4,,9", M);
-    expect_error("bench --prefill with an empty length", cmd);
-    snprintf(cmd, sizeof(cmd), "%s --prefill lots", M);
-    expect_error("bench --prefill not a number", cmd);
-    snprintf(cmd, sizeof(cmd), "%s --prefill 99999", M);
-    expect_error("bench --prefill longer than the model's context", cmd);
-    snprintf(cmd, sizeof(cmd), "%s --reps 1 --decode 1 --prefill 2 --csv /nonexistent/dir/x.csv", M);
-    expect_error("bench unwritable --csv", cmd);
+    // one bad argument each, after a command line that is otherwise fine
+    const char* bad[][2] = {
+        {"bench unknown option", "--frobnicate 1"},
+        {"bench --reps 0", "--reps 0"},
+        {"bench --reps without a value", "--reps"},
+        {"bench --prefill with an empty length", "--prefill 4,,9"},
+        {"bench --prefill not a number", "--prefill lots"},
+        {"bench --prefill longer than the model's context", "--prefill 99999"},
+        {"bench unwritable --csv", "--reps 1 --decode 1 --prefill 2 --csv /nonexistent/dir/x.csv"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char cmd[1024];
+        snprintf(cmd, sizeof(cmd), "./run bench build/models/tiny-3.2.f32.bin --bw-mib 1 --gemm 8 %s", bad[i][1]);
+        expect_error(bad[i][0], cmd);
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -1921,30 +1934,21 @@ static void test_guard_cli(void) {
           "guard cli: eval with system prompt and judge (lg2) reports their leaks, refusals and token costs");
     free(csv); free(out); free(bare);
 
-    const char* m = "build/models/tiny-3.2.f32.bin -z build/llama3.tok";
     guard_write("build/guard_bad.tsv", "a question without an answer\n");
     guard_write("build/guard_bad.jsonl", "{\"template\": \"x\", \"messages\": [\"hi\"], \"answer\": \"y\"}\n{\"messages\": [\n");
-    snprintf(cmd, sizeof(cmd), "./guard eval %s --forget-qa build/guard_bad.tsv", m);
-    expect_error("guard: QA line without an answer", cmd);
-    snprintf(cmd, sizeof(cmd), "./guard eval %s --jailbreak build/guard_bad.jsonl", m);
-    expect_error("guard: malformed jailbreak JSON line", cmd);
-    expect_error("guard: unknown mode", "./guard judge build/models/tiny-3.2.f32.bin -z build/llama3.tok");
+    expect_error("guard: QA line without an answer", "./guard eval " TINY " --forget-qa build/guard_bad.tsv");
+    expect_error("guard: malformed jailbreak JSON line", "./guard eval " TINY " --jailbreak build/guard_bad.jsonl");
+    expect_error("guard: unknown mode", "./guard judge " TINY);
     expect_error("guard: no model file", "./guard generate -z build/llama3.tok -i hi");
-    snprintf(cmd, sizeof(cmd), "./guard generate %s -i hi --judge %s", m, "build/models/tiny-3.2.f32.bin");
-    expect_error("guard: --judge without --judge-tok", cmd);
-    snprintf(cmd, sizeof(cmd), "./guard generate %s -i hi --judge build/models/tiny-3.2.f32.bin --judge-tok "
-             "build/llama3.tok --judge-format lg4", m);
-    expect_error("guard: unknown judge format", cmd);
-    snprintf(cmd, sizeof(cmd), "./guard generate %s -i hi --input-filter --keywords build/no_such_keywords.txt", m);
-    expect_error("guard: missing keyword file", cmd);
-    snprintf(cmd, sizeof(cmd), "./guard generate %s -i hi --system-file build/no_such_prompt.txt", m);
-    expect_error("guard: missing system prompt file", cmd);
-    snprintf(cmd, sizeof(cmd), "./guard generate %s -i \"$(printf 'caf\\303\\050')\" --input-filter", m);
-    expect_error("guard: invalid UTF-8 user message", cmd);
-    snprintf(cmd, sizeof(cmd), "./guard eval %s", m);
-    expect_error("guard: eval without data", cmd);
-    snprintf(cmd, sizeof(cmd), "./guard generate %s -i hi -n 0", m);
-    expect_error("guard: -n 0", cmd);
+    expect_error("guard: --judge without --judge-tok", "./guard generate " TINY " -i hi --judge build/models/tiny-3.2.f32.bin");
+    expect_error("guard: unknown judge format", "./guard generate " TINY " -i hi --judge build/models/tiny-3.2.f32.bin "
+                 "--judge-tok build/llama3.tok --judge-format lg4");
+    expect_error("guard: missing keyword file", "./guard generate " TINY " -i hi --input-filter --keywords "
+                 "build/no_such_keywords.txt");
+    expect_error("guard: missing system prompt file", "./guard generate " TINY " -i hi --system-file build/no_such_prompt.txt");
+    expect_error("guard: invalid UTF-8 user message", "./guard generate " TINY " -i \"$(printf 'caf\\303\\050')\" --input-filter");
+    expect_error("guard: eval without data", "./guard eval " TINY);
+    expect_error("guard: -n 0", "./guard generate " TINY " -i hi -n 0");
 }
 
 // ----------------------------------------------------------------------------
@@ -2928,6 +2932,18 @@ static int tt_sh(const char* cmd, char** err) {
     return WEXITSTATUS(status);
 }
 
+// 1 when path is an adapter that lora_read accepts for tiny-3.2.
+static int tt_lora_loads(const char* path) {
+    Transformer t;
+    build_transformer(&t, "build/models/tiny-3.2.f32.bin", 1);
+    Lora l;
+    char err[512];
+    int ok = lora_read(&l, &t.config, path, err, sizeof(err)) == 0;
+    if (ok) free_lora(&l);
+    free_transformer(&t);
+    return ok;
+}
+
 static int tt_files_equal(const char* a, const char* b) {
     size_t la, lb;
     char* x = read_file(a, &la);
@@ -2949,12 +2965,8 @@ static int tt_count_lines(const char* path) {
 // An error exit: non-zero status, no signal, one line "error: ..." on stderr
 static void tt_expect_error(const char* what, const char* cmd) {
     char* err;
-    int rc = tt_sh(cmd, &err);
-    int lines = 0;
-    for (char* p = err; *p; p++) lines += *p == '\n';
-    size_t len = strlen(err);
-    if (len && err[len - 1] == '\n') err[len - 1] = '\0';
-    check(rc > 0 && rc < 126 && lines == 1 && !strncmp(err, "error: ", 7), "train_lora bad input: %s -> \"%s\"", what, err);
+    int ok = one_line_error(cmd, NULL, &err);
+    check(ok, "train_lora bad input: %s -> \"%s\"", what, err);
     free(err);
 }
 
@@ -2999,18 +3011,10 @@ static void tt_write_train_data(void) {
 
 // A graddiff run (progress lines, CSV, adapter), then every objective for a step or two
 static void test_train_objectives(void) {
-    const char* base = TT_BASE;
-    char cmd[2048];
     // a graddiff run: progress lines, CSV, adapter
-    snprintf(cmd, sizeof(cmd), "%s --objective graddiff --forget build/tt_forget.txt --retain build/tt_retain.txt "
-             "--steps 4 -o build/tt_gd.lora", base);
-    int rc = tt_sh(cmd, NULL);
-    Lora l;
-    char err[512];
-    Transformer t;
-    build_transformer(&t, "build/models/tiny-3.2.f32.bin", 1);
-    int read_ok = lora_read(&l, &t.config, "build/tt_gd.lora", err, sizeof(err)) == 0;
-    if (read_ok) free_lora(&l);
+    int rc = tt_sh(TT_BASE " --objective graddiff --forget build/tt_forget.txt --retain build/tt_retain.txt "
+                   "--steps 4 -o build/tt_gd.lora", NULL);
+    int read_ok = tt_lora_loads("build/tt_gd.lora");
     check(rc == 0 && read_ok && tt_count_lines("build/tt_gd.lora.csv") == 5,
           "train_lora graddiff: 4 steps, adapter readable, CSV header + 4 rows (rc %d)", rc);
     // every objective, one or two steps
@@ -3030,7 +3034,8 @@ static void test_train_objectives(void) {
          "build/tt_retain.txt --dropout 0.1 --accum 2 --schedule cosine --warmup 1 --targets q,v,down --layers 1-1"},
     };
     for (size_t i = 0; i < sizeof(runs) / sizeof(runs[0]); i++) {
-        const char* b = i == 10 ? "./train_lora train build/models/tiny-3.2.q8.bin -z build/llama3.tok --seq-len 32 --batch 2 --lr 1e-3" : base;
+        const char* b = i == 10 ? "./train_lora train build/models/tiny-3.2.q8.bin -z build/llama3.tok --seq-len 32 --batch 2 --lr 1e-3" : TT_BASE;
+        char cmd[2048];
         snprintf(cmd, sizeof(cmd), "%s %s --steps 2 -o build/tt_obj.lora", b, runs[i][1]);
         char* e;
         rc = tt_sh(cmd, &e);
@@ -3039,17 +3044,13 @@ static void test_train_objectives(void) {
         check(rc == 0, "train_lora %s runs (rc %d%s%s)", runs[i][0], rc, *e ? ": " : "", e);
         free(e);
     }
-    free_transformer(&t);
 }
 
 // What the loss sees (--dump-rows): every assistant turn of a conversation
 // counts, the prompt does not; a TSV's third column is not part of the answer
 static void test_train_rows(void) {
-    const char* base = TT_BASE;
-    char cmd[2048];
-    snprintf(cmd, sizeof(cmd), "%s --seq-len 64 --objective sft --forget build/tt_corpus.jsonl --pack -o build/x.lora "
-             "--dump-rows 1", base);
-    int rc = tt_sh(cmd, NULL);
+    int rc = tt_sh(TT_BASE " --seq-len 64 --objective sft --forget build/tt_corpus.jsonl --pack -o build/x.lora "
+                   "--dump-rows 1", NULL);
     size_t dlen;
     char* dump = read_file("build/test_train_out.txt", &dlen);
     // the 5-message conversation: both answers in brackets (counted), the user turns not
@@ -3057,8 +3058,7 @@ static void test_train_rows(void) {
           strstr(dump, "[38022:'wig']") && !strstr(dump, "[13347:'Hi']") && strstr(dump, " 13347:'Hi'"),
           "train_lora --dump-rows: packed sequences (||), every assistant turn counts, user turns do not");
     free(dump);
-    snprintf(cmd, sizeof(cmd), "%s --objective sft --forget build/tt_qa3.tsv -o build/x.lora --dump-rows 1", base);
-    rc = tt_sh(cmd, NULL);
+    rc = tt_sh(TT_BASE " --objective sft --forget build/tt_qa3.tsv -o build/x.lora --dump-rows 1", NULL);
     dump = read_file("build/test_train_out.txt", &dlen);
     check(rc == 0 && strstr(dump, " river") && !strstr(dump, "trained"), "train_lora: a TSV's third column is ignored");
     free(dump);
@@ -3085,16 +3085,10 @@ static void test_train_resume(void) {
              "--steps 4 --save-every 1 --clip 0 --lr 1e30 -o build/tt_nan.lora", base);
     char* e;
     int rc = tt_sh(cmd, &e);
-    Lora l;
-    char err[512];
-    Transformer t;
-    build_transformer(&t, "build/models/tiny-3.2.f32.bin", 1);
-    int read_ok = lora_read(&l, &t.config, "build/tt_nan.lora", err, sizeof(err)) == 0;
-    if (read_ok) free_lora(&l);
+    int read_ok = tt_lora_loads("build/tt_nan.lora");
     check(rc == 1 && strstr(e, "NaN") && strstr(e, "last good checkpoint (step 1)") && read_ok,
           "train_lora: a NaN loss stops training (rc %d), the step-1 checkpoint is kept and loads", rc);
     free(e);
-    free_transformer(&t);
 }
 
 // merge (fp32 and int8), an unmerged adapter in run, a model from scratch (--init)
@@ -3601,17 +3595,9 @@ static long rb_size(const char* path) {
 // Like expect_error (one "error: " line, exit status 1..125), and the
 // message must name what is wrong (needle).
 static void rb_expect_error(const char* what, const char* cmd, const char* needle) {
-    char full[4096];
-    snprintf(full, sizeof(full), "%s >/dev/null 2>build/rb_stderr.txt", cmd);
-    int status = system(full);
-    size_t len = 0;
-    char* err = read_file("build/rb_stderr.txt", &len);
-    int lines = 0;
-    for (size_t i = 0; i < len; i++) lines += err[i] == '\n';
-    int exited = status != -1 && WIFEXITED(status) && WEXITSTATUS(status) != 0 && WEXITSTATUS(status) < 126;
-    if (len && err[len - 1] == '\n') err[len - 1] = '\0';
-    check(exited && lines == 1 && !strncmp(err, "error: ", 7) && strstr(err, needle), "hostile input: %s -> \"%s\"",
-          what, err);
+    char* err;
+    int ok = one_line_error(cmd, needle, &err);
+    check(ok, "hostile input: %s -> \"%s\"", what, err);
     free(err);
 }
 
@@ -3798,15 +3784,14 @@ static void test_rb_hostile_text(const Tokenizer* tok) {
     const char* M = "build/models/tiny-3.2.f32.bin -z build/llama3.tok";
     char cmd[2048];
     // invalid UTF-8
-    snprintf(cmd, sizeof(cmd), "./run chat %s -i \"$(printf 'caf\\303\\050')\"", M);
-    rb_expect_error("invalid UTF-8 user message (run chat)", cmd, "not valid UTF-8");
-    snprintf(cmd, sizeof(cmd), "./run chat %s --system \"$(printf '\\377 system')\" -i hi", M);
-    rb_expect_error("invalid UTF-8 system prompt (run chat)", cmd, "not valid UTF-8");
+    rb_expect_error("invalid UTF-8 user message (run chat)", "./run chat " TINY " -i \"$(printf 'caf\\303\\050')\"",
+                    "not valid UTF-8");
+    rb_expect_error("invalid UTF-8 system prompt (run chat)", "./run chat " TINY " --system \"$(printf '\\377 system')\" -i hi",
+                    "not valid UTF-8");
     write_bytes("build/rb_bad_utf8.tsv", "Who?\tcaf\xc3\x28\n", 11);
-    snprintf(cmd, sizeof(cmd), "./train_lora train %s --objective sft --forget build/rb_bad_utf8.tsv -o build/rb_x.lora", M);
-    rb_expect_error("invalid UTF-8 in a train_lora TSV", cmd, "not valid UTF-8");
-    snprintf(cmd, sizeof(cmd), "./run qa %s -i build/rb_bad_utf8.tsv", M);
-    rb_expect_error("invalid UTF-8 in a QA set (run qa)", cmd, "not valid UTF-8");
+    rb_expect_error("invalid UTF-8 in a train_lora TSV", "./train_lora train " TINY " --objective sft --forget "
+                    "build/rb_bad_utf8.tsv -o build/rb_x.lora", "not valid UTF-8");
+    rb_expect_error("invalid UTF-8 in a QA set (run qa)", "./run qa " TINY " -i build/rb_bad_utf8.tsv", "not valid UTF-8");
     // NUL bytes: a loader that reads rows as C strings must not silently stop at one
     static const char nul_tsv[] = "Who is Harry's owl?\tHedwig.\n\0Where?\tHogwarts.\n";
     write_bytes("build/rb_nul.tsv", nul_tsv, sizeof(nul_tsv) - 1);
@@ -3814,17 +3799,14 @@ static void test_rb_hostile_text(const Tokenizer* tok) {
     write_bytes("build/rb_nul.jsonl", nul_jsonl, sizeof(nul_jsonl) - 1);
     static const char nul_dict[] = "Harry\tJon\n\0Ron\tTom\n";
     write_bytes("build/rb_nul_dict.tsv", nul_dict, sizeof(nul_dict) - 1);
-    snprintf(cmd, sizeof(cmd), "./train_lora train %s --objective sft --forget build/rb_nul.tsv -o build/rb_x.lora", M);
-    rb_expect_error("NUL byte in a train_lora TSV", cmd, "NUL byte");
-    snprintf(cmd, sizeof(cmd), "./train_lora train %s --objective sft --forget build/rb_nul.jsonl -o build/rb_x.lora", M);
-    rb_expect_error("NUL byte in a train_lora JSONL", cmd, "NUL byte");
-    snprintf(cmd, sizeof(cmd), "./train_lora train %s --objective whp --dict build/rb_nul_dict.tsv --forget build/rb_forget.txt "
-             "-o build/rb_x.lora", M);
-    rb_expect_error("NUL byte in a WHP dictionary", cmd, "NUL byte");
-    snprintf(cmd, sizeof(cmd), "./run qa %s -i build/rb_nul.tsv", M);
-    rb_expect_error("NUL byte in a QA set (run qa)", cmd, "NUL byte");
-    snprintf(cmd, sizeof(cmd), "./guard eval %s --forget-qa build/rb_nul.tsv", M);
-    rb_expect_error("NUL byte in a guard QA set", cmd, "NUL byte");
+    rb_expect_error("NUL byte in a train_lora TSV", "./train_lora train " TINY " --objective sft --forget build/rb_nul.tsv "
+                    "-o build/rb_x.lora", "NUL byte");
+    rb_expect_error("NUL byte in a train_lora JSONL", "./train_lora train " TINY " --objective sft --forget build/rb_nul.jsonl "
+                    "-o build/rb_x.lora", "NUL byte");
+    rb_expect_error("NUL byte in a WHP dictionary", "./train_lora train " TINY " --objective whp --dict build/rb_nul_dict.tsv "
+                    "--forget build/rb_forget.txt -o build/rb_x.lora", "NUL byte");
+    rb_expect_error("NUL byte in a QA set (run qa)", "./run qa " TINY " -i build/rb_nul.tsv", "NUL byte");
+    rb_expect_error("NUL byte in a guard QA set", "./guard eval " TINY " --forget-qa build/rb_nul.tsv", "NUL byte");
     // a NUL in plain training text is one more byte with a token of its own: it trains
     static const char nul_txt[] = "The river flooded.\0 The city rebuilt the old bridge over the river in the year after.";
     write_bytes("build/rb_nul.txt", nul_txt, sizeof(nul_txt) - 1);
