@@ -1342,7 +1342,7 @@ static void test_sae_export(void) {
     }
 }
 
-// CLI error paths of ./sae (paste after test_all.c's expect_error)
+// CLI error paths of ./sae
 static void test_sae_cli(void) {
     expect_error("sae: unknown command", "./sae frobnicate");
     expect_error("sae: truncated SAE file", "./sae info build/test_sae_trunc.bin");
@@ -1356,10 +1356,7 @@ static void test_sae_cli(void) {
 // ----------------------------------------------------------------------------
 // Guardrail baseline (guard.c, linked as guard.o; the program is guard_cli.c)
 //
-// For test_all.c: #include "guard.h" at the top, paste these functions after
-// test_bad_input (they use check() and expect_error()), and call them from
-// main() as listed in the guard section of the README. The CLI tests run
-// ./guard on the synthetic tiny model (random weights: its answers and the
+// The CLI tests run ./guard on the synthetic tiny model (random weights: its answers and the
 // judge's verdicts are noise, which is all the plumbing needs).
 
 // The keyword list the normalisation table runs against: a fixed excerpt of
@@ -3558,7 +3555,7 @@ static void test_eval_cli(void) {
 }
 
 // ----------------------------------------------------------------------------
-// Robustness (issue #8, README "Robustness"): crash-safe training, hostile
+// Robustness (docs/robustness.md): crash-safe training, hostile
 // inputs, and the inputs that once crashed a fuzz target (fuzz.c; they are
 // committed in tests/fuzz/regress/ and replayed here).
 #include <signal.h>
