@@ -281,12 +281,13 @@ static int guard_eval(int argc, char** argv) {
     return eval_main(argc, argv, &m);
 }
 
+static const Command COMMANDS[] = {
+    {"generate", guard_talk, "answer one user message (-i), guarded; each layer's decision on stderr"},
+    {"chat", guard_talk, "multi-turn chat on stdin (one turn with -i), guarded"},
+    {"eval", guard_eval, "the shared harness with the guard on, plus refusals and costs per layer"},
+};
+
 int main(int argc, char** argv) {
-    static const Command cmds[] = {
-        {"generate", guard_talk, "answer one user message (-i), guarded; each layer's decision on stderr"},
-        {"chat", guard_talk, "multi-turn chat on stdin (one turn with -i), guarded"},
-        {"eval", guard_eval, "the shared harness with the guard on, plus refusals and costs per layer"},
-    };
-    return cli_dispatch("guard", "a model wrapped so that it does not discuss Harry Potter (no unlearning)",
-                        cmds, 3, argc, argv);
+    const char* about = "a model wrapped so that it does not discuss Harry Potter (no unlearning)";
+    return cli_dispatch("guard", about, COMMANDS, sizeof(COMMANDS) / sizeof(COMMANDS[0]), argc, argv);
 }

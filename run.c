@@ -266,7 +266,7 @@ static int tokenize_main(int argc, char** argv) {
 // the evaluation harness (eval.c) on the plain model, or with --lora
 static int eval_cmd(int argc, char** argv) { return eval_main(argc, argv, NULL); }
 
-static const Command commands[] = {
+static const Command COMMANDS[] = {
     {"generate", model_main, "continue a prompt (run MODEL.bin ... is short for run generate MODEL.bin ...)"},
     {"chat", model_main, "Llama-3 chat: answer -i, or user turns read from stdin"},
     {"tokenize", tokenize_main, "print the token ids of -i TEXT (no model)"},
@@ -283,6 +283,6 @@ int main(int argc, char** argv) {
     // a '.' or '/' in its name) or an existing file is a model to generate with
     if (argc >= 2 && argv[1][0] != '-' && (strpbrk(argv[1], "./") || access(argv[1], F_OK) == 0))
         return run_model_command(&model_commands[0], argc, argv);
-    int n = sizeof(commands) / sizeof(commands[0]);
-    return cli_dispatch("run", "Llama-3 inference on the CPU: generate, chat, evaluate, measure", commands, n, argc, argv);
+    const char* about = "Llama-3 inference on the CPU: generate, chat, evaluate, measure";
+    return cli_dispatch("run", about, COMMANDS, sizeof(COMMANDS) / sizeof(COMMANDS[0]), argc, argv);
 }

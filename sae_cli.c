@@ -1662,6 +1662,6 @@ static const Command* find_command(const char* name) {
 }
 
 int main(int argc, char** argv) {
-    return cli_dispatch("sae", "sparse autoencoders on the residual stream: train, score, clamp (sae.h)",
-                        COMMANDS, N_COMMANDS, argc, argv);
+    const char* about = "sparse autoencoders on the residual stream: train, score, clamp (sae.h)";
+    return cli_dispatch("sae", about, COMMANDS, N_COMMANDS, argc, argv);
 }

@@ -862,12 +862,13 @@ static int eval_cmd(int argc, char** argv) {
     return eval_main(argc, argv, &m);
 }
 
+static const Command COMMANDS[] = {
+    {"train", train_cmd, "train a LoRA adapter (or every weight, --full) with an unlearning objective"},
+    {"merge", merge_cmd, "merge an adapter into a model file (fp32 or int8)"},
+    {"eval", eval_cmd, "the shared evaluation harness with an adapter (--lora)"},
+};
+
 int main(int argc, char** argv) {
-    static const Command cmds[] = {
-        {"train", train_cmd, "train a LoRA adapter (or every weight, --full) with an unlearning objective"},
-        {"merge", merge_cmd, "merge an adapter into a model file (fp32 or int8)"},
-        {"eval", eval_cmd, "the shared evaluation harness with an adapter (--lora)"},
-    };
-    return cli_dispatch("train_lora", "machine unlearning by LoRA or full training", cmds,
-                        sizeof(cmds) / sizeof(cmds[0]), argc, argv);
+    const char* about = "machine unlearning by LoRA or full training";
+    return cli_dispatch("train_lora", about, COMMANDS, sizeof(COMMANDS) / sizeof(COMMANDS[0]), argc, argv);
 }
