@@ -1016,6 +1016,38 @@ char* xstrndup(const char* s, size_t n) {
 
 char* xstrdup(const char* s) { return xstrndup(s, strlen(s)); }
 
+void str_add(Str* b, const char* s, size_t n) {
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (b->len + n + 1 > cap) cap *= 2;
+        b->s = xrealloc(b->s, cap);
+        b->cap = cap;
+    }
+    memcpy(b->s + b->len, s, n);
+    b->len += n;
+    b->s[b->len] = '\0';
+}
+
+void str_cat(Str* b, const char* s) { str_add(b, s, strlen(s)); }
+
+void str_printf(Str* b, const char* fmt, ...) {
+    char tmp[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
+    va_end(ap);
+    if (n < 0) return; // an encoding error: nothing to add
+    if (n < (int)sizeof(tmp)) { str_add(b, tmp, (size_t)n); return; }
+    char* big = xmalloc((size_t)n + 1);
+    va_start(ap, fmt);
+    vsnprintf(big, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    str_add(b, big, (size_t)n);
+    free(big);
+}
+
+char* str_take(Str* b) { if (!b->s) str_add(b, "", 0); return b->s; }
+
 void* xcalloc_counted(size_t* bytes, int dry, size_t n, size_t size) {
     *bytes += n * size;
     return dry ? NULL : xcalloc(n, size);

@@ -16,40 +16,6 @@
 #include "cli.h"
 
 // ----------------------------------------------------------------------------
-// A growable string (JSON, CSV, SVG and markdown are all built in one)
-
-typedef struct { char* s; size_t len, cap; } Str;
-
-static void str_add(Str* b, const char* s, size_t n) {
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (b->len + n + 1 > cap) cap *= 2;
-        b->s = xrealloc(b->s, cap);
-        b->cap = cap;
-    }
-    memcpy(b->s + b->len, s, n);
-    b->len += n;
-    b->s[b->len] = '\0';
-}
-static void str_cat(Str* b, const char* s) { str_add(b, s, strlen(s)); }
-static void str_printf(Str* b, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
-static void str_printf(Str* b, const char* fmt, ...) {
-    char tmp[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
-    va_end(ap);
-    if (n < (int)sizeof(tmp)) { str_add(b, tmp, (size_t)n); return; }
-    char* big = xmalloc((size_t)n + 1);
-    va_start(ap, fmt);
-    vsnprintf(big, (size_t)n + 1, fmt, ap);
-    va_end(ap);
-    str_add(b, big, (size_t)n);
-    free(big);
-}
-static char* str_take(Str* b) { if (!b->s) str_add(b, "", 0); return b->s; }
-
-// ----------------------------------------------------------------------------
 // Answering
 
 int eval_chat_tokens(const Tokenizer* tok, const char* system, const ChatMessage* msgs, int n_msgs, int** out) {
