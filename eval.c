@@ -234,6 +234,17 @@ int token_logprobs(Transformer* t, const Tokenizer* tok, const char* text, float
     return count;
 }
 
+// The next line of a text cut in place: its '\n' becomes '\0' and *rest
+// moves past it. NULL at the end (no final empty line after a last '\n').
+static char* next_line(char** rest) {
+    char* line = *rest;
+    if (!line || !*line) return NULL;
+    char* nl = strchr(line, '\n');
+    if (nl) *nl++ = '\0';
+    *rest = nl;
+    return line;
+}
+
 double eval_perplexity(Transformer* t, Tokenizer* tok, const char* path, int max_lines) {
     size_t len;
     char* text = read_file(path, &len);
@@ -245,16 +256,13 @@ double eval_perplexity(Transformer* t, Tokenizer* tok, const char* path, int max
     double nll = 0.0;
     long count = 0;
     int lines = 0;
-    for (char* line = text; line && *line; ) {
-        char* next = strchr(line, '\n');
-        if (next) *next++ = '\0';
-        if (line[0] == '\0') { line = next; continue; }
+    for (char *rest = text, *line; (line = next_line(&rest));) {
+        if (line[0] == '\0') continue;
         int n = token_logprobs(t, tok, line, lp, ctx, logits);
         for (int i = 0; i < n; i++) nll -= lp[i];
         count += n;
         lines++;
         if (max_lines > 0 && lines >= max_lines) break;
-        line = next;
     }
     free(logits); free(lp); free(text);
     return count ? exp(nll / count) : NAN;
@@ -296,16 +304,13 @@ static int file_exists(const char* path) {
 static int split_lines(char* text, char*** out) {
     int n = 0, cap = 256;
     char** lines = xmalloc((size_t)cap * sizeof(char*));
-    for (char* line = text; line && *line;) {
-        char* next = strchr(line, '\n');
-        if (next) *next++ = '\0';
+    for (char *rest = text, *line; (line = next_line(&rest));) {
         size_t l = strlen(line);
         if (l && line[l - 1] == '\r') line[--l] = '\0';
         if (l) {
             if (n == cap) { cap *= 2; lines = xrealloc(lines, (size_t)cap * sizeof(char*)); }
             lines[n++] = line;
         }
-        line = next;
     }
     *out = lines;
     return n;
@@ -1285,13 +1290,17 @@ char* svg_line_panels(const char* title, const char* x_label, int n_panels, cons
 #define MAX_METHODS 64
 #define MAX_LOSS 16
 
-// One method's rows: metric -> value (text as written), n.
+// One row of a method's CSV: metric -> value (text as written), n.
+typedef struct {
+    char* metric;
+    char* value;
+    long count;
+} Row;
+
 typedef struct {
     char name[64];
     int n;
-    char** metric;
-    char** value;
-    long* count;
+    Row* rows;            // (n,) pointing into text
     char* text;           // the file, split in place
 } Rows;
 
@@ -1306,43 +1315,27 @@ typedef struct {
 static int read_rows(Rows* r, const char* path, const char* name) {
     memset(r, 0, sizeof(*r));
     snprintf(r->name, sizeof(r->name), "%s", name);
-    FILE* f = fopen(path, "rb");
-    if (!f) return 0;
-    fclose(f);
-    size_t len;
-    r->text = read_file(path, &len);
+    if (!file_exists(path)) return 0;
+    r->text = read_file(path, NULL);
     int cap = 64;
-    r->metric = xmalloc(cap * sizeof(char*));
-    r->value = xmalloc(cap * sizeof(char*));
-    r->count = xmalloc(cap * sizeof(long));
+    r->rows = xmalloc(cap * sizeof(Row));
     int line_no = 0;
-    for (char* line = r->text; line && *line;) {
-        char* next = strchr(line, '\n');
-        if (next) *next++ = '\0';
+    for (char *rest = r->text, *line; (line = next_line(&rest));) {
         line_no++;
-        if (line_no == 1 || !line[0]) { line = next; continue; } // header
+        if (line_no == 1 || !line[0]) continue; // header
         char* f1 = strchr(line, ',');
         char* f2 = f1 ? strchr(f1 + 1, ',') : NULL;
         char* f3 = f2 ? strchr(f2 + 1, ',') : NULL;
         if (!f3) die("%s:%d: expected method,metric,value,n", path, line_no);
         *f1 = *f2 = *f3 = '\0';
-        if (r->n == cap) {
-            cap *= 2;
-            r->metric = xrealloc(r->metric, cap * sizeof(char*));
-            r->value = xrealloc(r->value, cap * sizeof(char*));
-            r->count = xrealloc(r->count, cap * sizeof(long));
-        }
-        r->metric[r->n] = f1 + 1;
-        r->value[r->n] = f2 + 1;
-        r->count[r->n] = atol(f3 + 1);
-        r->n++;
-        line = next;
+        if (r->n == cap) { cap *= 2; r->rows = xrealloc(r->rows, cap * sizeof(Row)); }
+        r->rows[r->n++] = (Row){f1 + 1, f2 + 1, atol(f3 + 1)};
     }
     return 1;
 }
 
 static const char* get_text(const Rows* r, const char* metric) {
-    for (int i = 0; i < r->n; i++) if (!strcmp(r->metric[i], metric)) return r->value[i];
+    for (int i = 0; i < r->n; i++) if (!strcmp(r->rows[i].metric, metric)) return r->rows[i].value;
     return NULL;
 }
 
@@ -1353,7 +1346,7 @@ static double get(const Rows* r, const char* metric) {
 }
 
 static long get_n(const Rows* r, const char* metric) {
-    for (int i = 0; i < r->n; i++) if (!strcmp(r->metric[i], metric)) return r->count[i];
+    for (int i = 0; i < r->n; i++) if (!strcmp(r->rows[i].metric, metric)) return r->rows[i].count;
     return 0;
 }
 
@@ -1397,20 +1390,15 @@ typedef struct {
 static int read_curve(Curve* c, const char* name, const char* path) {
     memset(c, 0, sizeof(*c));
     snprintf(c->name, sizeof(c->name), "%s", name);
-    FILE* f = fopen(path, "rb");
-    if (!f) return 0;
-    fclose(f);
-    size_t len;
-    char* text = read_file(path, &len);
+    if (!file_exists(path)) return 0;
+    char* text = read_file(path, NULL);
     int cap = 256;
     c->step = xmalloc(cap * sizeof(double)); c->loss = xmalloc(cap * sizeof(double));
     c->forget_nll = xmalloc(cap * sizeof(double)); c->retain_nll = xmalloc(cap * sizeof(double));
     // columns by name from the header, so a column added later does not break this
     int col_step = -1, col_loss = -1, col_f = -1, col_r = -1;
     int line_no = 0;
-    for (char* line = text; line && *line;) {
-        char* next = strchr(line, '\n');
-        if (next) *next++ = '\0';
+    for (char *rest = text, *line; (line = next_line(&rest));) {
         line_no++;
         double vals[32];
         int nv = 0;
@@ -1443,7 +1431,6 @@ static int read_curve(Curve* c, const char* name, const char* path) {
             c->retain_nll[c->n] = col_r >= 0 && col_r < nv ? vals[col_r] : NAN;
             c->n++;
         }
-        line = next;
     }
     free(text);
     if (line_no >= 1 && (col_step < 0 || col_loss < 0)) die("%s: not a train_lora log (no step,loss columns)", path);
@@ -1529,7 +1516,7 @@ static void report_read(const ReportOpts* o, Results* R) {
     free(list);
 }
 
-static void free_rows(Rows* r) { free(r->metric); free(r->value); free(r->count); free(r->text); }
+static void free_rows(Rows* r) { free(r->rows); free(r->text); }
 
 // The title, the notes and the main table: one row per method.
 static void md_results(FILE* md, const ReportOpts* o, const Results* R, double auc_gold) {
@@ -1682,7 +1669,7 @@ static int leak_templates(const Results* R, const char** templates, double** hea
     int n_t = 0;
     for (int i = 0; i < R->n; i++)
         for (int k = 0; k < R->main[i].n; k++) {
-            const char* m = R->main[i].metric[k];
+            const char* m = R->main[i].rows[k].metric;
             if (strncmp(m, "leak:", 5)) continue;
             int j = 0;
             while (j < n_t && strcmp(templates[j], m + 5)) j++;
@@ -1826,12 +1813,13 @@ static void report_csv(const ReportOpts* o, const Results* R, double auc_gold) {
     fprintf(csv, "method,phase,metric,value,n\n");
     for (int i = 0; i < R->n; i++) {
         for (int k = 0; k < R->main[i].n; k++)
-            fprintf(csv, "%s,main,%s,%s,%ld\n", R->main[i].name, R->main[i].metric[k], R->main[i].value[k], R->main[i].count[k]);
+            fprintf(csv, "%s,main,%s,%s,%ld\n", R->main[i].name, R->main[i].rows[k].metric, R->main[i].rows[k].value,
+                    R->main[i].rows[k].count);
         if (!isnan(auc_gold)) fprintf(csv, "%s,main,privleak,%.6g,0\n", R->main[i].name, privleak(get(&R->main[i], "mia_auc"), auc_gold));
         if (R->has_relearn[i])
             for (int k = 0; k < R->relearn[i].n; k++)
-                fprintf(csv, "%s,relearn,%s,%s,%ld\n", R->main[i].name, R->relearn[i].metric[k], R->relearn[i].value[k],
-                        R->relearn[i].count[k]);
+                fprintf(csv, "%s,relearn,%s,%s,%ld\n", R->main[i].name, R->relearn[i].rows[k].metric,
+                        R->relearn[i].rows[k].value, R->relearn[i].rows[k].count);
     }
     fclose(csv);
     snprintf(path, sizeof(path), "%s/results.csv", dir);
