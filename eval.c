@@ -322,22 +322,10 @@ static int keep_evenly(long k, long n, long m) {
     return ((k + 1) * m) / n > (k * m) / n;
 }
 
-typedef struct {
-    char* question;
-    char* gold;
-    char* split;      // "trained", "heldout", ... ("all" when the file has no split column)
-    int relearn;      // 1: a fact the relearning attack trains on
-} QAItem;
-
-typedef struct { QAItem* rows; int n; QAFile file; } QASet;
-
-typedef struct { char* subject; char* answer; } Fact;
-
-// subject TAB relation TAB answer: a QA TSV whose third field is the answer.
-static void load_facts(const char* path, Fact** out, int* n_out, char** text_out) {
+void eval_load_facts(const char* path, RelearnFact** out, int* n_out, char** text_out) {
     QAFile qf;
     qa_read(&qf, path);
-    Fact* f = xmalloc((size_t)(qf.n ? qf.n : 1) * sizeof(Fact));
+    RelearnFact* f = xmalloc((size_t)(qf.n ? qf.n : 1) * sizeof(RelearnFact));
     for (int i = 0; i < qf.n; i++) {
         if (!qf.rows[i].third) die("%s:%d: expected subject TAB relation TAB answer", path, qf.rows[i].line);
         f[i].subject = qf.rows[i].question;
@@ -350,9 +338,7 @@ static void load_facts(const char* path, Fact** out, int* n_out, char** text_out
     free(qf.rows);
 }
 
-// Loads a QA file, marks the rows of the relearning facts, keeps max rows
-// stratified by split (each split keeps its share, evenly spread).
-static void load_qa(QASet* s, const char* path, int max, const Fact* facts, int n_facts) {
+void eval_load_qa(QASet* s, const char* path, int max, const RelearnFact* facts, int n_facts) {
     qa_read(&s->file, path);
     int n = s->file.n;
     QAItem* all = xmalloc((size_t)(n ? n : 1) * sizeof(QAItem));
@@ -392,18 +378,7 @@ static void load_qa(QASet* s, const char* path, int max, const Fact* facts, int 
     free(all);
 }
 
-static void free_qa(QASet* s) { free(s->rows); qa_free(&s->file); memset(s, 0, sizeof(*s)); }
-
-typedef struct {
-    const char* template_id;
-    ChatMessage* msgs;   // role/content point into the JSON strings of root
-    int n_msgs;
-    const char** golds;
-    int n_golds;
-    JsonValue root;
-} JailbreakItem;
-
-typedef struct { JailbreakItem* items; int n; } JailbreakSet;
+void eval_free_qa(QASet* s) { free(s->rows); qa_free(&s->file); memset(s, 0, sizeof(*s)); }
 
 // One JSON line -> item; messages are {"role","content"} objects or plain
 // strings (user turns); answer is a string or a list of accepted strings.
@@ -436,7 +411,7 @@ static void parse_jailbreak(const char* path, int line_no, JailbreakItem* it) {
 
 static void free_jailbreak_item(JailbreakItem* it) { json_free(&it->root); free(it->msgs); free(it->golds); }
 
-static void load_jailbreak(JailbreakSet* s, const char* path, int per_template) {
+void eval_load_jailbreak(JailbreakSet* s, const char* path, int per_template) {
     JsonLines jl;
     jsonl_open(&jl, path);
     int n = 0, cap = 0;
@@ -471,7 +446,7 @@ static void load_jailbreak(JailbreakSet* s, const char* path, int per_template) 
     free(keep); free(all);
 }
 
-static void free_jailbreak(JailbreakSet* s) {
+void eval_free_jailbreak(JailbreakSet* s) {
     for (int i = 0; i < s->n; i++) free_jailbreak_item(&s->items[i]);
     free(s->items);
     memset(s, 0, sizeof(*s));
@@ -612,9 +587,9 @@ static void progress(const char* name, const char* what, int i, int n) {
 // Forget or retain QA: accuracy per split, KnowMem (ROUGE-L of the answer
 // against the gold one), and for the forget set the accuracy on the facts
 // the relearning attack does not train on.
-static void run_qa(Run* r, Metrics* ms, const char* name, const char* path, const Fact* facts, int n_facts) {
+static void run_qa(Run* r, Metrics* ms, const char* name, const char* path, const RelearnFact* facts, int n_facts) {
     QASet s;
-    load_qa(&s, path, r->o->max_qa, facts, n_facts);
+    eval_load_qa(&s, path, r->o->max_qa, facts, n_facts);
     int forget = !strcmp(name, "forget");
     char answer[4096];
     char key[64];
@@ -653,7 +628,7 @@ static void run_qa(Run* r, Metrics* ms, const char* name, const char* path, cons
     put_metric(ms, key, s.n ? rouge_f / s.n : NAN, s.n);
     snprintf(key, sizeof(key), "%s_qa", name);
     put_stats(r, ms, key);
-    free_qa(&s);
+    eval_free_qa(&s);
 }
 
 static void run_ppl(Run* r, Metrics* ms, const char* key, const char* path, float* logits, float* lp) {
@@ -744,7 +719,7 @@ static void run_verbatim(Run* r, Metrics* ms, const char* path) {
 // the gold answer, overall and per template.
 static void run_jailbreak(Run* r, Metrics* ms, const char* path) {
     JailbreakSet s;
-    load_jailbreak(&s, path, r->o->max_jailbreak);
+    eval_load_jailbreak(&s, path, r->o->max_jailbreak);
     char answer[4096];
     const char** names = xmalloc((size_t)(s.n ? s.n : 1) * sizeof(char*));
     int* leaks = xcalloc((size_t)(s.n ? s.n : 1), sizeof(int));
@@ -772,7 +747,7 @@ static void run_jailbreak(Run* r, Metrics* ms, const char* path) {
     }
     put_stats(r, ms, "jailbreak");
     free(names); free(leaks); free(counts);
-    free_jailbreak(&s);
+    eval_free_jailbreak(&s);
 }
 
 // "DIR/name" when the option is unset and the file exists in --sets
@@ -834,17 +809,23 @@ static void print_summary(const EvalOptions* o, const Metrics* ms) {
 // malformed file is a one-line error that comes fast.
 static void check_sets(const EvalOptions* o) {
     char b[4096];
-    Fact* facts = NULL;
+    RelearnFact* facts = NULL;
     int n_facts = 0;
     char* facts_text = NULL;
     const char* rf = set_file(o, o->relearn_facts, "relearn_facts.tsv", b, sizeof(b));
-    if (rf) load_facts(rf, &facts, &n_facts, &facts_text);
+    if (rf) eval_load_facts(rf, &facts, &n_facts, &facts_text);
     QASet q;
     const char* p = set_file(o, o->forget_qa, "forget_qa.tsv", b, sizeof(b));
-    if (p) { load_qa(&q, p, 0, facts, n_facts); free_qa(&q); }
-    if ((p = set_file(o, o->retain_qa, "retain_qa.tsv", b, sizeof(b)))) { load_qa(&q, p, 0, NULL, 0); free_qa(&q); }
+    if (p) { eval_load_qa(&q, p, 0, facts, n_facts); eval_free_qa(&q); }
+    if ((p = set_file(o, o->retain_qa, "retain_qa.tsv", b, sizeof(b)))) {
+        eval_load_qa(&q, p, 0, NULL, 0);
+        eval_free_qa(&q);
+    }
     JailbreakSet j;
-    if ((p = set_file(o, o->jailbreak, "jailbreak.jsonl", b, sizeof(b)))) { load_jailbreak(&j, p, 0); free_jailbreak(&j); }
+    if ((p = set_file(o, o->jailbreak, "jailbreak.jsonl", b, sizeof(b)))) {
+        eval_load_jailbreak(&j, p, 0);
+        eval_free_jailbreak(&j);
+    }
     if ((p = set_file(o, o->verbatim, "verbatim.tsv", b, sizeof(b)))) { QAFile qf; qa_read(&qf, p); qa_free(&qf); }
     const char* names[4] = {"forget_text.txt", "retain_text.txt", "forget_mia.txt", "holdout_text.txt"};
     const char* given[4] = {o->forget_text, o->retain_text, o->forget_mia, o->holdout_mia};
@@ -875,10 +856,10 @@ void eval_run(const EvalOptions* o, EvalMethod* m, Transformer* t, Tokenizer* to
         if (!r.log) die("cannot write %s: %s", b[9], strerror(errno));
         fprintf(r.log, "set\tgroup\tprompt\tgold\tanswer\tscore\n");
     }
-    Fact* facts = NULL;
+    RelearnFact* facts = NULL;
     int n_facts = 0;
     char* facts_text = NULL;
-    if (rf) load_facts(rf, &facts, &n_facts, &facts_text);
+    if (rf) eval_load_facts(rf, &facts, &n_facts, &facts_text);
 
     Metrics ms = {0};
     put_text(&ms, "kind", m && m->kind ? m->kind : "model");

@@ -79,16 +79,12 @@
 #error "unknown FUZZ_TARGET (see the top of fuzz.c)"
 #endif
 
-// The code under test. evaldata reaches eval.c's static loaders by including
-// its source; the others link the objects (train_lora's loaders are in train_lora.h).
-#if TARGET == FT_evaldata
-#include "eval.c"
-#else
+// The code under test, linked from the objects (eval.c's set loaders are
+// in eval.h, train_lora's data loaders in train_lora.h).
 #include "run.h"
 #include "eval.h"
 #include "sae.h"
 #include "train_lora.h"
-#endif
 
 // ----------------------------------------------------------------------------
 // Allocation tracking and exit() interception (the --wrap'ed functions)
@@ -552,7 +548,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (size < 2) return 0;
     int kind = data[0] % 3, keep = data[1] % 8;
     data += 2; size -= 2;
-    static Fact* facts;
+    static RelearnFact* facts;
     static int n_facts;
     static char* facts_text;
     static QASet qa;
@@ -562,26 +558,26 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         size_t fl = nul ? (size_t)(nul - data) : size;
         const char* fpath = as_file(0, data, fl);
         const char* qpath = nul ? as_file(1, nul + 1, size - fl - 1) : as_file(1, data, 0);
-        GUARDED(load_facts(fpath, &facts, &n_facts, &facts_text); load_qa(&qa, qpath, keep, facts, n_facts));
+        GUARDED(eval_load_facts(fpath, &facts, &n_facts, &facts_text); eval_load_qa(&qa, qpath, keep, facts, n_facts));
         if (g_exited) return 0;
         for (int i = 0; i < qa.n; i++)
             FUZZ_CHECK(qa.rows[i].question && qa.rows[i].gold && *qa.rows[i].gold && qa.rows[i].split, "row %d", i);
-        free_qa(&qa);
+        eval_free_qa(&qa);
         free(facts); free(facts_text);
     } else if (kind == 1) {
-        GUARDED(load_qa(&qa, as_file(0, data, size), keep, NULL, 0));
+        GUARDED(eval_load_qa(&qa, as_file(0, data, size), keep, NULL, 0));
         if (g_exited) return 0;
         FUZZ_CHECK(keep == 0 || qa.n <= keep + 16, "kept %d rows of %d asked", qa.n, keep);
-        free_qa(&qa);
+        eval_free_qa(&qa);
     } else {
-        GUARDED(load_jailbreak(&jb, as_file(0, data, size), keep));
+        GUARDED(eval_load_jailbreak(&jb, as_file(0, data, size), keep));
         if (g_exited) return 0;
         for (int i = 0; i < jb.n; i++) {
             FUZZ_CHECK(jb.items[i].n_msgs > 0 && jb.items[i].n_golds > 0, "item %d", i);
             for (int m = 0; m < jb.items[i].n_msgs; m++)
                 FUZZ_CHECK(utf8_valid(jb.items[i].msgs[m].content, strlen(jb.items[i].msgs[m].content)), "UTF-8");
         }
-        free_jailbreak(&jb);
+        eval_free_jailbreak(&jb);
     }
     return 0;
 }
