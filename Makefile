@@ -162,7 +162,7 @@ FUZZ_CFLAGS = -g -O1 -march=native -std=c11 -Wall -Wextra -Wno-unused-parameter 
 FUZZ_WRAP = -Wl,--wrap=exit,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=posix_memalign,--wrap=free
 FUZZ_OPTS = -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=256 -print_final_stats=1
 
-# the library objects, instrumented; fuzz.c links what its target needs
+# the library objects, instrumented, in one archive every fuzz binary links
 $(FUZZ_DIR)/%.o: %.c
 	@mkdir -p $(FUZZ_DIR)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@

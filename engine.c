@@ -534,16 +534,11 @@ int lora_save(const Lora* lora, const Config* c, const char* path) {
     put_i32(buf + 4, LORA_VERSION);
     put_i32(buf + 8, lora->rank);
     put_f32(buf + 12, lora->alpha);
-    put_i32(buf + 16, lora->target_mask);
-    put_i32(buf + 20, lora->layer_begin);
-    put_i32(buf + 24, lora->layer_end);
-    put_i32(buf + 28, c->dim);
-    put_i32(buf + 32, c->hidden_dim);
-    put_i32(buf + 36, c->n_layers);
-    put_i32(buf + 40, c->n_heads);
-    put_i32(buf + 44, c->n_kv_heads);
-    put_i32(buf + 48, c->head_dim);
-    put_i32(buf + 52, c->vocab_size);
+    // then int32 fields from byte 16: what it adapts, and the model it was
+    // trained for (lora_read refuses it for any other)
+    int32_t fields[] = {lora->target_mask, lora->layer_begin, lora->layer_end, c->dim, c->hidden_dim, c->n_layers,
+                        c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size};
+    for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) put_i32(buf + 16 + 4 * i, fields[i]);
     int64_t nf = (int64_t)n;
     memcpy(buf + 56, &nf, 8);
     unsigned char* p = buf + LORA_HEADER_BYTES;
@@ -1015,6 +1010,38 @@ char* xstrndup(const char* s, size_t n) {
 }
 
 char* xstrdup(const char* s) { return xstrndup(s, strlen(s)); }
+
+void str_add(Str* b, const char* s, size_t n) {
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (b->len + n + 1 > cap) cap *= 2;
+        b->s = xrealloc(b->s, cap);
+        b->cap = cap;
+    }
+    memcpy(b->s + b->len, s, n);
+    b->len += n;
+    b->s[b->len] = '\0';
+}
+
+void str_cat(Str* b, const char* s) { str_add(b, s, strlen(s)); }
+
+void str_printf(Str* b, const char* fmt, ...) {
+    char tmp[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
+    va_end(ap);
+    if (n < 0) return; // an encoding error: nothing to add
+    if (n < (int)sizeof(tmp)) { str_add(b, tmp, (size_t)n); return; }
+    char* big = xmalloc((size_t)n + 1);
+    va_start(ap, fmt);
+    vsnprintf(big, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    str_add(b, big, (size_t)n);
+    free(big);
+}
+
+char* str_take(Str* b) { if (!b->s) str_add(b, "", 0); return b->s; }
 
 void* xcalloc_counted(size_t* bytes, int dry, size_t n, size_t size) {
     *bytes += n * size;

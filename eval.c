@@ -16,40 +16,6 @@
 #include "cli.h"
 
 // ----------------------------------------------------------------------------
-// A growable string (JSON, CSV, SVG and markdown are all built in one)
-
-typedef struct { char* s; size_t len, cap; } Str;
-
-static void str_add(Str* b, const char* s, size_t n) {
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (b->len + n + 1 > cap) cap *= 2;
-        b->s = xrealloc(b->s, cap);
-        b->cap = cap;
-    }
-    memcpy(b->s + b->len, s, n);
-    b->len += n;
-    b->s[b->len] = '\0';
-}
-static void str_cat(Str* b, const char* s) { str_add(b, s, strlen(s)); }
-static void str_printf(Str* b, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
-static void str_printf(Str* b, const char* fmt, ...) {
-    char tmp[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
-    va_end(ap);
-    if (n < (int)sizeof(tmp)) { str_add(b, tmp, (size_t)n); return; }
-    char* big = xmalloc((size_t)n + 1);
-    va_start(ap, fmt);
-    vsnprintf(big, (size_t)n + 1, fmt, ap);
-    va_end(ap);
-    str_add(b, big, (size_t)n);
-    free(big);
-}
-static char* str_take(Str* b) { if (!b->s) str_add(b, "", 0); return b->s; }
-
-// ----------------------------------------------------------------------------
 // Answering
 
 int eval_chat_tokens(const Tokenizer* tok, const char* system, const ChatMessage* msgs, int n_msgs, int** out) {
@@ -268,6 +234,17 @@ int token_logprobs(Transformer* t, const Tokenizer* tok, const char* text, float
     return count;
 }
 
+// The next line of a text cut in place: its '\n' becomes '\0' and *rest
+// moves past it. NULL at the end (no final empty line after a last '\n').
+static char* next_line(char** rest) {
+    char* line = *rest;
+    if (!line || !*line) return NULL;
+    char* nl = strchr(line, '\n');
+    if (nl) *nl++ = '\0';
+    *rest = nl;
+    return line;
+}
+
 double eval_perplexity(Transformer* t, Tokenizer* tok, const char* path, int max_lines) {
     size_t len;
     char* text = read_file(path, &len);
@@ -279,16 +256,13 @@ double eval_perplexity(Transformer* t, Tokenizer* tok, const char* path, int max
     double nll = 0.0;
     long count = 0;
     int lines = 0;
-    for (char* line = text; line && *line; ) {
-        char* next = strchr(line, '\n');
-        if (next) *next++ = '\0';
-        if (line[0] == '\0') { line = next; continue; }
+    for (char *rest = text, *line; (line = next_line(&rest));) {
+        if (line[0] == '\0') continue;
         int n = token_logprobs(t, tok, line, lp, ctx, logits);
         for (int i = 0; i < n; i++) nll -= lp[i];
         count += n;
         lines++;
         if (max_lines > 0 && lines >= max_lines) break;
-        line = next;
     }
     free(logits); free(lp); free(text);
     return count ? exp(nll / count) : NAN;
@@ -330,16 +304,13 @@ static int file_exists(const char* path) {
 static int split_lines(char* text, char*** out) {
     int n = 0, cap = 256;
     char** lines = xmalloc((size_t)cap * sizeof(char*));
-    for (char* line = text; line && *line;) {
-        char* next = strchr(line, '\n');
-        if (next) *next++ = '\0';
+    for (char *rest = text, *line; (line = next_line(&rest));) {
         size_t l = strlen(line);
         if (l && line[l - 1] == '\r') line[--l] = '\0';
         if (l) {
             if (n == cap) { cap *= 2; lines = xrealloc(lines, (size_t)cap * sizeof(char*)); }
             lines[n++] = line;
         }
-        line = next;
     }
     *out = lines;
     return n;
@@ -351,22 +322,10 @@ static int keep_evenly(long k, long n, long m) {
     return ((k + 1) * m) / n > (k * m) / n;
 }
 
-typedef struct {
-    char* question;
-    char* gold;
-    char* split;      // "trained", "heldout", ... ("all" when the file has no split column)
-    int relearn;      // 1: a fact the relearning attack trains on
-} QAItem;
-
-typedef struct { QAItem* rows; int n; QAFile file; } QASet;
-
-typedef struct { char* subject; char* answer; } Fact;
-
-// subject TAB relation TAB answer: a QA TSV whose third field is the answer.
-static void load_facts(const char* path, Fact** out, int* n_out, char** text_out) {
+void eval_load_facts(const char* path, RelearnFact** out, int* n_out, char** text_out) {
     QAFile qf;
     qa_read(&qf, path);
-    Fact* f = xmalloc((size_t)(qf.n ? qf.n : 1) * sizeof(Fact));
+    RelearnFact* f = xmalloc((size_t)(qf.n ? qf.n : 1) * sizeof(RelearnFact));
     for (int i = 0; i < qf.n; i++) {
         if (!qf.rows[i].third) die("%s:%d: expected subject TAB relation TAB answer", path, qf.rows[i].line);
         f[i].subject = qf.rows[i].question;
@@ -379,9 +338,7 @@ static void load_facts(const char* path, Fact** out, int* n_out, char** text_out
     free(qf.rows);
 }
 
-// Loads a QA file, marks the rows of the relearning facts, keeps max rows
-// stratified by split (each split keeps its share, evenly spread).
-static void load_qa(QASet* s, const char* path, int max, const Fact* facts, int n_facts) {
+void eval_load_qa(QASet* s, const char* path, int max, const RelearnFact* facts, int n_facts) {
     qa_read(&s->file, path);
     int n = s->file.n;
     QAItem* all = xmalloc((size_t)(n ? n : 1) * sizeof(QAItem));
@@ -421,18 +378,7 @@ static void load_qa(QASet* s, const char* path, int max, const Fact* facts, int 
     free(all);
 }
 
-static void free_qa(QASet* s) { free(s->rows); qa_free(&s->file); memset(s, 0, sizeof(*s)); }
-
-typedef struct {
-    const char* template_id;
-    ChatMessage* msgs;   // role/content point into the JSON strings of root
-    int n_msgs;
-    const char** golds;
-    int n_golds;
-    JsonValue root;
-} JailbreakItem;
-
-typedef struct { JailbreakItem* items; int n; } JailbreakSet;
+void eval_free_qa(QASet* s) { free(s->rows); qa_free(&s->file); memset(s, 0, sizeof(*s)); }
 
 // One JSON line -> item; messages are {"role","content"} objects or plain
 // strings (user turns); answer is a string or a list of accepted strings.
@@ -465,7 +411,7 @@ static void parse_jailbreak(const char* path, int line_no, JailbreakItem* it) {
 
 static void free_jailbreak_item(JailbreakItem* it) { json_free(&it->root); free(it->msgs); free(it->golds); }
 
-static void load_jailbreak(JailbreakSet* s, const char* path, int per_template) {
+void eval_load_jailbreak(JailbreakSet* s, const char* path, int per_template) {
     JsonLines jl;
     jsonl_open(&jl, path);
     int n = 0, cap = 0;
@@ -500,7 +446,7 @@ static void load_jailbreak(JailbreakSet* s, const char* path, int per_template) 
     free(keep); free(all);
 }
 
-static void free_jailbreak(JailbreakSet* s) {
+void eval_free_jailbreak(JailbreakSet* s) {
     for (int i = 0; i < s->n; i++) free_jailbreak_item(&s->items[i]);
     free(s->items);
     memset(s, 0, sizeof(*s));
@@ -641,9 +587,9 @@ static void progress(const char* name, const char* what, int i, int n) {
 // Forget or retain QA: accuracy per split, KnowMem (ROUGE-L of the answer
 // against the gold one), and for the forget set the accuracy on the facts
 // the relearning attack does not train on.
-static void run_qa(Run* r, Metrics* ms, const char* name, const char* path, const Fact* facts, int n_facts) {
+static void run_qa(Run* r, Metrics* ms, const char* name, const char* path, const RelearnFact* facts, int n_facts) {
     QASet s;
-    load_qa(&s, path, r->o->max_qa, facts, n_facts);
+    eval_load_qa(&s, path, r->o->max_qa, facts, n_facts);
     int forget = !strcmp(name, "forget");
     char answer[4096];
     char key[64];
@@ -682,7 +628,7 @@ static void run_qa(Run* r, Metrics* ms, const char* name, const char* path, cons
     put_metric(ms, key, s.n ? rouge_f / s.n : NAN, s.n);
     snprintf(key, sizeof(key), "%s_qa", name);
     put_stats(r, ms, key);
-    free_qa(&s);
+    eval_free_qa(&s);
 }
 
 static void run_ppl(Run* r, Metrics* ms, const char* key, const char* path, float* logits, float* lp) {
@@ -773,7 +719,7 @@ static void run_verbatim(Run* r, Metrics* ms, const char* path) {
 // the gold answer, overall and per template.
 static void run_jailbreak(Run* r, Metrics* ms, const char* path) {
     JailbreakSet s;
-    load_jailbreak(&s, path, r->o->max_jailbreak);
+    eval_load_jailbreak(&s, path, r->o->max_jailbreak);
     char answer[4096];
     const char** names = xmalloc((size_t)(s.n ? s.n : 1) * sizeof(char*));
     int* leaks = xcalloc((size_t)(s.n ? s.n : 1), sizeof(int));
@@ -801,7 +747,7 @@ static void run_jailbreak(Run* r, Metrics* ms, const char* path) {
     }
     put_stats(r, ms, "jailbreak");
     free(names); free(leaks); free(counts);
-    free_jailbreak(&s);
+    eval_free_jailbreak(&s);
 }
 
 // "DIR/name" when the option is unset and the file exists in --sets
@@ -863,17 +809,23 @@ static void print_summary(const EvalOptions* o, const Metrics* ms) {
 // malformed file is a one-line error that comes fast.
 static void check_sets(const EvalOptions* o) {
     char b[4096];
-    Fact* facts = NULL;
+    RelearnFact* facts = NULL;
     int n_facts = 0;
     char* facts_text = NULL;
     const char* rf = set_file(o, o->relearn_facts, "relearn_facts.tsv", b, sizeof(b));
-    if (rf) load_facts(rf, &facts, &n_facts, &facts_text);
+    if (rf) eval_load_facts(rf, &facts, &n_facts, &facts_text);
     QASet q;
     const char* p = set_file(o, o->forget_qa, "forget_qa.tsv", b, sizeof(b));
-    if (p) { load_qa(&q, p, 0, facts, n_facts); free_qa(&q); }
-    if ((p = set_file(o, o->retain_qa, "retain_qa.tsv", b, sizeof(b)))) { load_qa(&q, p, 0, NULL, 0); free_qa(&q); }
+    if (p) { eval_load_qa(&q, p, 0, facts, n_facts); eval_free_qa(&q); }
+    if ((p = set_file(o, o->retain_qa, "retain_qa.tsv", b, sizeof(b)))) {
+        eval_load_qa(&q, p, 0, NULL, 0);
+        eval_free_qa(&q);
+    }
     JailbreakSet j;
-    if ((p = set_file(o, o->jailbreak, "jailbreak.jsonl", b, sizeof(b)))) { load_jailbreak(&j, p, 0); free_jailbreak(&j); }
+    if ((p = set_file(o, o->jailbreak, "jailbreak.jsonl", b, sizeof(b)))) {
+        eval_load_jailbreak(&j, p, 0);
+        eval_free_jailbreak(&j);
+    }
     if ((p = set_file(o, o->verbatim, "verbatim.tsv", b, sizeof(b)))) { QAFile qf; qa_read(&qf, p); qa_free(&qf); }
     const char* names[4] = {"forget_text.txt", "retain_text.txt", "forget_mia.txt", "holdout_text.txt"};
     const char* given[4] = {o->forget_text, o->retain_text, o->forget_mia, o->holdout_mia};
@@ -904,10 +856,10 @@ void eval_run(const EvalOptions* o, EvalMethod* m, Transformer* t, Tokenizer* to
         if (!r.log) die("cannot write %s: %s", b[9], strerror(errno));
         fprintf(r.log, "set\tgroup\tprompt\tgold\tanswer\tscore\n");
     }
-    Fact* facts = NULL;
+    RelearnFact* facts = NULL;
     int n_facts = 0;
     char* facts_text = NULL;
-    if (rf) load_facts(rf, &facts, &n_facts, &facts_text);
+    if (rf) eval_load_facts(rf, &facts, &n_facts, &facts_text);
 
     Metrics ms = {0};
     put_text(&ms, "kind", m && m->kind ? m->kind : "model");
@@ -1319,13 +1271,17 @@ char* svg_line_panels(const char* title, const char* x_label, int n_panels, cons
 #define MAX_METHODS 64
 #define MAX_LOSS 16
 
-// One method's rows: metric -> value (text as written), n.
+// One row of a method's CSV: metric -> value (text as written), n.
+typedef struct {
+    char* metric;
+    char* value;
+    long count;
+} Row;
+
 typedef struct {
     char name[64];
     int n;
-    char** metric;
-    char** value;
-    long* count;
+    Row* rows;            // (n,) pointing into text
     char* text;           // the file, split in place
 } Rows;
 
@@ -1340,43 +1296,27 @@ typedef struct {
 static int read_rows(Rows* r, const char* path, const char* name) {
     memset(r, 0, sizeof(*r));
     snprintf(r->name, sizeof(r->name), "%s", name);
-    FILE* f = fopen(path, "rb");
-    if (!f) return 0;
-    fclose(f);
-    size_t len;
-    r->text = read_file(path, &len);
+    if (!file_exists(path)) return 0;
+    r->text = read_file(path, NULL);
     int cap = 64;
-    r->metric = xmalloc(cap * sizeof(char*));
-    r->value = xmalloc(cap * sizeof(char*));
-    r->count = xmalloc(cap * sizeof(long));
+    r->rows = xmalloc(cap * sizeof(Row));
     int line_no = 0;
-    for (char* line = r->text; line && *line;) {
-        char* next = strchr(line, '\n');
-        if (next) *next++ = '\0';
+    for (char *rest = r->text, *line; (line = next_line(&rest));) {
         line_no++;
-        if (line_no == 1 || !line[0]) { line = next; continue; } // header
+        if (line_no == 1 || !line[0]) continue; // header
         char* f1 = strchr(line, ',');
         char* f2 = f1 ? strchr(f1 + 1, ',') : NULL;
         char* f3 = f2 ? strchr(f2 + 1, ',') : NULL;
         if (!f3) die("%s:%d: expected method,metric,value,n", path, line_no);
         *f1 = *f2 = *f3 = '\0';
-        if (r->n == cap) {
-            cap *= 2;
-            r->metric = xrealloc(r->metric, cap * sizeof(char*));
-            r->value = xrealloc(r->value, cap * sizeof(char*));
-            r->count = xrealloc(r->count, cap * sizeof(long));
-        }
-        r->metric[r->n] = f1 + 1;
-        r->value[r->n] = f2 + 1;
-        r->count[r->n] = atol(f3 + 1);
-        r->n++;
-        line = next;
+        if (r->n == cap) { cap *= 2; r->rows = xrealloc(r->rows, cap * sizeof(Row)); }
+        r->rows[r->n++] = (Row){f1 + 1, f2 + 1, atol(f3 + 1)};
     }
     return 1;
 }
 
 static const char* get_text(const Rows* r, const char* metric) {
-    for (int i = 0; i < r->n; i++) if (!strcmp(r->metric[i], metric)) return r->value[i];
+    for (int i = 0; i < r->n; i++) if (!strcmp(r->rows[i].metric, metric)) return r->rows[i].value;
     return NULL;
 }
 
@@ -1387,7 +1327,7 @@ static double get(const Rows* r, const char* metric) {
 }
 
 static long get_n(const Rows* r, const char* metric) {
-    for (int i = 0; i < r->n; i++) if (!strcmp(r->metric[i], metric)) return r->count[i];
+    for (int i = 0; i < r->n; i++) if (!strcmp(r->rows[i].metric, metric)) return r->rows[i].count;
     return 0;
 }
 
@@ -1431,20 +1371,15 @@ typedef struct {
 static int read_curve(Curve* c, const char* name, const char* path) {
     memset(c, 0, sizeof(*c));
     snprintf(c->name, sizeof(c->name), "%s", name);
-    FILE* f = fopen(path, "rb");
-    if (!f) return 0;
-    fclose(f);
-    size_t len;
-    char* text = read_file(path, &len);
+    if (!file_exists(path)) return 0;
+    char* text = read_file(path, NULL);
     int cap = 256;
     c->step = xmalloc(cap * sizeof(double)); c->loss = xmalloc(cap * sizeof(double));
     c->forget_nll = xmalloc(cap * sizeof(double)); c->retain_nll = xmalloc(cap * sizeof(double));
     // columns by name from the header, so a column added later does not break this
     int col_step = -1, col_loss = -1, col_f = -1, col_r = -1;
     int line_no = 0;
-    for (char* line = text; line && *line;) {
-        char* next = strchr(line, '\n');
-        if (next) *next++ = '\0';
+    for (char *rest = text, *line; (line = next_line(&rest));) {
         line_no++;
         double vals[32];
         int nv = 0;
@@ -1477,7 +1412,6 @@ static int read_curve(Curve* c, const char* name, const char* path) {
             c->retain_nll[c->n] = col_r >= 0 && col_r < nv ? vals[col_r] : NAN;
             c->n++;
         }
-        line = next;
     }
     free(text);
     if (line_no >= 1 && (col_step < 0 || col_loss < 0)) die("%s: not a train_lora log (no step,loss columns)", path);
@@ -1563,7 +1497,7 @@ static void report_read(const ReportOpts* o, Results* R) {
     free(list);
 }
 
-static void free_rows(Rows* r) { free(r->metric); free(r->value); free(r->count); free(r->text); }
+static void free_rows(Rows* r) { free(r->rows); free(r->text); }
 
 // The title, the notes and the main table: one row per method.
 static void md_results(FILE* md, const ReportOpts* o, const Results* R, double auc_gold) {
@@ -1716,7 +1650,7 @@ static int leak_templates(const Results* R, const char** templates, double** hea
     int n_t = 0;
     for (int i = 0; i < R->n; i++)
         for (int k = 0; k < R->main[i].n; k++) {
-            const char* m = R->main[i].metric[k];
+            const char* m = R->main[i].rows[k].metric;
             if (strncmp(m, "leak:", 5)) continue;
             int j = 0;
             while (j < n_t && strcmp(templates[j], m + 5)) j++;
@@ -1860,12 +1794,13 @@ static void report_csv(const ReportOpts* o, const Results* R, double auc_gold) {
     fprintf(csv, "method,phase,metric,value,n\n");
     for (int i = 0; i < R->n; i++) {
         for (int k = 0; k < R->main[i].n; k++)
-            fprintf(csv, "%s,main,%s,%s,%ld\n", R->main[i].name, R->main[i].metric[k], R->main[i].value[k], R->main[i].count[k]);
+            fprintf(csv, "%s,main,%s,%s,%ld\n", R->main[i].name, R->main[i].rows[k].metric, R->main[i].rows[k].value,
+                    R->main[i].rows[k].count);
         if (!isnan(auc_gold)) fprintf(csv, "%s,main,privleak,%.6g,0\n", R->main[i].name, privleak(get(&R->main[i], "mia_auc"), auc_gold));
         if (R->has_relearn[i])
             for (int k = 0; k < R->relearn[i].n; k++)
-                fprintf(csv, "%s,relearn,%s,%s,%ld\n", R->main[i].name, R->relearn[i].metric[k], R->relearn[i].value[k],
-                        R->relearn[i].count[k]);
+                fprintf(csv, "%s,relearn,%s,%s,%ld\n", R->main[i].name, R->relearn[i].rows[k].metric,
+                        R->relearn[i].rows[k].value, R->relearn[i].rows[k].count);
     }
     fclose(csv);
     snprintf(path, sizeof(path), "%s/results.csv", dir);

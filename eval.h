@@ -18,6 +18,7 @@
 
 #include <stdio.h>
 #include "run.h"
+#include "data.h"
 
 // Writes the answer to msgs (NUL-terminated, at most cap-1 bytes) into out.
 // Returns the number of prompt tokens the method used (for the cost column).
@@ -66,6 +67,48 @@ typedef struct {
 // means all rows. Exits with a message if the file cannot be parsed.
 void eval_qa(const char* path, AnswerFn fn, void* ctx, int max_rows, FILE* log, QAResult* res);
 double qa_accuracy(const QAResult* r, const char* split); // split NULL = all rows
+
+// ----------------------------------------------------------------------------
+// The evaluation sets, as the harness reads them (each loader exits with
+// "file:line: ..." on a malformed file; fuzz.c's evaldata target drives them)
+
+// The relearning attack's facts: subject TAB relation TAB answer (a QA TSV
+// whose third field is the answer); the answer without a leading article.
+typedef struct { char* subject; char* answer; } RelearnFact;
+// *out (n_out,) points into *text_out; the caller frees both.
+void eval_load_facts(const char* path, RelearnFact** out, int* n_out, char** text_out);
+
+typedef struct {
+    char* question;
+    char* gold;
+    char* split;      // "trained", "heldout", ... ("all" when the file has no split column)
+    int relearn;      // 1: a fact the relearning attack trains on
+} QAItem;
+
+typedef struct { QAItem* rows; int n; QAFile file; } QASet;
+
+// Loads a QA file, marks the rows of the relearning facts (facts may be
+// NULL), keeps max rows (0 = all) stratified by split (each split keeps its
+// share, evenly spread).
+void eval_load_qa(QASet* s, const char* path, int max, const RelearnFact* facts, int n_facts);
+void eval_free_qa(QASet* s);
+
+// One prompt of a jailbreak set: a JSON line {"template", "messages", "answer"}.
+typedef struct {
+    const char* template_id;
+    ChatMessage* msgs;   // role/content point into the JSON strings of root
+    int n_msgs;
+    const char** golds;
+    int n_golds;
+    JsonValue root;
+} JailbreakItem;
+
+typedef struct { JailbreakItem* items; int n; } JailbreakSet;
+
+// Loads JSON lines; keeps per_template items of each template (0 = all),
+// evenly spread over its items.
+void eval_load_jailbreak(JailbreakSet* s, const char* path, int per_template);
+void eval_free_jailbreak(JailbreakSet* s);
 
 // Perplexity of every line of a text file (each line one passage: BOS +
 // tokens, truncated to the context). Returns exp(mean NLL per token).

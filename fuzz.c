@@ -1,9 +1,10 @@
 // fuzz.c -- libFuzzer targets for everything unlearn.c reads from outside (`make fuzz`).
 //
-// One file, one target per binary, chosen at compile time with
-// -DFUZZ_TARGET=NAME (clang -fsanitize=fuzzer,address,undefined; the
-// Makefile builds build/fuzz/fuzz_NAME for every NAME). The targets and the
-// layout of their inputs:
+// One file, one target per binary: each binary holds every target, and
+// -DFUZZ_TARGET=NAME picks the one it runs (clang
+// -fsanitize=fuzzer,address,undefined; the Makefile builds
+// build/fuzz/fuzz_NAME for every NAME). The targets and the layout of their
+// inputs:
 //
 //   tokenize   encode() on arbitrary bytes. Byte 0 bit 0: parse special
 //              tokens; the rest is the text. Checked: every id in range, the
@@ -79,16 +80,12 @@
 #error "unknown FUZZ_TARGET (see the top of fuzz.c)"
 #endif
 
-// The code under test. evaldata reaches eval.c's static loaders by including
-// its source; the others link the objects (train_lora's loaders are in train_lora.h).
-#if TARGET == FT_evaldata
-#include "eval.c"
-#else
+// The code under test, linked from the objects (eval.c's set loaders are
+// in eval.h, train_lora's data loaders in train_lora.h).
 #include "run.h"
 #include "eval.h"
 #include "sae.h"
 #include "train_lora.h"
-#endif
 
 // ----------------------------------------------------------------------------
 // Allocation tracking and exit() interception (the --wrap'ed functions)
@@ -204,7 +201,7 @@ void __wrap_exit(int code) {
     __real_exit(code);
 }
 
-__attribute__((unused)) static void guard_enter(void) {
+static void guard_enter(void) {
     g_exited = 0;
     if (!g_verbose) {
         fflush(stdout);
@@ -214,7 +211,7 @@ __attribute__((unused)) static void guard_enter(void) {
     g_guarded = 1;
 }
 
-__attribute__((unused)) static void guard_leave(int exited) {
+static void guard_leave(int exited) {
     g_guarded = 0;
     live_clear(exited); // an exit: free what the call left behind
     if (!g_verbose) { stdout = g_saved_out; stderr = g_saved_err; }
@@ -239,7 +236,7 @@ __attribute__((unused)) static void guard_leave(int exited) {
 static int g_memfd[2] = {-1, -1};
 static char g_path[2][64];
 
-__attribute__((unused)) static const char* as_file(int slot, const uint8_t* data, size_t size) {
+static const char* as_file(int slot, const uint8_t* data, size_t size) {
     int fd = g_memfd[slot];
     if (ftruncate(fd, 0) != 0 || (size && pwrite(fd, data, size, 0) != (ssize_t)size)) {
         fprintf(stderr, "fuzz: cannot write the memory file\n");
@@ -248,9 +245,26 @@ __attribute__((unused)) static const char* as_file(int slot, const uint8_t* data
     return g_path[slot];
 }
 
-#if TARGET == FT_tokenize || TARGET == FT_chat || TARGET == FT_traindata
-static Tokenizer g_tok;
-#endif
+// Two files in one input, split at its first NUL byte (no NUL: all of it
+// is the first file, the second is empty).
+static void as_two_files(const uint8_t* data, size_t size, const char** first,
+                                                 const char** second) {
+    const uint8_t* nul = memchr(data, 0, size);
+    size_t n1 = nul ? (size_t)(nul - data) : size;
+    *first = as_file(0, data, n1);
+    *second = nul ? as_file(1, nul + 1, size - n1 - 1) : as_file(1, data, 0);
+}
+
+// A loader that refuses a bad file is doing its job: rejected(rc) is 1
+// (the input is done) when the loader returned rc != 0, with the reason it
+// wrote to g_err shown under FUZZ_VERBOSE=1.
+static char g_err[512];
+static int rejected(int rc) {
+    if (rc != 0 && g_verbose) fprintf(stderr, "rejected: %s\n", g_err);
+    return rc != 0;
+}
+
+static Tokenizer g_tok; // the tokenizer of tokenize, chat and traindata
 
 int LLVMFuzzerInitialize(int* argc, char*** argv) {
     (void)argc; (void)argv;
@@ -271,10 +285,9 @@ int LLVMFuzzerInitialize(int* argc, char*** argv) {
 // ----------------------------------------------------------------------------
 // Checks shared by the tokenizer targets
 
-#if TARGET == FT_tokenize || TARGET == FT_tokfile || TARGET == FT_chat
 // encode(text) with room for every byte: ids in range, pieces spell the text
 // back, no special id unless parse_special.
-__attribute__((unused)) static void check_encode(const Tokenizer* tok, const char* text, size_t len, int parse_special) {
+static void check_encode(const Tokenizer* tok, const char* text, size_t len, int parse_special) {
     int* ids = malloc((len + 1) * sizeof(int));
     int n = encode(tok, text, len, parse_special, ids, (int)len + 1);
     FUZZ_CHECK(n >= 0 && (size_t)n <= len, "n = %d for %zu bytes", n, len);
@@ -291,20 +304,16 @@ __attribute__((unused)) static void check_encode(const Tokenizer* tok, const cha
     FUZZ_CHECK(at == len, "the pieces spell %zu of %zu bytes", at, len);
     free(ids);
 }
-#endif
 
 // ----------------------------------------------------------------------------
 // The targets
 
-#if TARGET == FT_tokenize
-int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+static int fuzz_tokenize(const uint8_t* data, size_t size) {
     if (size == 0) return 0;
     check_encode(&g_tok, (const char*)data + 1, size - 1, data[0] & 1);
     return 0;
 }
-#endif
 
-#if TARGET == FT_chat
 // Walks the template tokens of one message from ids[*at]: the header, the
 // role spelled as text, the end of the header, "\n\n" and text that occurs
 // in the content, <|eot_id|> (or, for the generation prompt, the header of
@@ -355,7 +364,7 @@ static void check_template(const Tokenizer* tok, const int* ids, int n, const Ch
     free(buf);
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+static int fuzz_chat(const uint8_t* data, size_t size) {
     if (size == 0) return 0;
     int flags = data[0];
     char* text = malloc(size); // the fields, NUL-terminated
@@ -401,16 +410,10 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     free(text);
     return 0;
 }
-#endif
 
-#if TARGET == FT_model
-int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+static int fuzz_model(const uint8_t* data, size_t size) {
     Config c;
-    char err[256];
-    if (parse_model_header(data, size, &c, err, sizeof(err)) != 0) {
-        if (g_verbose) fprintf(stderr, "rejected: %s\n", err);
-        return 0;
-    }
+    if (rejected(parse_model_header(data, size, &c, g_err, sizeof(g_err)))) return 0;
     // the header passed: the loader must now succeed, and the forward pass
     // must survive whatever the weights are
     Transformer t;
@@ -424,10 +427,8 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     free_transformer(&t);
     return 0;
 }
-#endif
 
-#if TARGET == FT_tokfile
-int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+static int fuzz_tokfile(const uint8_t* data, size_t size) {
     static Tokenizer tok; // static: set inside GUARDED, read after it
     GUARDED(build_tokenizer(&tok, as_file(0, data, size)));
     if (g_exited) return 0;
@@ -438,24 +439,18 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     free_tokenizer(&tok);
     return 0;
 }
-#endif
 
-#if TARGET == FT_lora
 // The tiny config of the seeds (tests/fuzz/make_seeds.py) and Llama-3-8B.
 static const Config tiny_config = {.dim = 8, .hidden_dim = 16, .n_layers = 2, .n_heads = 2, .n_kv_heads = 1,
                                    .head_dim = 4, .vocab_size = 16};
 static const Config llama8b_config = {.dim = 4096, .hidden_dim = 14336, .n_layers = 32, .n_heads = 32,
                                       .n_kv_heads = 8, .head_dim = 128, .vocab_size = 128256};
 
-int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+static int fuzz_lora(const uint8_t* data, size_t size) {
     if (size == 0) return 0;
     const Config* c = data[0] & 1 ? &llama8b_config : &tiny_config;
     Lora lora;
-    char err[512];
-    if (lora_read(&lora, c, as_file(0, data + 1, size - 1), err, sizeof(err)) != 0) {
-        if (g_verbose) fprintf(stderr, "rejected: %s\n", err);
-        return 0;
-    }
+    if (rejected(lora_read(&lora, c, as_file(0, data + 1, size - 1), g_err, sizeof(g_err)))) return 0;
     if (c == &tiny_config) {
         float x[2 * 16] = {0}, y[2 * 16] = {0}, tmp[2 * 64];
         for (int i = 0; i < 32; i++) x[i] = 0.1f * (float)(i % 7) - 0.3f;
@@ -470,16 +465,10 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     free_lora(&lora);
     return 0;
 }
-#endif
 
-#if TARGET == FT_sae
-int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+static int fuzz_sae(const uint8_t* data, size_t size) {
     Sae s;
-    char err[512];
-    if (sae_load(&s, as_file(0, data, size), err, sizeof(err)) != 0) {
-        if (g_verbose) fprintf(stderr, "rejected: %s\n", err);
-        return 0;
-    }
+    if (rejected(sae_load(&s, as_file(0, data, size), g_err, sizeof(g_err)))) return 0;
     (void)sae_engine_layer(&s);
     float* x = calloc((size_t)s.d, sizeof(float));
     float* f = calloc((size_t)s.n, sizeof(float));
@@ -494,10 +483,8 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     sae_free(&s);
     return 0;
 }
-#endif
 
-#if TARGET == FT_traindata
-int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+static int fuzz_traindata(const uint8_t* data, size_t size) {
     if (size < 2) return 0;
     int kind = data[0] & 3, pack = (data[0] >> 2) & 1, T = 2 + data[1] % 48;
     const char* system = (data[0] & 8) ? "Be brief." : NULL;
@@ -510,10 +497,8 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     static Term* terms;
     static int nt;
     if (kind == 3) { // WHP: dictionary NUL text
-        const uint8_t* nul = memchr(data, 0, size);
-        size_t dl = nul ? (size_t)(nul - data) : size;
-        const char* dict = as_file(0, data, dl);
-        const char* text = nul ? as_file(1, nul + 1, size - dl - 1) : as_file(1, data, 0);
+        const char *dict, *text;
+        as_two_files(data, size, &dict, &text);
         GUARDED(nt = load_dict(dict, &terms); dataset_whp(&d, &g_tok, &c, text, terms, nt, T));
         if (!g_exited) free_dict(terms, nt);
     } else {
@@ -545,44 +530,48 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     dataset_free(&d);
     return 0;
 }
-#endif
 
-#if TARGET == FT_evaldata
-int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+static int fuzz_evaldata(const uint8_t* data, size_t size) {
     if (size < 2) return 0;
     int kind = data[0] % 3, keep = data[1] % 8;
     data += 2; size -= 2;
-    static Fact* facts;
+    static RelearnFact* facts;
     static int n_facts;
     static char* facts_text;
     static QASet qa;
     static JailbreakSet jb;
     if (kind == 0) { // facts NUL QA
-        const uint8_t* nul = memchr(data, 0, size);
-        size_t fl = nul ? (size_t)(nul - data) : size;
-        const char* fpath = as_file(0, data, fl);
-        const char* qpath = nul ? as_file(1, nul + 1, size - fl - 1) : as_file(1, data, 0);
-        GUARDED(load_facts(fpath, &facts, &n_facts, &facts_text); load_qa(&qa, qpath, keep, facts, n_facts));
+        const char *fpath, *qpath;
+        as_two_files(data, size, &fpath, &qpath);
+        GUARDED(eval_load_facts(fpath, &facts, &n_facts, &facts_text); eval_load_qa(&qa, qpath, keep, facts, n_facts));
         if (g_exited) return 0;
         for (int i = 0; i < qa.n; i++)
             FUZZ_CHECK(qa.rows[i].question && qa.rows[i].gold && *qa.rows[i].gold && qa.rows[i].split, "row %d", i);
-        free_qa(&qa);
+        eval_free_qa(&qa);
         free(facts); free(facts_text);
     } else if (kind == 1) {
-        GUARDED(load_qa(&qa, as_file(0, data, size), keep, NULL, 0));
+        GUARDED(eval_load_qa(&qa, as_file(0, data, size), keep, NULL, 0));
         if (g_exited) return 0;
         FUZZ_CHECK(keep == 0 || qa.n <= keep + 16, "kept %d rows of %d asked", qa.n, keep);
-        free_qa(&qa);
+        eval_free_qa(&qa);
     } else {
-        GUARDED(load_jailbreak(&jb, as_file(0, data, size), keep));
+        GUARDED(eval_load_jailbreak(&jb, as_file(0, data, size), keep));
         if (g_exited) return 0;
         for (int i = 0; i < jb.n; i++) {
             FUZZ_CHECK(jb.items[i].n_msgs > 0 && jb.items[i].n_golds > 0, "item %d", i);
             for (int m = 0; m < jb.items[i].n_msgs; m++)
                 FUZZ_CHECK(utf8_valid(jb.items[i].msgs[m].content, strlen(jb.items[i].msgs[m].content)), "UTF-8");
         }
-        free_jailbreak(&jb);
+        eval_free_jailbreak(&jb);
     }
     return 0;
 }
-#endif
+
+// The target this binary was built for (-DFUZZ_TARGET=NAME).
+int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+    static int (*const targets[])(const uint8_t*, size_t) = {
+        [FT_tokenize] = fuzz_tokenize, [FT_chat] = fuzz_chat, [FT_model] = fuzz_model, [FT_tokfile] = fuzz_tokfile,
+        [FT_lora] = fuzz_lora, [FT_sae] = fuzz_sae, [FT_traindata] = fuzz_traindata, [FT_evaldata] = fuzz_evaldata,
+    };
+    return targets[TARGET](data, size);
+}

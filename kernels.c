@@ -225,78 +225,50 @@ static void gemm_micro(int kc, const float* restrict a, const float* restrict b,
     gemm_store(c, ldc, acc, mr, nr, alpha, beta);
 }
 
-// Pack op(A)[i0:i0+m, p0:p0+kc] into ceil(m/MR) micro-panels, each (kc, MR):
-// dst[(q*kc + p)*MR + i] = op(A)[i0 + q*MR + i][p0+p], zero past row m.
-static void gemm_pack_a(float* restrict dst, const float* A, int lda, int trans_a, int i0, int m, int p0, int kc) {
-    int np = (m + GEMM_MR - 1) / GEMM_MR;
-    if (!trans_a) {
-        // op(A) rows are contiguous: a transpose, done in blocks of 16 values
-        // of p (one cache line of each of the MR rows), like gemm_pack_b
+// Packing A and packing B are one operation: cut a kc-deep slice of an
+// operand X into ceil(n/w) micro-panels of w lines, each (kc, w):
+// dst[(q*kc + p)*w + r] = X[r0 + q*w + r][p0 + p], zero past line n.
+// For A, X = op(A) and w = MR (lines are rows of C); for B, X = op(B)^T and
+// w = NR (lines are columns of C). X[r][p] is src[r*ld + p] when the depth p
+// is contiguous (A as is, B transposed), else src[p*ld + r]. Inline, so
+// that each call has a constant w: its copy loops then vectorize.
+static inline void gemm_pack(float* restrict dst, const float* src, int ld, int p_contiguous, int w, int r0, int n,
+                             int p0, int kc) {
+    int np = (n + w - 1) / w;
+    if (p_contiguous) {
+        // a real transpose, done in blocks of 16 values of p so that each
+        // cache line read (16 floats of one line of X) is used completely
+        // while it is in L1. Lines of X are often a power-of-two bytes apart,
+        // so reading many of them in lockstep would make their cache lines
+        // collide in the same L1 sets.
         for (int q = 0; q < np; q++) {
-            float* d = dst + (size_t)q * kc * GEMM_MR;
-            int mr = m - q * GEMM_MR < GEMM_MR ? m - q * GEMM_MR : GEMM_MR;
-            const float* src = A + (size_t)(i0 + q * GEMM_MR) * lda + p0;
+            float* d = dst + (size_t)q * kc * w;
+            int nr = n - q * w < w ? n - q * w : w;
+            const float* s = src + (size_t)(r0 + q * w) * ld + p0;
             for (int pb = 0; pb < kc; pb += 16) {
                 int pe = kc - pb < 16 ? kc : pb + 16;
-                for (int i = 0; i < mr; i++)
-                    for (int p = pb; p < pe; p++) d[p * GEMM_MR + i] = src[(size_t)i * lda + p];
-            }
-            for (int i = mr; i < GEMM_MR; i++)
-                for (int p = 0; p < kc; p++) d[p * GEMM_MR + i] = 0.0f;
-        }
-    } else {
-        // op(A) columns are contiguous (A is (K, M)): p outermost reads row p
-        // of A as one run of m floats, split into the panels
-        for (int p = 0; p < kc; p++) {
-            const float* src = A + (size_t)(p0 + p) * lda + i0;
-            for (int q = 0; q < np; q++) {
-                float* d = dst + ((size_t)q * kc + p) * GEMM_MR;
-                int mr = m - q * GEMM_MR < GEMM_MR ? m - q * GEMM_MR : GEMM_MR;
-                for (int i = 0; i < mr; i++) d[i] = src[q * GEMM_MR + i];
-                for (int i = mr; i < GEMM_MR; i++) d[i] = 0.0f;
-            }
-        }
-    }
-}
-
-// Pack op(B)[p0:p0+kc, j0:j0+n] into ceil(n/NR) micro-panels, each (kc, NR):
-// dst[(q*kc + p)*NR + j] = op(B)[p0+p][j0 + q*NR + j], zero past column n.
-static void gemm_pack_b(float* restrict dst, const float* B, int ldb, int trans_b, int j0, int n, int p0, int kc) {
-    int np = (n + GEMM_NR - 1) / GEMM_NR;
-    if (!trans_b) {
-        // op(B) rows are contiguous: p outermost reads row p as one run of n
-        // floats, split into the panels. (One panel at a time would read 64
-        // bytes per row, a row apart: a pattern the prefetcher does not follow.)
-        for (int p = 0; p < kc; p++) {
-            const float* src = B + (size_t)(p0 + p) * ldb + j0;
-            for (int q = 0; q < np; q++) {
-                float* d = dst + ((size_t)q * kc + p) * GEMM_NR;
-                int nr = n - q * GEMM_NR < GEMM_NR ? n - q * GEMM_NR : GEMM_NR;
-                if (nr == GEMM_NR) {
-                    for (int j = 0; j < GEMM_NR; j++) d[j] = src[q * GEMM_NR + j];   // constant trip: vector copy
-                } else {
-                    for (int j = 0; j < nr; j++) d[j] = src[q * GEMM_NR + j];
-                    for (int j = nr; j < GEMM_NR; j++) d[j] = 0.0f;
-                }
-            }
-        }
-    } else {
-        // transposed (B is (N, K)): a real transpose, done in 16 x NR blocks
-        // so that each cache line read (16 floats of one row of B) is used
-        // completely while it is in L1. Rows of B are often a power-of-two
-        // bytes apart, so reading many of them in lockstep would make their
-        // lines collide in the same L1 sets.
-        for (int q = 0; q < np; q++) {
-            float* d = dst + (size_t)q * kc * GEMM_NR;
-            int nr = n - q * GEMM_NR < GEMM_NR ? n - q * GEMM_NR : GEMM_NR;
-            const float* src = B + (size_t)(j0 + q * GEMM_NR) * ldb + p0;
-            for (int pb = 0; pb < kc; pb += 16) {
-                int pe = kc - pb < 16 ? kc : pb + 16;
-                for (int j = 0; j < nr; j++)
-                    for (int p = pb; p < pe; p++) d[p * GEMM_NR + j] = src[(size_t)j * ldb + p];
+                for (int r = 0; r < nr; r++)
+                    for (int p = pb; p < pe; p++) d[p * w + r] = s[(size_t)r * ld + p];
             }
             for (int p = 0; p < kc; p++)
-                for (int j = nr; j < GEMM_NR; j++) d[p * GEMM_NR + j] = 0.0f;
+                for (int r = nr; r < w; r++) d[p * w + r] = 0.0f;
+        }
+    } else {
+        // lines are contiguous: p outermost reads src row p as one run of n
+        // floats, split into the panels. (One panel at a time would read w
+        // floats per row, a row apart: a pattern the prefetcher does not follow.)
+        for (int p = 0; p < kc; p++) {
+            const float* s = src + (size_t)(p0 + p) * ld + r0;
+            for (int q = 0; q < np; q++) {
+                float* d = dst + ((size_t)q * kc + p) * w;
+                int nr = n - q * w < w ? n - q * w : w;
+                if (nr == w) {
+                    for (int r = 0; r < w; r++) d[r] = s[q * w + r];   // constant trip once inlined: vector copy
+                } else {
+                    for (int r = 0; r < nr; r++) d[r] = s[q * w + r];
+                    for (int r = nr; r < w; r++) d[r] = 0.0f;
+                }
+            }
         }
     }
 }
@@ -421,7 +393,7 @@ void gemm_portable(int trans_a, int trans_b, int M, int N, int K, float alpha, c
                     #pragma omp for schedule(static)   // (implicit barrier: Bp complete)
                     for (int j = 0; j < nc; j += GEMM_PACK_COLS) {
                         int n = nc - j < GEMM_PACK_COLS ? nc - j : GEMM_PACK_COLS;
-                        gemm_pack_b(Bp + (size_t)j * kc, B, ldb, trans_b, jc + j, n, pc, kc);
+                        gemm_pack(Bp + (size_t)j * kc, B, ldb, trans_b, GEMM_NR, jc + j, n, pc, kc);
                     }
                 }
                 // tiles are numbered row-major, so a thread's consecutive tiles
@@ -434,13 +406,13 @@ void gemm_portable(int trans_a, int trans_b, int M, int N, int K, float alpha, c
                         int qb0 = (int)((long)tj * pn / nt), qb1 = (int)((long)(tj + 1) * pn / nt);
                         if (packed_ti != ti) {
                             int i = qa0 * GEMM_MR, m = qa1 * GEMM_MR < M ? (qa1 - qa0) * GEMM_MR : M - i;
-                            gemm_pack_a(Ap, A, lda, trans_a, i, m, pc, kc);
+                            gemm_pack(Ap, A, lda, !trans_a, GEMM_MR, i, m, pc, kc);
                             packed_ti = ti;
                         }
                         const float* b_tile = Bp + (size_t)qb0 * kc * GEMM_NR;   // panel qb0 of this tile
                         if (!shared_b) {
                             int j = qb0 * GEMM_NR, n = qb1 * GEMM_NR < nc ? (qb1 - qb0) * GEMM_NR : nc - j;
-                            gemm_pack_b(Bt, B, ldb, trans_b, jc + j, n, pc, kc);
+                            gemm_pack(Bt, B, ldb, trans_b, GEMM_NR, jc + j, n, pc, kc);
                             b_tile = Bt;
                         }
                         for (int qb = qb0; qb < qb1; qb++) {

@@ -506,6 +506,13 @@ void* xcalloc(size_t n, size_t size);
 void* xrealloc(void* p, size_t n);
 char* xstrdup(const char* s);
 char* xstrndup(const char* s, size_t n);
+// A growable string, NUL-terminated once anything is added; {0} is empty.
+// (JSON, CSV, SVG, markdown and prompts are all built in one.)
+typedef struct { char* s; size_t len, cap; } Str;
+void str_add(Str* b, const char* s, size_t n);
+void str_cat(Str* b, const char* s);
+void str_printf(Str* b, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+char* str_take(Str* b); // the string ("" when nothing was added), the caller's to free
 // xcalloc, or with dry != 0 nothing; either way adds n * size to *bytes
 // (buffer sets that are both allocated and sized ahead: train_lora, matmul_q8)
 void* xcalloc_counted(size_t* bytes, int dry, size_t n, size_t size);

@@ -174,33 +174,41 @@ static Matrix fp32_matrix(float* f, int rows, int cols) {
     return m;
 }
 
+// The LoRA target of a per-layer matrix tensor, or -1 (embeddings, norms)
+static int tensor_target(int tn) {
+    switch (tn) {
+        case TN_WQ: return LORA_Q;
+        case TN_WK: return LORA_K;
+        case TN_WV: return LORA_V;
+        case TN_WO: return LORA_O;
+        case TN_GATE: return LORA_GATE;
+        case TN_UP: return LORA_UP;
+        case TN_DOWN: return LORA_DOWN;
+        default: return -1;
+    }
+}
+
 // Points w at the tensors of an fp32 block laid out in file order (no padding).
 static void weights_view(Weights* w, const Config* c, float* block) {
-    int L = c->n_layers, D = c->dim, H = c->hidden_dim;
-    int qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
     float* p = block;
-    w->layers = xcalloc(L, sizeof(LayerWeights));
-    w->token_embedding = fp32_matrix(p, c->vocab_size, D); p += (size_t)c->vocab_size * D;
-    for (int l = 0; l < L; l++) w->layers[l].rms_att = p + (size_t)l * D;
-    p += (size_t)L * D;
-    for (int l = 0; l < L; l++) w->layers[l].wq = fp32_matrix(p + (size_t)l * qd * D, qd, D);
-    p += (size_t)L * qd * D;
-    for (int l = 0; l < L; l++) w->layers[l].wk = fp32_matrix(p + (size_t)l * kvd * D, kvd, D);
-    p += (size_t)L * kvd * D;
-    for (int l = 0; l < L; l++) w->layers[l].wv = fp32_matrix(p + (size_t)l * kvd * D, kvd, D);
-    p += (size_t)L * kvd * D;
-    for (int l = 0; l < L; l++) w->layers[l].wo = fp32_matrix(p + (size_t)l * D * qd, D, qd);
-    p += (size_t)L * D * qd;
-    for (int l = 0; l < L; l++) w->layers[l].rms_ffn = p + (size_t)l * D;
-    p += (size_t)L * D;
-    for (int l = 0; l < L; l++) w->layers[l].w_gate = fp32_matrix(p + (size_t)l * H * D, H, D);
-    p += (size_t)L * H * D;
-    for (int l = 0; l < L; l++) w->layers[l].w_up = fp32_matrix(p + (size_t)l * H * D, H, D);
-    p += (size_t)L * H * D;
-    for (int l = 0; l < L; l++) w->layers[l].w_down = fp32_matrix(p + (size_t)l * D * H, D, H);
-    p += (size_t)L * D * H;
-    w->rms_final = p; p += D;
-    w->wcls = c->tied_embeddings ? w->token_embedding : fp32_matrix(p, c->vocab_size, D);
+    w->layers = xcalloc(c->n_layers, sizeof(LayerWeights));
+    for (int tn = 0; tn < TN_COUNT; tn++) {
+        int count, rows, cols;
+        tensor_shape(c, tn, &count, &rows, &cols);
+        for (int l = 0; l < count; l++) {
+            float* t = p + (size_t)l * rows * cols;
+            switch (tn) {
+                case TN_EMB: w->token_embedding = fp32_matrix(t, rows, cols); break;
+                case TN_RMS_ATT: w->layers[l].rms_att = t; break;
+                case TN_RMS_FFN: w->layers[l].rms_ffn = t; break;
+                case TN_RMS_FINAL: w->rms_final = t; break;
+                case TN_WCLS: w->wcls = fp32_matrix(t, rows, cols); break;
+                default: *layer_matrix(&w->layers[l], tensor_target(tn)) = fp32_matrix(t, rows, cols);
+            }
+        }
+        p += (size_t)count * rows * cols;
+    }
+    if (c->tied_embeddings) w->wcls = w->token_embedding; // no wcls tensor in the file
 }
 
 // rows [r0, r0+nr) of a matrix as fp32 (Q8_0 dequantized as embed_row does)
@@ -214,20 +222,6 @@ static void dequant_rows(float* out, const Matrix* w, int r0, int nr) {
         const float* s = w->s + (size_t)(r0 + r) * cols / gs;
         float* o = out + (size_t)r * cols;
         for (size_t j = 0; j < cols; j++) o[j] = q[j] * s[j / gs];
-    }
-}
-
-// The LoRA target of a per-layer matrix tensor, or -1 (embeddings, norms)
-static int tensor_target(int tn) {
-    switch (tn) {
-        case TN_WQ: return LORA_Q;
-        case TN_WK: return LORA_K;
-        case TN_WV: return LORA_V;
-        case TN_WO: return LORA_O;
-        case TN_GATE: return LORA_GATE;
-        case TN_UP: return LORA_UP;
-        case TN_DOWN: return LORA_DOWN;
-        default: return -1;
     }
 }
 
@@ -289,25 +283,16 @@ static int mw_close(ModelWriter* mw, const char* path) {
 
 static void pack_model_header(unsigned char* h, const Config* c) {
     memset(h, 0, MODEL_HEADER_BYTES);
-    int32_t iv[] = {c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size,
-                    c->max_seq_len};
     uint32_t magic = MODEL_MAGIC;
     int32_t version = MODEL_VERSION;
     memcpy(h + 0, &magic, 4);
     memcpy(h + 4, &version, 4);
-    memcpy(h + 8, iv, sizeof(iv));
-    memcpy(h + 40, &c->rope_theta, 4);
-    memcpy(h + 44, &c->rope_scaling, 4);
-    memcpy(h + 48, &c->rope_factor, 4);
-    memcpy(h + 52, &c->rope_low_freq_factor, 4);
-    memcpy(h + 56, &c->rope_high_freq_factor, 4);
-    memcpy(h + 60, &c->rope_original_max_pos, 4);
-    memcpy(h + 64, &c->norm_eps, 4);
-    memcpy(h + 68, &c->tied_embeddings, 4);
-    memcpy(h + 72, &c->weight_type, 4);
-    memcpy(h + 76, &c->group_size, 4);
-    memcpy(h + 80, &c->bos_id, 4);
-    memcpy(h + 84, &c->n_eos, 4);
+    // then 4 bytes each (int32 or fp32) from byte 8, in the order parse_model_header reads them
+    const void* fields[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads, &c->head_dim,
+                            &c->vocab_size, &c->max_seq_len, &c->rope_theta, &c->rope_scaling, &c->rope_factor,
+                            &c->rope_low_freq_factor, &c->rope_high_freq_factor, &c->rope_original_max_pos,
+                            &c->norm_eps, &c->tied_embeddings, &c->weight_type, &c->group_size, &c->bos_id, &c->n_eos};
+    for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) memcpy(h + 8 + 4 * i, fields[i], 4);
     memcpy(h + 88, c->eos_ids, 4 * MAX_EOS);
 }
 
@@ -973,6 +958,26 @@ static void log_softmax_rows(float* z, int N, int V) {
 // activation of layer l: base + l * (N * width)
 #define LAYER(buf, l, width) ((buf) + (size_t)(l) * N * (width))
 
+// What the forward saves of one layer and the backward reads again, for the
+// shape of the last forward (acts.B x acts.T).
+typedef struct {
+    float *x, *xn1, *rstd1, *q, *k, *v, *att, *att_out, *xmid, *xn2, *rstd2, *gate, *up, *h;
+} LayerActs;
+
+static LayerActs layer_acts(TrainModel* m, int l) {
+    const Config* c = &m->config;
+    TrainActs* a = &m->acts;
+    int B = a->B, T = a->T, N = B * T, D = c->dim, H = c->hidden_dim;
+    int qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
+    return (LayerActs){
+        .x = LAYER(a->x, l, D), .xn1 = LAYER(a->xn1, l, D), .rstd1 = LAYER(a->rstd1, l, 1),
+        .q = LAYER(a->q, l, qd), .k = LAYER(a->k, l, kvd), .v = LAYER(a->v, l, kvd),
+        .att = a->att + (size_t)l * B * c->n_heads * T * T, .att_out = LAYER(a->att_out, l, qd),
+        .xmid = LAYER(a->xmid, l, D), .xn2 = LAYER(a->xn2, l, D), .rstd2 = LAYER(a->rstd2, l, 1),
+        .gate = LAYER(a->gate, l, H), .up = LAYER(a->up, l, H), .h = LAYER(a->h, l, H),
+    };
+}
+
 static Dropout dropout_for(const TrainModel* m, int on, int layer, int target) {
     Dropout d = {0.0f, 0};
     if (on && m->lora_dropout > 0.0f) { d.p = m->lora_dropout; d.seed = train_dropout_seed(m->dropout_seed, layer, target); }
@@ -984,7 +989,7 @@ void train_forward(TrainModel* m, const Weights* w, const Lora* lora, int dropou
     Config* c = &m->config;
     TrainActs* a = &m->acts;
     int N = B * T, D = c->dim, H = c->hidden_dim, hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
-    int qd = nh * hd, kvd = nkv * hd, V = c->vocab_size, L = c->n_layers;
+    int V = c->vocab_size, L = c->n_layers;
     if (N > a->N_cap || T > a->T_cap || B <= 0 || T <= 0) die("batch %d x %d exceeds the buffers (%d positions, rows of %d)", B, T, a->N_cap, a->T_cap);
     if (lora && lora->rank > 64 && lora != &m->lora) die("a reference adapter of rank > 64 is not supported");
     for (int i = 0; i < N; i++)
@@ -1010,35 +1015,24 @@ void train_forward(TrainModel* m, const Weights* w, const Lora* lora, int dropou
         float* u[LORA_N_TARGETS];
         for (int t = 0; t < LORA_N_TARGETS; t++)
             u[t] = save_u ? a->lora_u + ((size_t)l * LORA_N_TARGETS + t) * N * r : a->u_tmp;
-        float* x = LAYER(a->x, l, D);
-        float* xn1 = LAYER(a->xn1, l, D);
-        float* q = LAYER(a->q, l, qd);
-        float* k = LAYER(a->k, l, kvd);
-        float* v = LAYER(a->v, l, kvd);
-        float* att = a->att + (size_t)l * B * nh * T * T;
-        float* att_out = LAYER(a->att_out, l, qd);
-        float* xmid = LAYER(a->xmid, l, D);
-        float* xn2 = LAYER(a->xn2, l, D);
-        float* gate = LAYER(a->gate, l, H);
-        float* up = LAYER(a->up, l, H);
-        float* h = LAYER(a->h, l, H);
+        LayerActs s = layer_acts(m, l);
         // attention block: xmid = x + wo(attention(rope(wq xn1), rope(wk xn1), wv xn1))
-        rmsnorm_forward(xn1, a->rstd1 + (size_t)l * N, x, lw->rms_att, N, D, c->norm_eps);
-        matmul_forward(q, xn1, N, &lw->wq, lp ? &lp[LORA_Q] : NULL, scale, r, u[LORA_Q], dropout_for(m, use_drop, l, LORA_Q), a);
-        matmul_forward(k, xn1, N, &lw->wk, lp ? &lp[LORA_K] : NULL, scale, r, u[LORA_K], dropout_for(m, use_drop, l, LORA_K), a);
-        matmul_forward(v, xn1, N, &lw->wv, lp ? &lp[LORA_V] : NULL, scale, r, u[LORA_V], dropout_for(m, use_drop, l, LORA_V), a);
-        rope_forward(q, pos, N, T, nh, hd, a->rope_cos, a->rope_sin);
-        rope_forward(k, pos, N, T, nkv, hd, a->rope_cos, a->rope_sin);
-        attention_forward(att_out, att, q, k, v, pos, B, T, nh, nkv, hd);
-        matmul_forward(a->tmp, att_out, N, &lw->wo, lp ? &lp[LORA_O] : NULL, scale, r, u[LORA_O], dropout_for(m, use_drop, l, LORA_O), a);
-        residual_forward(xmid, x, a->tmp, (size_t)N * D);
+        rmsnorm_forward(s.xn1, s.rstd1, s.x, lw->rms_att, N, D, c->norm_eps);
+        matmul_forward(s.q, s.xn1, N, &lw->wq, lp ? &lp[LORA_Q] : NULL, scale, r, u[LORA_Q], dropout_for(m, use_drop, l, LORA_Q), a);
+        matmul_forward(s.k, s.xn1, N, &lw->wk, lp ? &lp[LORA_K] : NULL, scale, r, u[LORA_K], dropout_for(m, use_drop, l, LORA_K), a);
+        matmul_forward(s.v, s.xn1, N, &lw->wv, lp ? &lp[LORA_V] : NULL, scale, r, u[LORA_V], dropout_for(m, use_drop, l, LORA_V), a);
+        rope_forward(s.q, pos, N, T, nh, hd, a->rope_cos, a->rope_sin);
+        rope_forward(s.k, pos, N, T, nkv, hd, a->rope_cos, a->rope_sin);
+        attention_forward(s.att_out, s.att, s.q, s.k, s.v, pos, B, T, nh, nkv, hd);
+        matmul_forward(a->tmp, s.att_out, N, &lw->wo, lp ? &lp[LORA_O] : NULL, scale, r, u[LORA_O], dropout_for(m, use_drop, l, LORA_O), a);
+        residual_forward(s.xmid, s.x, a->tmp, (size_t)N * D);
         // MLP block: x_next = xmid + w_down(silu(w_gate xn2) * w_up xn2)
-        rmsnorm_forward(xn2, a->rstd2 + (size_t)l * N, xmid, lw->rms_ffn, N, D, c->norm_eps);
-        matmul_forward(gate, xn2, N, &lw->w_gate, lp ? &lp[LORA_GATE] : NULL, scale, r, u[LORA_GATE], dropout_for(m, use_drop, l, LORA_GATE), a);
-        matmul_forward(up, xn2, N, &lw->w_up, lp ? &lp[LORA_UP] : NULL, scale, r, u[LORA_UP], dropout_for(m, use_drop, l, LORA_UP), a);
-        swiglu_forward(h, gate, up, (size_t)N * H);
-        matmul_forward(a->tmp, h, N, &lw->w_down, lp ? &lp[LORA_DOWN] : NULL, scale, r, u[LORA_DOWN], dropout_for(m, use_drop, l, LORA_DOWN), a);
-        residual_forward(LAYER(a->x, l + 1, D), xmid, a->tmp, (size_t)N * D);
+        rmsnorm_forward(s.xn2, s.rstd2, s.xmid, lw->rms_ffn, N, D, c->norm_eps);
+        matmul_forward(s.gate, s.xn2, N, &lw->w_gate, lp ? &lp[LORA_GATE] : NULL, scale, r, u[LORA_GATE], dropout_for(m, use_drop, l, LORA_GATE), a);
+        matmul_forward(s.up, s.xn2, N, &lw->w_up, lp ? &lp[LORA_UP] : NULL, scale, r, u[LORA_UP], dropout_for(m, use_drop, l, LORA_UP), a);
+        swiglu_forward(s.h, s.gate, s.up, (size_t)N * H);
+        matmul_forward(a->tmp, s.h, N, &lw->w_down, lp ? &lp[LORA_DOWN] : NULL, scale, r, u[LORA_DOWN], dropout_for(m, use_drop, l, LORA_DOWN), a);
+        residual_forward(LAYER(a->x, l + 1, D), s.xmid, a->tmp, (size_t)N * D);
     }
     if (n_layers < L) return;
     // final norm and classifier
@@ -1061,6 +1055,29 @@ void train_loss_backward(TrainModel* m, const Batch* b) {
     crossentropy_backward(a->logits, a->lse, b->targets, a->dnll, a->dkl, a->ref, b->B * b->T, m->config.vocab_size);
 }
 
+// Backward through projection t (LORA_Q .. LORA_DOWN) of layer l, whose
+// input was x: dx += dy W (none when dx is NULL), and into the gradients of
+// what trains, the full weight or the adapter pair.
+static void proj_backward(TrainModel* m, int l, int t, float* dx, const float* dy, const float* x) {
+    TrainActs* a = &m->acts;
+    int N = a->B * a->T;
+    const Lora* lora = m->full ? NULL : &m->lora;
+    int r = lora ? lora->rank : 0;
+    const LoraPair* lp = lora ? lora->pairs[l] : NULL;
+    LoraPair* dlp = lora ? m->dlora.pairs[l] : NULL;
+    const float* u = r ? a->lora_u + ((size_t)l * LORA_N_TARGETS + t) * N * r : NULL;
+    matmul_backward(dx, m->full ? layer_matrix(&m->gw.layers[l], t)->f : NULL, dy, x, N, layer_matrix(&m->w.layers[l], t),
+                    lp ? &lp[t] : NULL, dlp ? &dlp[t] : NULL, lora ? lora->scale : 0.0f, r, u,
+                    dropout_for(m, 1, l, t), a);
+}
+
+// The residual y = x + branch(x) hands dy unchanged to both: dx = dbranch = dy.
+static void residual_split(float* dx, float* dbranch, const float* dy, size_t n) {
+    zero(dx, n);
+    zero(dbranch, n);
+    residual_backward(dx, dbranch, dy, n);
+}
+
 void train_backward(TrainModel* m, const int* inputs, int from_layer) {
     Config* c = &m->config;
     TrainActs* a = &m->acts;
@@ -1068,9 +1085,6 @@ void train_backward(TrainModel* m, const int* inputs, int from_layer) {
     int B = a->B, T = a->T, N = B * T, D = c->dim, H = c->hidden_dim, hd = c->head_dim, nh = c->n_heads;
     int nkv = c->n_kv_heads, qd = nh * hd, kvd = nkv * hd, L = c->n_layers;
     int full = m->full;
-    const Lora* lora = full ? NULL : &m->lora;
-    int r = lora ? lora->rank : 0;
-    float scale = lora ? lora->scale : 0.0f;
     if (from_layer > a->n_layers_run) die("backward from layer %d after a forward of %d layers", from_layer, a->n_layers_run);
 
     if (from_layer == L) {
@@ -1086,68 +1100,38 @@ void train_backward(TrainModel* m, const int* inputs, int from_layer) {
     for (int l = from_layer - 1; l >= stop; l--) {
         LayerWeights* lw = &w->layers[l];
         LayerWeights* glw = full ? &m->gw.layers[l] : NULL;
-        const LoraPair* lp = lora ? lora->pairs[l] : NULL;
-        LoraPair* dlp = lora ? m->dlora.pairs[l] : NULL;
-        const float* u[LORA_N_TARGETS];
-        for (int t = 0; t < LORA_N_TARGETS; t++) u[t] = r ? a->lora_u + ((size_t)l * LORA_N_TARGETS + t) * N * r : NULL;
         int need_dx = full || l > stop; // below the lowest trainable layer nothing needs gradients
-        float* x = LAYER(a->x, l, D);
-        float* xn1 = LAYER(a->xn1, l, D);
-        float* q = LAYER(a->q, l, qd);
-        float* k = LAYER(a->k, l, kvd);
-        float* v = LAYER(a->v, l, kvd);
-        float* att = a->att + (size_t)l * B * nh * T * T;
-        float* att_out = LAYER(a->att_out, l, qd);
-        float* xmid = LAYER(a->xmid, l, D);
-        float* xn2 = LAYER(a->xn2, l, D);
-        float* gate = LAYER(a->gate, l, H);
-        float* up = LAYER(a->up, l, H);
-        float* h = LAYER(a->h, l, H);
-#define DROP(t) dropout_for(m, 1, l, (t))
-#define PAIR(p, t) ((p) ? &(p)[t] : NULL)
+        LayerActs s = layer_acts(m, l);
 
         // MLP block backward: x_next = xmid + down(h)
-        zero(a->dmid, (size_t)N * D);
-        zero(a->dbranch, (size_t)N * D);
-        residual_backward(a->dmid, a->dbranch, a->dres, (size_t)N * D);
+        residual_split(a->dmid, a->dbranch, a->dres, (size_t)N * D);
         zero(a->dh, (size_t)N * H);
-        matmul_backward(a->dh, full ? glw->w_down.f : NULL, a->dbranch, h, N, &lw->w_down, PAIR(lp, LORA_DOWN),
-                        PAIR(dlp, LORA_DOWN), scale, r, u[LORA_DOWN], DROP(LORA_DOWN), a);
+        proj_backward(m, l, LORA_DOWN, a->dh, a->dbranch, s.h);
         zero(a->dgate, (size_t)N * H);
         zero(a->dup, (size_t)N * H);
-        swiglu_backward(a->dgate, a->dup, a->dh, gate, up, (size_t)N * H);
+        swiglu_backward(a->dgate, a->dup, a->dh, s.gate, s.up, (size_t)N * H);
         zero(a->dxn, (size_t)N * D);
-        matmul_backward(a->dxn, full ? glw->w_gate.f : NULL, a->dgate, xn2, N, &lw->w_gate, PAIR(lp, LORA_GATE),
-                        PAIR(dlp, LORA_GATE), scale, r, u[LORA_GATE], DROP(LORA_GATE), a);
-        matmul_backward(a->dxn, full ? glw->w_up.f : NULL, a->dup, xn2, N, &lw->w_up, PAIR(lp, LORA_UP),
-                        PAIR(dlp, LORA_UP), scale, r, u[LORA_UP], DROP(LORA_UP), a);
-        rmsnorm_backward(a->dmid, full ? glw->rms_ffn : NULL, a->dxn, xmid, lw->rms_ffn, a->rstd2 + (size_t)l * N, N, D);
+        proj_backward(m, l, LORA_GATE, a->dxn, a->dgate, s.xn2);
+        proj_backward(m, l, LORA_UP, a->dxn, a->dup, s.xn2);
+        rmsnorm_backward(a->dmid, full ? glw->rms_ffn : NULL, a->dxn, s.xmid, lw->rms_ffn, s.rstd2, N, D);
 
         // attention block backward: xmid = x + wo(att_out)
-        zero(a->dres, (size_t)N * D);
-        zero(a->dbranch, (size_t)N * D);
-        residual_backward(a->dres, a->dbranch, a->dmid, (size_t)N * D);
+        residual_split(a->dres, a->dbranch, a->dmid, (size_t)N * D);
         zero(a->datt, (size_t)N * qd);
-        matmul_backward(a->datt, full ? glw->wo.f : NULL, a->dbranch, att_out, N, &lw->wo, PAIR(lp, LORA_O),
-                        PAIR(dlp, LORA_O), scale, r, u[LORA_O], DROP(LORA_O), a);
+        proj_backward(m, l, LORA_O, a->datt, a->dbranch, s.att_out);
         zero(a->dq, (size_t)N * qd);
         zero(a->dk, (size_t)N * kvd);
         zero(a->dv, (size_t)N * kvd);
-        attention_backward(a->dq, a->dk, a->dv, a->datt, att, q, k, v, a->pos, B, T, nh, nkv, hd, a);
+        attention_backward(a->dq, a->dk, a->dv, a->datt, s.att, s.q, s.k, s.v, a->pos, B, T, nh, nkv, hd, a);
         rope_backward(a->dq, a->pos, N, T, nh, hd, a->rope_cos, a->rope_nsin);
         rope_backward(a->dk, a->pos, N, T, nkv, hd, a->rope_cos, a->rope_nsin);
         zero(a->dxn, (size_t)N * D);
         float* dxn = need_dx ? a->dxn : NULL;
-        matmul_backward(dxn, full ? glw->wq.f : NULL, a->dq, xn1, N, &lw->wq, PAIR(lp, LORA_Q), PAIR(dlp, LORA_Q),
-                        scale, r, u[LORA_Q], DROP(LORA_Q), a);
-        matmul_backward(dxn, full ? glw->wk.f : NULL, a->dk, xn1, N, &lw->wk, PAIR(lp, LORA_K), PAIR(dlp, LORA_K),
-                        scale, r, u[LORA_K], DROP(LORA_K), a);
-        matmul_backward(dxn, full ? glw->wv.f : NULL, a->dv, xn1, N, &lw->wv, PAIR(lp, LORA_V), PAIR(dlp, LORA_V),
-                        scale, r, u[LORA_V], DROP(LORA_V), a);
+        proj_backward(m, l, LORA_Q, dxn, a->dq, s.xn1);
+        proj_backward(m, l, LORA_K, dxn, a->dk, s.xn1);
+        proj_backward(m, l, LORA_V, dxn, a->dv, s.xn1);
         if (need_dx)
-            rmsnorm_backward(a->dres, full ? glw->rms_att : NULL, a->dxn, x, lw->rms_att, a->rstd1 + (size_t)l * N, N, D);
-#undef DROP
-#undef PAIR
+            rmsnorm_backward(a->dres, full ? glw->rms_att : NULL, a->dxn, s.x, lw->rms_att, s.rstd1, N, D);
     }
     if (full) embedding_backward(m->gw.token_embedding.f, a->dres, inputs, N, D);
 }
@@ -1252,22 +1236,44 @@ static double rmu_mse(TrainModel* m, const Batch* b, const float* target, const 
     return coef * sum / wsum;
 }
 
+// RMU on a forget batch: steer the activations after layer rmu_layer
+// toward c * u (only the layers up to it run)
+static void rmu_forget(TrainModel* m, const ObjectiveConfig* oc, const Batch* b, float gs, int backward, LossTerms* lt) {
+    int l = oc->rmu_layer;
+    train_forward(m, &m->w, trainable_lora(m), 1, b->inputs, b->pos, b->B, b->T, l + 1);
+    lt->tokens += b->B * b->T;
+    float* cu = xmalloc(m->config.dim * sizeof(float));
+    for (int j = 0; j < m->config.dim; j++) cu[j] = oc->rmu_c * oc->rmu_u[j];
+    lt->forget_term = rmu_mse(m, b, NULL, cu, oc->gamma, gs, backward);
+    free(cu);
+    if (backward) train_backward(m, b->inputs, l + 1);
+}
+
+// RMU on a retain batch: keep the activations at layer l where the frozen model has them
+static void rmu_retain(TrainModel* m, const ObjectiveConfig* oc, const Batch* b, float gs, int backward, LossTerms* lt) {
+    TrainActs* a = &m->acts;
+    int l = oc->rmu_layer, N = b->B * b->T;
+    train_forward(m, &m->base, NULL, 0, b->inputs, b->pos, b->B, b->T, l + 1);
+    memcpy(a->ref_hidden, a->x + (size_t)(l + 1) * N * m->config.dim, (size_t)N * m->config.dim * sizeof(float));
+    train_forward(m, &m->w, trainable_lora(m), 1, b->inputs, b->pos, b->B, b->T, l + 1);
+    lt->tokens += 2.0 * N;
+    lt->retain_term = rmu_mse(m, b, a->ref_hidden, NULL, oc->rmu_alpha, gs, backward);
+    if (backward) train_backward(m, b->inputs, l + 1);
+}
+
+// The trained model's forward over a batch, every layer: the weighted NLL
+// sum (acts.nll per position), its weight sum in *W.
+static double trained_nll(TrainModel* m, const Batch* b, LossTerms* lt, double* W) {
+    train_forward(m, &m->w, trainable_lora(m), 1, b->inputs, b->pos, b->B, b->T, m->config.n_layers);
+    lt->tokens += b->B * b->T;
+    return train_nll(m, b, W);
+}
+
 static void forget_part(TrainModel* m, const ObjectiveConfig* oc, const Batch* b, float gs, int backward, LossTerms* lt) {
     TrainActs* a = &m->acts;
     int L = m->config.n_layers, N = b->B * b->T, V = m->config.vocab_size;
-    const Lora* lora = trainable_lora(m);
     double W = 0.0;
-    if (oc->objective == OBJ_RMU) {
-        int l = oc->rmu_layer;
-        train_forward(m, &m->w, lora, 1, b->inputs, b->pos, b->B, b->T, l + 1);
-        lt->tokens += N;
-        float* cu = xmalloc(m->config.dim * sizeof(float));
-        for (int j = 0; j < m->config.dim; j++) cu[j] = oc->rmu_c * oc->rmu_u[j];
-        lt->forget_term = rmu_mse(m, b, NULL, cu, oc->gamma, gs, backward);
-        free(cu);
-        if (backward) train_backward(m, b->inputs, l + 1);
-        return;
-    }
+    if (oc->objective == OBJ_RMU) { rmu_forget(m, oc, b, gs, backward, lt); return; }
     int* seq_of = xmalloc((size_t)N * sizeof(int));
     int n_seq = batch_sequences(b, seq_of);
     double* wseq = xcalloc(n_seq, sizeof(double));
@@ -1281,9 +1287,7 @@ static void forget_part(TrainModel* m, const ObjectiveConfig* oc, const Batch* b
         sequence_sums(m, b, seq_of, n_seq, wseq, ref_nll);
     }
     if (oc->objective == OBJ_WHP) { whp_targets(m, oc, b); lt->tokens += (double)b->B * b->Tt * (oc->whp_reinforced ? 2 : 1); }
-    train_forward(m, &m->w, lora, 1, b->inputs, b->pos, b->B, b->T, L);
-    lt->tokens += N;
-    double S = train_nll(m, b, &W);
+    double S = trained_nll(m, b, lt, &W);
     lt->forget_nll = W > 0 ? S / W : NAN;
     sequence_sums(m, b, seq_of, n_seq, wseq, nseq);
     clear_loss_grads(m, N);
@@ -1342,28 +1346,15 @@ static void forget_part(TrainModel* m, const ObjectiveConfig* oc, const Batch* b
 static void retain_part(TrainModel* m, const ObjectiveConfig* oc, const Batch* b, float gs, int backward, LossTerms* lt) {
     TrainActs* a = &m->acts;
     int L = m->config.n_layers, N = b->B * b->T, V = m->config.vocab_size;
-    const Lora* lora = trainable_lora(m);
     double W = 0.0;
-    if (oc->objective == OBJ_RMU) {
-        // keep the activations at layer l where the frozen model has them
-        int l = oc->rmu_layer;
-        train_forward(m, &m->base, NULL, 0, b->inputs, b->pos, b->B, b->T, l + 1);
-        memcpy(a->ref_hidden, a->x + (size_t)(l + 1) * N * m->config.dim, (size_t)N * m->config.dim * sizeof(float));
-        train_forward(m, &m->w, lora, 1, b->inputs, b->pos, b->B, b->T, l + 1);
-        lt->tokens += 2.0 * N;
-        lt->retain_term = rmu_mse(m, b, a->ref_hidden, NULL, oc->rmu_alpha, gs, backward);
-        if (backward) train_backward(m, b->inputs, l + 1);
-        return;
-    }
+    if (oc->objective == OBJ_RMU) { rmu_retain(m, oc, b, gs, backward, lt); return; }
     if (oc->retain_loss == RETAIN_KL) {
         train_forward(m, &m->base, NULL, 0, b->inputs, b->pos, b->B, b->T, L);
         lt->tokens += N;
         memcpy(a->ref, a->logits, (size_t)N * V * sizeof(float));
         log_softmax_rows(a->ref, N, V);
     }
-    train_forward(m, &m->w, lora, 1, b->inputs, b->pos, b->B, b->T, L);
-    lt->tokens += N;
-    double S = train_nll(m, b, &W);
+    double S = trained_nll(m, b, lt, &W);
     lt->retain_nll = W > 0 ? S / W : NAN;
     clear_loss_grads(m, N);
     double lam = oc->lambda;
