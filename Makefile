@@ -2,7 +2,8 @@
 #
 #   make            build every program (OpenMP; OpenBLAS when its header is found)
 #   make BLAS=0     plain C build, no OpenBLAS (for porting)
-#   make test       build and run the test harness (needs python3 with numpy)
+#   make test       build and run the test harness (needs python3 with numpy), after
+#                   tests/layout.sh (the repository's shape)
 #   make test-asan  the test harness built with ASan + UBSan (build/asan/)
 #   make fuzz       libFuzzer targets of fuzz.c, FUZZ_SECONDS each (needs clang)
 #   make refs       regenerate the committed reference logits in tests/
@@ -78,6 +79,7 @@ $(TOK): export.py tok_export.py $(LLAMA3_TOKENIZER)
 
 test: all $(TOK)
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }
+	sh tests/layout.sh
 	PYTHON=$(PYTHON) sh tests/prepare.sh
 	./test_all
 

@@ -778,16 +778,10 @@ full:
 // ----------------------------------------------------------------------------
 // Generation: the one decoding loop and the one chat loop (see run.h)
 
-static int argmax(const float* x, int n) {
-    int best = 0;
-    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
-    return best;
-}
-
 GenResult generate(Transformer* t, const Tokenizer* tok, float* logits, int pos, const GenConfig* g) {
     GenResult r = { 0, pos, -1, GEN_MAX_NEW };
     while (r.n_sampled < g->max_new) {
-        int next = g->sampler ? sample(g->sampler, logits) : argmax(logits, t->config.vocab_size);
+        int next = g->sampler ? sample(g->sampler, logits) : sample_argmax(logits, t->config.vocab_size);
         if (g->out_ids) g->out_ids[r.n_sampled] = next;
         r.n_sampled++;
         r.last = next;

@@ -954,6 +954,7 @@ static void eval_usage(const char* prog, const EvalMethod* m, const CommonOpts* 
 "  --min-k X            Min-K%% fraction (default 0.4, MUSE's)\n"
 "  --train-seconds X    the method's training time, recorded in the outputs (default none)\n");
     if (m && m->usage) printf("Method flags:\n%s", m->usage);
+    cli_print_help_flag(stdout);
     exit(EXIT_SUCCESS);
 }
 

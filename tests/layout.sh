@@ -7,6 +7,7 @@
 # POSIX sh + awk.
 set -eu
 cd "$(dirname "$0")/.."
+mkdir -p build
 fail=0
 bad() { echo "layout: $*"; fail=1; }
 
