@@ -663,7 +663,7 @@ static uint32_t random_u32(uint64_t* state) {
 
 static float random_f32(uint64_t* state) { return (random_u32(state) >> 8) / 16777216.0f; } // [0, 1)
 
-static int sample_argmax(const float* p, int n) {
+int argmax(const float* p, int n) {
     int best = 0;
     for (int i = 1; i < n; i++) if (p[i] > p[best]) best = i;
     return best;
@@ -700,7 +700,7 @@ static int sample_topp(const float* p, int n, float topp, ProbIndex* pi, float c
 }
 
 int sample(Sampler* s, float* logits) {
-    if (s->temperature == 0.0f) return sample_argmax(logits, s->vocab_size);
+    if (s->temperature == 0.0f) return argmax(logits, s->vocab_size);
     for (int i = 0; i < s->vocab_size; i++) logits[i] /= s->temperature;
     softmax(logits, s->vocab_size);
     float coin = random_f32(&s->rng_state);
@@ -781,7 +781,7 @@ full:
 GenResult generate(Transformer* t, const Tokenizer* tok, float* logits, int pos, const GenConfig* g) {
     GenResult r = { 0, pos, -1, GEN_MAX_NEW };
     while (r.n_sampled < g->max_new) {
-        int next = g->sampler ? sample(g->sampler, logits) : sample_argmax(logits, t->config.vocab_size);
+        int next = g->sampler ? sample(g->sampler, logits) : argmax(logits, t->config.vocab_size);
         if (g->out_ids) g->out_ids[r.n_sampled] = next;
         r.n_sampled++;
         r.last = next;

@@ -643,12 +643,6 @@ void free_judge(Judge* j) {
     memset(j, 0, sizeof(*j));
 }
 
-static int argmax(const float* x, int n) {
-    int best = 0;
-    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
-    return best;
-}
-
 // A token that is only whitespace (the "\n\n" Llama Guard 3 writes first).
 static int is_blank_token(const Tokenizer* tok, int id) {
     if (tok->is_special[id]) return 0;

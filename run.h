@@ -416,6 +416,7 @@ typedef struct {
 void build_sampler(Sampler* s, int vocab_size, float temperature, float topp, uint64_t seed);
 void free_sampler(Sampler* s);
 int sample(Sampler* s, float* logits);
+int argmax(const float* x, int n);   // greedy: the first index of the largest value
 
 // ----------------------------------------------------------------------------
 // Chat template (Llama-3 instruct):

@@ -864,7 +864,7 @@ static void test_bench_cli(void) {
 // sae: gradients, planted dictionary, AuxK, SAE files, interventions, the
 // identity test on the engine, and the sparsify/SAELens converters.
 //
-// (Needs sae.c compiled with -DSAE_LIBRARY linked in, and
+// (Needs sae.o linked in, and
 // build/models/tiny-3.2.f32.bin.)
 #include "sae.h"
 
