@@ -1771,29 +1771,13 @@ static int guard_first_word(const char* s, char* word, int cap) {
 
 // The shared readers of data.h: a QA TSV (skips, unescaping, the third
 // field, CRLF) and JSON lines (blank lines, line numbers), and their errors.
-static void data_read_qa(const char* path) { QAFile f; qa_read(&f, path); qa_free(&f); }
-static void data_read_jsonl(const char* path) {
-    JsonLines jl;
-    JsonValue v;
-    jsonl_open(&jl, path);
-    while (jsonl_next(&jl, &v)) json_free(&v);
-    jsonl_close(&jl);
-}
-
-// 1 when read(path) dies (exit 1) with a message holding needle (in a child process).
-static int data_dies(void (*read)(const char*), const char* path, const char* needle) {
-    fflush(stdout);
-    pid_t pid = fork();
-    if (pid == 0) {
-        if (!freopen("build/data_err.txt", "w", stderr)) _exit(2);
-        read(path);
-        _exit(0);
-    }
-    int status = 0;
-    waitpid(pid, &status, 0);
-    size_t len;
-    char* err = read_file("build/data_err.txt", &len);
-    int ok = WIFEXITED(status) && WEXITSTATUS(status) == 1 && strstr(err, needle) != NULL;
+// 1 when a program reading path through data.h stops with one line "error: ...
+// needle" (a program, not a fork of this one: the sanitizer build checks it
+// for leaks like any other run)
+static int data_dies(const char* cmd_fmt, const char* path, const char* needle) {
+    char cmd[1024], *err;
+    snprintf(cmd, sizeof(cmd), cmd_fmt, path);
+    int ok = one_line_error(cmd, needle, &err);
     free(err);
     return ok;
 }
@@ -1825,18 +1809,20 @@ static void test_data_readers(void) {
     }
     jsonl_close(&jl);
     check(ok && n == 2 && lines[0] == 1 && lines[1] == 4, "data: JSON lines: blank lines skipped, values and line numbers right");
-    write_bytes("build/data_bad.jsonl", "{\"a\": 1}\n{\"a\": }\n", 17);
-    write_bytes("build/data_nul.jsonl", "{\"a\": 1}\n\0\n", 11);
+    write_text("build/data_bad.jsonl", "{\"text\": \"hello there\"}\n{\"a\": }\n");
+    write_bytes("build/data_nul.jsonl", "{\"text\": \"hello there\"}\n\0\n", 26);
     write_bytes("build/data_bad1.tsv", "Who?\tHe\nno answer here\n", 23);
     write_bytes("build/data_bad2.tsv", "Who?\t\ttrained\n", 14);
     write_bytes("build/data_nul.tsv", "Who?\tH\0e\n", 9);
     write_bytes("build/data_utf8.tsv", "Who?\tcaf\xc3\x28\n", 11);
-    int dies = data_dies(data_read_jsonl, "build/data_bad.jsonl", "build/data_bad.jsonl:2: bad JSON") +
-               data_dies(data_read_jsonl, "build/data_nul.jsonl", "NUL byte") +
-               data_dies(data_read_qa, "build/data_bad1.tsv", "build/data_bad1.tsv:2: expected question<TAB>answer") +
-               data_dies(data_read_qa, "build/data_bad2.tsv", "build/data_bad2.tsv:1:") +
-               data_dies(data_read_qa, "build/data_nul.tsv", "NUL byte") +
-               data_dies(data_read_qa, "build/data_utf8.tsv", "not valid UTF-8");
+    const char* jsonl = "./train_lora train " TINY " --objective sft --forget %s -o build/data_x.lora";
+    const char* qa = "./run qa " TINY " -i %s";
+    int dies = data_dies(jsonl, "build/data_bad.jsonl", "build/data_bad.jsonl:2: bad JSON") +
+               data_dies(jsonl, "build/data_nul.jsonl", "NUL byte") +
+               data_dies(qa, "build/data_bad1.tsv", "build/data_bad1.tsv:2: expected question<TAB>answer") +
+               data_dies(qa, "build/data_bad2.tsv", "build/data_bad2.tsv:1:") +
+               data_dies(qa, "build/data_nul.tsv", "NUL byte") +
+               data_dies(qa, "build/data_utf8.tsv", "not valid UTF-8");
     check(dies == 6, "data: %d/6 bad files (bad JSON line, NUL, a row without answer, an empty answer, bad UTF-8) die "
           "naming file and line", dies);
 }
