@@ -52,8 +52,8 @@ typedef struct {
     const char* summary;
 } Command;
 
-// Runs the subcommand named by argv[1]; with none, an unknown one or -h,
-// prints the program's usage (the table) and exits 1 (0 for -h).
+// Runs the subcommand named by argv[1]. With none, or -h, prints the
+// program's usage (the table) and exits 1 (0 for -h); an unknown one dies.
 int cli_dispatch(const char* program, const char* about, const Command* cmds, int n_cmds, int argc, char** argv);
 // The positional MODEL: argv[1] when it is not a flag. Returns the index of the first flag.
 int cli_model(CommonOpts* o, int argc, char** argv);
