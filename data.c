@@ -254,9 +254,21 @@ static char* tsv_field(char* s) {
     return tab + 1;
 }
 
-void qa_parse(QAFile* f, const char* name, char* text, size_t len) {
-    if (strlen(text) != len) die("%s holds a NUL byte", name); // rows are C strings
+void check_text(const char* name, const char* text, size_t len) {
+    if (strlen(text) != len) die("%s holds a NUL byte", name);
     if (!utf8_valid(text, len)) die("%s is not valid UTF-8", name);
+}
+
+char* read_text(const char* path, size_t* len) {
+    size_t n;
+    char* text = read_file(path, &n);
+    check_text(path, text, n);
+    if (len) *len = n;
+    return text;
+}
+
+void qa_parse(QAFile* f, const char* name, char* text, size_t len) {
+    check_text(name, text, len); // rows are C strings
     memset(f, 0, sizeof(*f));
     f->text = text;
     int cap = 0, line_no = 0;

@@ -7,6 +7,12 @@
 
 #include <stddef.h>
 
+// Text files: dies when text (named name in the message) holds a NUL byte
+// or is not valid UTF-8, what a reader of rows as C strings checks first.
+void check_text(const char* name, const char* text, size_t len);
+// read_file, then check_text; len may be NULL.
+char* read_text(const char* path, size_t* len);
+
 // ----------------------------------------------------------------------------
 // JSON: objects, arrays, strings (every escape, \u with surrogate pairs),
 // numbers, true/false/null. Strict: strings must be valid UTF-8 and hold no

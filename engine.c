@@ -782,7 +782,6 @@ GenResult generate(Transformer* t, const Tokenizer* tok, float* logits, int pos,
     GenResult r = { 0, pos, -1, GEN_MAX_NEW };
     while (r.n_sampled < g->max_new) {
         int next = g->sampler ? sample(g->sampler, logits) : argmax(logits, t->config.vocab_size);
-        if (g->out_ids) g->out_ids[r.n_sampled] = next;
         r.n_sampled++;
         r.last = next;
         if (is_stop_token(&t->config, tok, next)) { r.stop = GEN_STOP_TOKEN; break; }
@@ -919,7 +918,7 @@ static int chat_turn(Chat* c, Sampler* sampler, const char* system, const char* 
     long t1 = time_in_ms();
     c->answer_len = 0;
     if (c->answer) c->answer[0] = '\0';
-    GenConfig g = { max_new, sampler, chat_on_token, c, NULL };
+    GenConfig g = { max_new, sampler, chat_on_token, c };
     GenResult r = generate(c->t, c->tok, logits, answer_pos, &g);
     c->n_cached = r.pos;
     const char* answer = c->answer ? c->answer : "";

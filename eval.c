@@ -43,7 +43,7 @@ int answer_greedy(void* ctx, const ChatMessage* msgs, int n_msgs, char* out, siz
     if (n + 1 >= t->state.seq_len) { free(ids); return n; } // no room to answer: empty answer
     float* logits = forward_batch(t, ids, n, 0, NULL);
     TextBuf text = { out, cap, 0 };
-    GenConfig gc = { g->max_new > 0 ? g->max_new : 48, NULL, gen_append, &text, NULL };
+    GenConfig gc = { g->max_new > 0 ? g->max_new : 48, NULL, gen_append, &text };
     generate(t, g->tok, logits, n, &gc);
     free(ids);
     return n;
@@ -247,9 +247,7 @@ static char* next_line(char** rest) {
 
 double eval_perplexity(Transformer* t, Tokenizer* tok, const char* path, int max_lines) {
     size_t len;
-    char* text = read_file(path, &len);
-    if (strlen(text) != len) die("%s holds a NUL byte", path);
-    if (!utf8_valid(text, len)) die("%s is not valid UTF-8", path);
+    char* text = read_text(path, &len);
     int ctx = t->state.seq_len, V = t->config.vocab_size;
     float* logits = xmalloc((size_t)t->state.batch_cap * V * sizeof(float));
     float* lp = xmalloc((size_t)ctx * sizeof(float));
@@ -278,7 +276,7 @@ int continue_greedy(Transformer* t, const Tokenizer* tok, const char* prompt, in
     if (n >= t->state.seq_len) { free(ids); return 0; }  // no room: an empty continuation
     float* logits = forward_batch(t, ids, n, 0, NULL);
     TextBuf text = { out, cap, 0 };
-    GenConfig gc = { max_new, NULL, gen_append, &text, NULL };
+    GenConfig gc = { max_new, NULL, gen_append, &text };
     GenResult r = generate(t, tok, logits, n, &gc);
     free(ids);
     return r.n_sampled;
@@ -286,13 +284,6 @@ int continue_greedy(Transformer* t, const Tokenizer* tok, const char* prompt, in
 
 // ----------------------------------------------------------------------------
 // Reading the evaluation sets
-
-static char* read_text(const char* path) {
-    size_t len;
-    char* text = read_file(path, &len);
-    if (strlen(text) != len || !utf8_valid(text, len)) die("%s is not UTF-8 text", path);
-    return text;
-}
 
 static int file_exists(const char* path) {
     FILE* f = fopen(path, "rb");
@@ -632,7 +623,7 @@ static void run_qa(Run* r, Metrics* ms, const char* name, const char* path, cons
 }
 
 static void run_ppl(Run* r, Metrics* ms, const char* key, const char* path, float* logits, float* lp) {
-    char* text = read_text(path);
+    char* text = read_text(path, NULL);
     char** lines;
     int n = split_lines(text, &lines), ctx = r->t->state.seq_len, used = 0;
     double nll = 0.0;
@@ -651,7 +642,7 @@ static void run_ppl(Run* r, Metrics* ms, const char* key, const char* path, floa
 
 // Min-K% scores of the sentences of a file (evenly subsampled).
 static double* mia_scores(Run* r, const char* path, int* n_out, float* logits, float* lp) {
-    char* text = read_text(path);
+    char* text = read_text(path, NULL);
     char** lines;
     int n = split_lines(text, &lines), ctx = r->t->state.seq_len;
     double* s = xmalloc((size_t)(n ? n : 1) * sizeof(double));
@@ -829,7 +820,7 @@ static void check_sets(const EvalOptions* o) {
     if ((p = set_file(o, o->verbatim, "verbatim.tsv", b, sizeof(b)))) { QAFile qf; qa_read(&qf, p); qa_free(&qf); }
     const char* names[4] = {"forget_text.txt", "retain_text.txt", "forget_mia.txt", "holdout_text.txt"};
     const char* given[4] = {o->forget_text, o->retain_text, o->forget_mia, o->holdout_mia};
-    for (int k = 0; k < 4; k++) if ((p = set_file(o, given[k], names[k], b, sizeof(b)))) free(read_text(p));
+    for (int k = 0; k < 4; k++) if ((p = set_file(o, given[k], names[k], b, sizeof(b)))) free(read_text(p, NULL));
     free(facts); free(facts_text);
 }
 

@@ -712,7 +712,7 @@ void judge_run(Judge* j, const ChatMessage* conv, int n_conv, int want_categorie
         // the second line names the categories ("S15"): a few greedy tokens more
         char text[256] = "";
         TextBuf tb = { text, sizeof(text), 0 };
-        GenConfig gc = { 12, NULL, judge_category_token, &tb, NULL };
+        GenConfig gc = { 12, NULL, judge_category_token, &tb };
         logits = forward(&j->t, best, pos++);
         v->gen_tokens += generate(&j->t, &j->tok, logits, pos, &gc).n_sampled;
         const char* line = text;
@@ -880,7 +880,7 @@ static void guard_generate(Guard* g, const int* ids, int n, GuardStream* gs) {
     Transformer* t = g->t;
     if (n >= t->state.seq_len) die("prompt of %d tokens does not fit the context of %d (raise -c)", n, t->state.seq_len);
     float* logits = forward_batch(t, ids, n, 0, NULL);
-    GenConfig gc = { g->max_new, NULL, guard_on_token, gs, NULL };
+    GenConfig gc = { g->max_new, NULL, guard_on_token, gs };
     generate(t, g->tok, logits, n, &gc);
     guard_stream_finish(gs);
 }

@@ -103,18 +103,14 @@ static int guard_parse_layer(GuardOpts* go, int argc, char** argv, int* i) {
     return 1;
 }
 
-static void check_text(const char* what, const char* s) {
-    if (!utf8_valid(s, strlen(s))) die("%s is not valid UTF-8", what);
-}
-
 static void guard_check_layers(const GuardOpts* go) {
     if (go->judge_path && !go->judge_tok) die("--judge needs --judge-tok FILE");
     if (!go->judge_path && (go->judge_tok || go->judge_category || go->judge_policy)) die("judge options need --judge FILE");
     if (go->threshold < 0.0f || go->threshold >= 1.0f) die("--judge-threshold must be in [0, 1)");
     if (go->system && go->system_file) die("--system and --system-file: give one system prompt");
-    check_text("--refusal", go->refusal);
-    if (go->system) check_text("--system", go->system);
-    if (go->judge_category) check_text("--judge-category", go->judge_category);
+    check_text("--refusal", go->refusal, strlen(go->refusal));
+    if (go->system) check_text("--system", go->system, strlen(go->system));
+    if (go->judge_category) check_text("--judge-category", go->judge_category, strlen(go->judge_category));
 }
 
 // ----------------------------------------------------------------------------
@@ -130,8 +126,7 @@ typedef struct {
 
 static char* read_text_file(const char* path) {
     size_t len;
-    char* text = read_file(path, &len);
-    if (strlen(text) != len || !utf8_valid(text, len)) die("%s is not UTF-8 text", path);
+    char* text = read_text(path, &len);
     while (len > 0 && (text[len - 1] == '\n' || text[len - 1] == '\r' || text[len - 1] == ' ')) text[--len] = '\0';
     if (len == 0) die("%s is empty", path);
     return text;
@@ -192,7 +187,7 @@ static int guard_talk(int argc, char** argv) {
     cli_need(co.tokenizer != NULL, argv[0], "a tokenizer (-z FILE)");
     if (!chat) cli_need(co.input != NULL, argv[0], "a user message (-i TEXT)");
     if (co.max_new < 1) die("-n must be > 0");
-    if (co.input) check_text("the user message", co.input);
+    if (co.input) check_text("the user message", co.input, strlen(co.input));
     guard_load_files(&r);
     Tokenizer tok;
     Transformer t;

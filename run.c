@@ -23,16 +23,11 @@
 // ----------------------------------------------------------------------------
 // The modes: each runs one subcommand on a loaded model and tokenizer
 
-static void check_prompt_text(const char* what, const char* s) {
-    if (!utf8_valid(s, strlen(s)))
-        die("%s is not valid UTF-8", what);
-}
-
 // Encodes BOS + text (special strings parsed); dies when the text, named
 // what, is not UTF-8 or does not fit t's context. Returns the count; *out owns it.
 static int encode_prompt(const Transformer* t, const Tokenizer* tok, const char* what, const char* text, int** out) {
-    check_prompt_text(what, text);
     size_t len = strlen(text);
+    check_text(what, text, len);
     int cap = (int)(len + 2);
     int* ids = xmalloc((size_t)cap * sizeof(int));
     int n = 0;
@@ -53,7 +48,7 @@ static void generate_mode(Transformer* t, const Tokenizer* tok, const CommonOpts
     long t1 = time_in_ms();
     Sampler sampler;
     build_sampler(&sampler, t->config.vocab_size, co->temperature, co->topp, co->seed);
-    GenConfig g = { co->max_new, &sampler, gen_print, NULL, NULL };
+    GenConfig g = { co->max_new, &sampler, gen_print, NULL };
     GenResult r = generate(t, tok, logits, n, &g);
     long t2 = time_in_ms();
     free_sampler(&sampler);
@@ -71,8 +66,8 @@ static void chat_mode(Transformer* t, const Tokenizer* tok, const CommonOpts* co
 }
 
 static void tokenize_mode(const Tokenizer* tok, const char* text) {
-    check_prompt_text("text", text);
     size_t len = strlen(text);
+    check_text("text", text, len);
     int* ids = xmalloc((len + 1) * sizeof(int));
     int n = encode(tok, text, len, 1, ids, (int)len + 1);
     for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);

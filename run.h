@@ -448,7 +448,6 @@ typedef struct {
     Sampler* sampler;   // NULL: greedy (argmax, the lowest id on ties)
     TokenFn on_token;   // NULL: none
     void* ctx;          // passed to on_token
-    int* out_ids;       // NULL, or (max_new,): every sampled token, a stop token included
 } GenConfig;
 
 enum { GEN_MAX_NEW, GEN_STOP_TOKEN, GEN_CONTEXT_FULL, GEN_FILTERED };

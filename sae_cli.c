@@ -1518,7 +1518,7 @@ static int generate_main(int argc, char** argv) {
     long t0 = time_in_ms();
     float* logits = ss.has_hook ? sae_prefill(&ss.h, &ss.t, ids, n, 0) : forward_batch(&ss.t, ids, n, 0, NULL);
     long t1 = time_in_ms();
-    GenConfig g = { o.co.max_new, &sm, gen_print, NULL, NULL };
+    GenConfig g = { o.co.max_new, &sm, gen_print, NULL };
     GenResult r = generate(&ss.t, &ss.tok, logits, n, &g);
     long t2 = time_in_ms();
     if (r.stop == GEN_CONTEXT_FULL) fprintf(stderr, "\n[context of %d positions full]\n", ctx);
@@ -1589,7 +1589,7 @@ static int sae_method_answer(void* ctx, const ChatMessage* msgs, int n_msgs, cha
     float* logits = sae_prefill(&sm->h, sm->t, ids, n, 0);
     out[0] = '\0';
     TextBuf text = { out, cap, 0 };
-    GenConfig g = { sm->max_new, NULL, gen_append, &text, NULL };
+    GenConfig g = { sm->max_new, NULL, gen_append, &text };
     generate(sm->t, sm->tok, logits, n, &g);
     free(ids);
     return n;
