@@ -46,7 +46,7 @@ all: $(PROGRAMS)
 # includes in a .d file beside it, so editing a header rebuilds its users.
 # Layers, bottom up: the engine; the grammar (cli), the data readers and the
 # harness (eval); the methods; the programs, each a CLI file over them.
-ENGINE_OBJS = engine.o tokenizer.o kernels.o
+ENGINE_OBJS = engine.o tokenizer.o kernels.o model_write.o
 SHARED_OBJS = $(ENGINE_OBJS) cli.o data.o eval.o
 METHOD_OBJS = train_lora.o sae.o guard.o
 run_OBJS = run.o bench.o $(SHARED_OBJS)

@@ -33,6 +33,10 @@ say() { printf '[demo %s] %s\n' "$(elapsed)" "$*"; }
 elapsed() { s=$(( $(date +%s) - START )); printf '%d:%02d' $((s / 60)) $((s % 60)); }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 for p in run train_lora sae guard; do [ -x "./$p" ] || die "./$p is missing: run make first"; done
+# The quantization attack: every method's model also merged and requantized
+# to Q8_0 and Q4 and measured again (QUANT=0 skips it: on a real model each
+# variant writes a temporary model file of its size).
+ATTACK="--attack quant"; [ "${QUANT:-1}" = 0 ] && ATTACK=
 
 MODE=toy
 if [ "${1:-}" = "--real" ]; then
@@ -181,11 +185,11 @@ fi
 # ------------------------------------------------------------------ baselines
 say "$MODE: $BASE, eval sets $SETS, results in $OUT (progress: $LOG)"
 say "base model: eval"
-run ./run eval "$BASE" $EVAL --name $BN -o "$OUT/$BN"
+run ./run eval "$BASE" $EVAL $ATTACK --name $BN -o "$OUT/$BN"
 METHODS=$BN
 if [ -n "$GOLD" ]; then
     say "gold model (retrained without Harry Potter): eval"
-    run ./run eval "$GOLD" $EVAL --name $GN -o "$OUT/$GN"
+    run ./run eval "$GOLD" $EVAL $ATTACK --name $GN -o "$OUT/$GN"
     METHODS="$METHODS,$GN"
 fi
 
@@ -193,11 +197,11 @@ fi
 if [ -n "$GUARD_PROMPT" ]; then printf '%s\n' "$GUARD_PROMPT" > "$B/guard_prompt.txt"; SYS="--system-file $B/guard_prompt.txt"
 else SYS="--system-file data/guard_system_prompt.txt"; fi
 say "guardrail: system prompt"
-run ./guard eval "$BASE" $EVAL $SYS --name guard-prompt -o "$OUT/guard-prompt"
+run ./guard eval "$BASE" $EVAL $ATTACK $SYS --name guard-prompt -o "$OUT/guard-prompt"
 say "guardrail: input + output keyword filters"
-run ./guard eval "$BASE" $EVAL --input-filter --output-filter --name guard-filters -o "$OUT/guard-filters"
+run ./guard eval "$BASE" $EVAL $ATTACK --input-filter --output-filter --name guard-filters -o "$OUT/guard-filters"
 say "guardrail: system prompt + filters"
-run ./guard eval "$BASE" $EVAL $SYS --input-filter --output-filter --name guard-all -o "$OUT/guard-all"
+run ./guard eval "$BASE" $EVAL $ATTACK $SYS --input-filter --output-filter --name guard-all -o "$OUT/guard-all"
 METHODS="$METHODS,guard-prompt,guard-filters,guard-all"
 
 # ------------------------------------------------------------------ LoRA unlearning
@@ -210,7 +214,7 @@ for obj in ga graddiff npo whp rmu; do
     rm -f "$B/$obj.lora" "$B/$obj.lora.state"
     timed secs ./train_lora train "$BASE" $LORA $args -o "$B/$obj.lora" --log "$B/$obj.csv"
     say "LoRA $obj: trained in ${secs}s; eval"
-    run ./train_lora eval "$BASE" --lora "$B/$obj.lora" $EVAL --train-seconds "$secs" --name "$obj" -o "$OUT/$obj"
+    run ./train_lora eval "$BASE" --lora "$B/$obj.lora" $EVAL $ATTACK --train-seconds "$secs" --name "$obj" -o "$OUT/$obj"
     METHODS="$METHODS,$obj"
     LOSS="$LOSS --loss $obj=$B/$obj.csv"
 done
@@ -236,7 +240,7 @@ run ./sae score "$BASE" -z "$TOK" --sae "$B/sae.bin" --forget "$SAE_F" --retain 
 secs=$(( $(date +%s) - t0 ))
 say "SAE: trained and scored in ${secs}s; eval"
 run ./sae eval "$BASE" --sae "$B/sae.bin" --latents "$B/sae_latents.csv" --select "$SAE_N" --mode clamp --clamp "$SAE_C" --gate "$SAE_GATE" \
-    $EVAL --train-seconds "$secs" --name sae-clamp -o "$OUT/sae-clamp"
+    $EVAL $ATTACK --train-seconds "$secs" --name sae-clamp -o "$OUT/sae-clamp"
 METHODS="$METHODS,sae-clamp"
 
 # ------------------------------------------------------------------ relearning attack

@@ -222,6 +222,7 @@ typedef struct {
     const char* out;           // -o PREFIX: PREFIX.json, PREFIX.csv, PREFIX.answers.tsv
     const char* name;          // --name
     const char* parts;         // --parts LIST (default all)
+    const char* attack;        // --attack quant: also the merged model requantized (PREFIX.q8.*, .q4.*)
     int max_qa;                // questions per QA set, stratified by split (0 = all)
     int max_text;              // passages per perplexity set (0 = all)
     int max_verbatim;

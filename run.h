@@ -301,6 +301,32 @@ void lora_apply(float* y, const float* x, const Lora* lora, int layer, int targe
 void free_lora(Lora* lora);
 
 // ----------------------------------------------------------------------------
+// Writing model files (model_write.c): train_lora merge and full-model saves,
+// and the harness's quantization attack
+
+// The tensors of a model file, in file order
+enum { TN_EMB, TN_RMS_ATT, TN_WQ, TN_WK, TN_WV, TN_WO, TN_RMS_FFN, TN_GATE, TN_UP, TN_DOWN, TN_RMS_FINAL, TN_WCLS,
+       TN_COUNT };
+const char* tensor_name(int tn);                // "token_embedding", "rms_att", ...
+// count stacked copies (layers) of a rows x cols tensor; norms have rows = 1
+void tensor_shape(const Config* c, int tn, int* count, int* rows, int* cols);
+int tensor_is_norm(int tn);
+int tensor_target(int tn);                      // the LORA_* target of a layer matrix, else -1
+Matrix* layer_matrix(LayerWeights* lw, int t);  // the matrix of LoRA target t
+void dequant_rows(float* out, const Matrix* w, int r0, int nr); // rows [r0, r0+nr) as fp32
+// Rows [r0, r0+nr) of layer `layer` of tensor tn, as fp32 (quantized rows dequantized)
+void weights_rows(const Weights* w, int tn, int layer, int r0, int nr, int dim, float* out);
+// The fp32 rows of a model to write: get(ctx, tensor, layer, r0, nr, out)
+typedef void (*RowSource)(void* ctx, int tn, int layer, int r0, int nr, float* out);
+// Writes a model file of config c (c->weight_type and group_size decide the
+// quantization), via path.tmp + fsync + rename; 0 on success.
+int write_model_file(const char* path, const Config* c, RowSource get, void* ctx);
+void pack_model_header(unsigned char* h, const Config* c); // the 256-byte header
+// Writes model_path with the adapter merged (adapter_path NULL: none, a plain
+// requantization) as weight_type WEIGHT_*; 0 on success, exits on bad input.
+int merge_model(const char* model_path, const char* adapter_path, const char* out_path, int weight_type);
+
+// ----------------------------------------------------------------------------
 // LoRA adapter files (written by train_lora, read by `run --lora` and merge)
 //
 // An adapter is y = W x + (alpha/rank) * B (A x) on some of the seven

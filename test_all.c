@@ -12,6 +12,7 @@
 #include <string.h>
 #include <math.h>
 #include <sys/wait.h>
+#include <sys/stat.h>
 #include "run.h"
 #include "guard.h"
 #include "data.h"
@@ -2307,7 +2308,7 @@ static void tt_ref_from_model(TTRef* r, const TrainModel* m, int with_lora) {
     memset(r, 0, sizeof(*r));
     r->c = m->config;
     size_t n = 0;
-    for (int tn = 0; tn < TRAIN_N_TENSORS; tn++) { size_t k; train_tensor_offset(&m->config, tn, &k); n += k; }
+    for (int tn = 0; tn < TN_COUNT; tn++) { size_t k; train_tensor_offset(&m->config, tn, &k); n += k; }
     r->w = malloc(n * sizeof(double));
     // the weights the trainable forward reads (fp32)
     const float* src = m->full ? m->params : NULL;
@@ -2375,14 +2376,14 @@ static double tt_gradcheck(TrainModel* m, const ObjectiveConfig* oc, const Batch
     double worst = 0.0;
     char groups[1024] = "";
     if (m->full) {
-        for (int tn = 0; tn < TRAIN_N_TENSORS; tn++) {
+        for (int tn = 0; tn < TN_COUNT; tn++) {
             size_t n, off = train_tensor_offset(&m->config, tn, &n);
             if (n == 0) continue;
             double mx, e = tt_check_range(&tc, r.w, off, n, &mx);
             worst = fmax(worst, e);
             if (mx == 0.0) worst = 1.0; // a group with no gradient at all is a bug here
             size_t len = strlen(groups);
-            snprintf(groups + len, sizeof(groups) - len, " %s %.1e", train_tensor_name(tn), e);
+            snprintf(groups + len, sizeof(groups) - len, " %s %.1e", tensor_name(tn), e);
         }
     } else if (per_group) {
         for (int t = 0; t < LORA_N_TARGETS; t++)
@@ -2427,7 +2428,7 @@ static void tt_randomize_lora(TrainModel* m, uint64_t seed) {
 // Matrices x10 (std 0.2), norm weights 1 + N(0, 0.1): every path carries signal, softmaxes stay soft
 static void tt_spread_weights(float* block, const Config* c) {
     uint64_t s = 99;
-    for (int tn = 0; tn < TRAIN_N_TENSORS; tn++) {
+    for (int tn = 0; tn < TN_COUNT; tn++) {
         size_t n, off = train_tensor_offset(c, tn, &n);
         int norm = tn == 1 || tn == 6 || tn == 10;
         for (size_t i = off; i < off + n; i++) {
@@ -2683,8 +2684,8 @@ static void test_train_merge(void) {
     int n = 40, V = 128256, same;
     int ids[40];
     tt_random_tokens(ids, n, V, 5);
-    check(merge_model(model, adapter, "build/test_train_merged.f32.bin", 0) == 0, "merge: fp32 model written");
-    check(merge_model(model, adapter, "build/test_train_merged.q8.bin", 1) == 0, "merge: int8 model written");
+    check(merge_model(model, adapter, "build/test_train_merged.f32.bin", WEIGHT_FP32) == 0, "merge: fp32 model written");
+    check(merge_model(model, adapter, "build/test_train_merged.q8.bin", WEIGHT_Q8) == 0, "merge: int8 model written");
     float* unmerged = tt_engine_logits(model, adapter, ids, n);
     float* merged = tt_engine_logits("build/test_train_merged.f32.bin", NULL, ids, n);
     float* merged8 = tt_engine_logits("build/test_train_merged.q8.bin", NULL, ids, n);
@@ -2732,7 +2733,7 @@ static void test_train_int8_backward(void) {
     train_setup_lora(&mq, 4, 8.0f, 0.0f, (1 << LORA_N_TARGETS) - 1, 0, L, 1);
     for (size_t i = 0; i < mq.n_params; i++) mq.params[i] = 0.0f;
     lora_save(&mq.lora, &mq.config, "build/test_train_zero.lora");
-    check(merge_model(q8, "build/test_train_zero.lora", "build/test_train_deq.f32.bin", 0) == 0,
+    check(merge_model(q8, "build/test_train_zero.lora", "build/test_train_deq.f32.bin", WEIGHT_FP32) == 0,
           "int8: dequantized fp32 copy written (merge of a zero adapter)");
     train_model_from_file(&mf, "build/test_train_deq.f32.bin");
     train_setup_lora(&mf, 4, 8.0f, 0.0f, (1 << LORA_N_TARGETS) - 1, 0, L, 1);
@@ -3474,6 +3475,48 @@ static void csv_value(const char* path, const char* method, const char* metric, 
     free(text);
 }
 
+// eval --attack quant: the attacked run is exactly the eval of the model
+// `train_lora merge --int8` writes, and its temporary model file is gone.
+static void test_attack_quant(const char* m, const char* opts) {
+    char cmd[2048], a[64], b[64], c[64], d[64];
+    snprintf(cmd, sizeof(cmd), "./train_lora eval %s %s --lora build/tt_gd.lora --attack quant --name gd -o "
+             "build/test_eval/gdq", m, opts);
+    int rc = tt_sh(cmd, NULL);
+    snprintf(cmd, sizeof(cmd), "./train_lora merge %s --lora build/tt_gd.lora --int8 -o build/test_eval/gd_merged.q8.bin && "
+             "./run eval build/test_eval/gd_merged.q8.bin %s --name gd -o build/test_eval/gdm", m, opts);
+    int rc2 = tt_sh(cmd, NULL);
+    csv_value("build/test_eval/gdq.q8.csv", "gd", "ppl_forget", a, sizeof(a));
+    csv_value("build/test_eval/gdm.csv", "gd", "ppl_forget", b, sizeof(b));
+    csv_value("build/test_eval/gdq.q8.csv", "gd", "forget_qa", c, sizeof(c));
+    csv_value("build/test_eval/gdm.csv", "gd", "forget_qa", d, sizeof(d));
+    FILE* tmp = fopen("build/test_eval/gdq.q8.model.bin", "rb");
+    check(rc == 0 && rc2 == 0 && a[0] && !strcmp(a, b) && c[0] && !strcmp(c, d) && !tmp,
+          "eval --attack quant: the Q8_0 run equals the eval of the merged int8 model (ppl %s = %s, forget QA %s = %s), "
+          "no temporary model left", a, b, c, d);
+    if (tmp) fclose(tmp);
+    // the report's recovery: (attacked - unlearned) / (base - unlearned) = (0.45 - 0.1) / (0.8 - 0.1) = 50%
+    const char* hdr = "method,metric,value,n\n";
+    char body[256];
+    const char* names[] = {"rb", "ru", "ru.q4"};
+    const double vals[] = {0.8, 0.1, 0.45};
+    for (int k = 0; k < 3; k++) {
+        snprintf(body, sizeof(body), "%s%.*s,forget_qa,%g,10\n", hdr, (int)strcspn(names[k], "."), names[k], vals[k]);
+        snprintf(cmd, sizeof(cmd), "build/test_eval/rq/%s.csv", names[k]);
+        mkdir("build/test_eval/rq", 0755);
+        write_file_atomic(cmd, body, strlen(body));
+    }
+    rc = tt_sh("./run report build/test_eval/rq --methods rb,ru --base rb --gold rb", NULL);
+    size_t len;
+    char* md = rc == 0 ? read_file("build/test_eval/rq/report.md", &len) : NULL;
+    check(md && strstr(md, "| ru | 10.0 / n/a / 45.0 | n/a / 50% |") && strstr(md, "quant.svg"),
+          "run report: the quantization attack's table shows the recovery (50%% for 0.1 -> 0.45 against 0.8)");
+    free(md);
+    expect_error("eval: an unknown --attack", "./run eval build/models/tiny-3.2.f32.bin -z build/llama3.tok "
+                 "--sets build/test_eval --attack frob -o build/test_eval/x");
+    expect_error("eval: --attack quant without -o", "./run eval build/models/tiny-3.2.f32.bin -z build/llama3.tok "
+                 "--sets build/test_eval --attack quant");
+}
+
 static void test_eval_cli(void) {
     const char* m = "build/models/tiny-3.2.f32.bin";
     const char* opts = "-z build/llama3.tok --sets build/test_eval --max-qa 4 -n 4 --verbmem-tokens 5 "
@@ -3497,6 +3540,7 @@ static void test_eval_cli(void) {
     csv_value("build/test_eval/plain.csv", "plain", "ppl_forget", c, sizeof(c));
     check(rc == 0 && !strcmp(a, "lora") && b[0] && c[0] && strcmp(b, c),
           "train_lora eval: kind %s, the adapter changes perplexity (%s vs plain %s)", a, b, c);
+    test_attack_quant(m, opts);
     // sae eval: an SAE trained here on the tiny model, latents 0 and 1 zeroed
     rc = tt_sh("./sae train build/models/tiny-3.2.f32.bin -z build/llama3.tok --layer 0 --data "
                "build/test_eval/forget_mia.txt build/test_eval/forget_text.txt --seq-len 16 --tokens 4k --batch 64 --buffer 256 "
@@ -3547,7 +3591,6 @@ static void test_eval_cli(void) {
 #include <signal.h>
 #include <time.h>
 #include <unistd.h>
-#include <sys/stat.h>
 
 static long rb_size(const char* path) {
     struct stat st;

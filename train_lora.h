@@ -150,9 +150,7 @@ typedef struct {
 
 // --full parameters: the model's tensors in file order (run.h), no padding:
 // token_embedding, rms_att, wq, wk, wv, wo, rms_ffn, w_gate, w_up, w_down,
-// rms_final, wcls (numel 0 when tied)
-#define TRAIN_N_TENSORS 12
-const char* train_tensor_name(int tn);
+// rms_final, wcls (numel 0 when tied): run.h's TN_* order and tensor_name()
 size_t train_tensor_offset(const Config* c, int tn, size_t* numel);
 
 // Loading and building (exit with a message on errors)
@@ -205,9 +203,8 @@ double train_grad_norm(const TrainModel* m);          // L2 norm of every gradie
 void train_scale_grads(TrainModel* m, float s);
 void train_adamw(TrainModel* m, float lr, float beta1, float beta2, float eps, float weight_decay, int t);
 
-// Model files in run.h format, written via path.tmp + rename
+// The trained model as an fp32 file in run.h format (via path.tmp + rename)
 int save_model_fp32(const TrainModel* m, const char* path);
-int merge_model(const char* model_path, const char* adapter_path, const char* out_path, int int8);
 
 // Parse "q,k,v,o,gate,up,down" (or "all", "attn", "mlp") into a mask; -1 on error
 int parse_targets(const char* s);

@@ -850,7 +850,7 @@ static int merge_cmd(int argc, char** argv) {
     cli_need(co.lora != NULL, "merge", "--lora ADAPTER");
     cli_need(co.out != NULL, "merge", "-o OUT.bin");
     long t0 = time_in_ms();
-    if (merge_model(co.model, co.lora, co.out, int8) != 0) die("cannot write %s: %s", co.out, strerror(errno));
+    if (merge_model(co.model, co.lora, co.out, int8 ? WEIGHT_Q8 : WEIGHT_FP32) != 0) die("cannot write %s: %s", co.out, strerror(errno));
     printf("merged %s into %s -> %s (%s, %.1fs)\n", co.lora, co.model, co.out, int8 ? "int8" : "fp32",
            (time_in_ms() - t0) / 1000.0);
     return 0;
