@@ -3,7 +3,8 @@
 #   make            build every program (OpenMP; OpenBLAS when its header is found)
 #   make BLAS=0     plain C build, no OpenBLAS (for porting)
 #   make test       build and run the test harness (needs python3 with numpy), after
-#                   tests/layout.sh (the repository's shape)
+#                   tests/layout.sh (the repository's shape); then tests/mpi.sh
+#                   (two ranks under mpirun, skipped when MPI is not installed)
 #   make test-asan  the test harness built with ASan + UBSan (build/asan/)
 #   make fuzz       libFuzzer targets of fuzz.c, FUZZ_SECONDS each (needs clang)
 #   make refs       regenerate the committed reference logits in tests/
@@ -108,6 +109,7 @@ test: all $(TOK) $(if $(HAVE_MPI),$(MPI_PROGRAMS))
 	sh tests/layout.sh
 	PYTHON=$(PYTHON) sh tests/prepare.sh
 	./test_all
+	HAVE_MPI=$(HAVE_MPI) PYTHON=$(PYTHON) sh tests/mpi.sh
 
 # The toy world: corpus, tokenizer, toy-base and toy-gold trained from
 # scratch (about 25 minutes on 2 cores); writes data/toy/.

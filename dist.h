@@ -41,7 +41,8 @@ void dist_fail(const char* fmt, ...) __attribute__((format(printf, 1, 2), noretu
 uint64_t dist_hash(uint64_t h, const void* p, size_t n);
 uint64_t dist_hash_sampled(uint64_t h, const void* p, size_t n);
 
-// What the sums cost so far: seconds inside them and bytes summed (of each rank's buffer)
-void dist_sum_stats(double* seconds, double* bytes);
+// What dist_sum_floats cost so far: seconds moving and adding the data,
+// seconds waiting for the slowest rank before, bytes summed (each rank's buffer)
+void dist_sum_stats(double* seconds, double* wait_seconds, double* bytes);
 
 #endif

@@ -633,7 +633,7 @@ static char* path_with_suffix(const char* path, const char* suffix) {
     return s;
 }
 
-// OUT.state (--resume), the loaders at their saved place, the CSV log
+// OUT.state (--resume), the loaders at their saved place
 static void open_state(Trainer* tr) {
     const Options* o = &tr->o;
     tr->state_path = path_with_suffix(o->co.out, ".state");
@@ -649,6 +649,11 @@ static void open_state(Trainer* tr) {
     if (tr->has_retain) loader_init(&tr->lr, &tr->retain, o->co.seed ^ 0x0f0full, sh.r_epoch, sh.r_cursor);
     if (tr->lf.cursor >= tr->forget.n || (tr->has_retain && tr->lr.cursor >= tr->retain.n))
         die("%s does not match these data sets", tr->state_path);
+}
+
+// The CSV log (kept up to the checkpoint on --resume)
+static void open_log(Trainer* tr) {
+    const Options* o = &tr->o;
     if (dist_rank() != 0) {   // rank 0 writes the log
         tr->log = fopen("/dev/null", "w");
         if (!tr->log) die("cannot open /dev/null");
@@ -907,11 +912,12 @@ static void check_shares(const Options* o) {
 
 // Under mpirun: the cost of the step's sum over the ranks
 static void report_sums(const Trainer* tr, int steps_run) {
-    double seconds, bytes;
-    dist_sum_stats(&seconds, &bytes);
+    double seconds, wait, bytes;
+    dist_sum_stats(&seconds, &wait, &bytes);
     if (dist_size() == 1 || steps_run == 0) return;
-    printf("allreduce: %d ranks, %.1f ms per step, %.0f bytes per step (%zu parameters)\n", dist_size(),
-           1000.0 * seconds / steps_run, bytes / steps_run, tr->m.n_params);
+    printf("allreduce: %d ranks, %.2f ms per step, %.0f bytes per step (%zu parameters), after %.2f ms per step "
+           "waiting for the slowest rank\n", dist_size(), 1000.0 * seconds / steps_run, bytes / steps_run,
+           tr->m.n_params, 1000.0 * wait / steps_run);
 }
 
 static int train_cmd(int argc, char** argv) {
@@ -929,6 +935,7 @@ static int train_cmd(int argc, char** argv) {
     open_state(&tr);
     setup_stopping(&tr);
     check_ranks_agree(&tr);
+    open_log(&tr);
     int steps_run = train_loop(&tr);
     fclose(tr.log);
     report_sums(&tr, steps_run);
