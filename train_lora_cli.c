@@ -619,11 +619,12 @@ static void alloc_buffers(Trainer* tr) {
     printf("model: dim %d, %d layers, vocab %d, %s | trainable: %s, %zu parameters | objective %s\n", c->dim,
            c->n_layers, c->vocab_size, c->weight_type == WEIGHT_Q8 ? "int8" : "fp32",
            m->full ? "every weight" : "LoRA", m->n_params, objective_name(obj));
-    // without a file the model is --init's, every weight trainable: n_params floats
+    // without a file the model is --init's, every weight trainable: n_params floats;
+    // trainable state: params, grads, AdamW m and v, and with --accum the step's sum
     printf("memory: weights %.1f MiB (%s), activations %.1f MiB, trainable state %.1f MiB\n",
            (m->file ? (double)m->file->file_size : (double)m->n_params * 4) / 1048576.0,
            m->file ? "mapped" : "in memory", m->acts_bytes / 1048576.0,
-           m->n_params * 4.0 * (m->no_decay ? 4.25 : 4.0) / 1048576.0);
+           m->n_params * 4.0 * ((m->no_decay ? 4.25 : 4.0) + (o->accum > 1)) / 1048576.0);
 }
 
 static char* path_with_suffix(const char* path, const char* suffix) {

@@ -265,10 +265,10 @@ awk -v reps="$REPS" -v decode="$DECODE" -v prefill="$PREFILL" -v layer="$SAE_LAY
         line("MPI: LoRA training, 1 rank x 1 thread, tok/s (B*T 256, r 8, all targets)", "mpi_train_1rank", "%.1f")
         line("MPI: LoRA training, 2 ranks x 1 thread, tok/s (B*T 2 x 256)", "mpi_train_2ranks", "%.1f")
         line("MPI: LoRA training, 1 process x 2 threads, tok/s (B*T 512)", "mpi_train_2threads", "%.1f")
-        line("MPI: allreduce per step, ms (2 ranks, rank 8)", "mpi_allreduce_ms_r8", "%.2f")
-        line("MPI: allreduce bytes per step, MB (rank 8)", "mpi_allreduce_bytes_r8", "%.2f", 1e6)
-        line("MPI: allreduce per step, ms (2 ranks, rank 64)", "mpi_allreduce_ms_r64", "%.2f")
-        line("MPI: allreduce bytes per step, MB (rank 64)", "mpi_allreduce_bytes_r64", "%.2f", 1e6)
+        for (r = 8; r <= 64; r *= 8) {   # the adapter ranks of the allreduce rows
+            line("MPI: allreduce per step, ms (2 ranks, rank " r ")", "mpi_allreduce_ms_r" r, "%.2f")
+            line("MPI: allreduce bytes per step, MB (rank " r ")", "mpi_allreduce_bytes_r" r, "%.2f", 1e6)
+        }
     }' $DIR/results.csv > $DIR/results.md
 
 echo
