@@ -3,14 +3,16 @@
 #   make            build every program (OpenMP; OpenBLAS when its header is found)
 #   make BLAS=0     plain C build, no OpenBLAS (for porting)
 #   make test       build and run the test harness (needs python3 with numpy), after
-#                   tests/layout.sh (the repository's shape)
+#                   tests/layout.sh (the repository's shape); then tests/mpi.sh
+#                   (two ranks under mpirun, skipped when MPI is not installed)
 #   make test-asan  the test harness built with ASan + UBSan (build/asan/)
 #   make fuzz       libFuzzer targets of fuzz.c, FUZZ_SECONDS each (needs clang)
 #   make refs       regenerate the committed reference logits in tests/
 #   make toy        rebuild the toy world (data/toy/) from its seed
 #   make demo       every method on the toy world, one report (results/toy/)
 #   make demo-real MODEL=m.bin TOKENIZER=t.tok [REAL=data/real]   the same on a real model
-#   make bench [BENCH_REPS=5] [BENCH_8B=1]   speed suite: decode/prefill tok/s, bandwidth, GEMM, roofline,
+#   make MPI=1      also build/mpi/train_lora and build/mpi/sae, for mpirun (docs/mpi.md)
+#   make bench [BENCH_REPS=5] [BENCH_8B=1] [MPI=1]   speed suite: decode/prefill tok/s, bandwidth, GEMM, roofline,
 #                   LoRA and SAE training (build/bench/results.{csv,json,md}; 6-8 min on 2 cores,
 #                   plus about 2 min to make the models once, 4 more with BENCH_8B=1)
 CC ?= cc
@@ -50,8 +52,8 @@ ENGINE_OBJS = engine.o tokenizer.o kernels.o model_write.o
 SHARED_OBJS = $(ENGINE_OBJS) cli.o data.o eval.o
 METHOD_OBJS = train_lora.o sae.o guard.o
 run_OBJS = run.o bench.o $(SHARED_OBJS)
-train_lora_OBJS = train_lora_cli.o train_lora.o $(SHARED_OBJS)
-sae_OBJS = sae_cli.o sae.o $(SHARED_OBJS)
+train_lora_OBJS = train_lora_cli.o train_lora.o dist.o $(SHARED_OBJS)
+sae_OBJS = sae_cli.o sae.o dist.o $(SHARED_OBJS)
 guard_OBJS = guard_cli.o guard.o $(SHARED_OBJS)
 test_all_OBJS = test_all.o $(METHOD_OBJS) $(SHARED_OBJS)
 
@@ -68,6 +70,31 @@ $(PROGRAMS):
 
 -include $(wildcard *.d)
 
+# Many machines (docs/mpi.md): `make MPI=1` also builds build/mpi/train_lora
+# and build/mpi/sae for mpirun. They differ from ./train_lora and ./sae only
+# in dist.o (compiled by mpicc with USE_MPI into build/mpi/) and are linked
+# by mpicc; every other object is the plain build's. `make test` builds and
+# tests them whenever mpicc and mpirun are installed (Debian: libopenmpi-dev
+# openmpi-bin), and says it skipped them otherwise.
+MPI ?= 0
+MPICC ?= mpicc
+MPI_DIR = build/mpi
+MPI_PROGRAMS = $(MPI_DIR)/train_lora $(MPI_DIR)/sae
+HAVE_MPI := $(shell command -v $(MPICC) >/dev/null 2>&1 && command -v mpirun >/dev/null 2>&1 && echo 1)
+ifeq ($(MPI),1)
+  ifneq ($(HAVE_MPI),1)
+    $(error MPI=1 needs mpicc and mpirun (Debian: apt-get install libopenmpi-dev openmpi-bin))
+  endif
+all: $(MPI_PROGRAMS)
+endif
+$(MPI_DIR)/dist.o: dist.c dist.h run.h
+	@mkdir -p $(MPI_DIR)
+	$(MPICC) $(CFLAGS) -DUSE_MPI -c $< -o $@
+$(MPI_DIR)/train_lora: $(MPI_DIR)/dist.o $(filter-out dist.o,$(train_lora_OBJS))
+$(MPI_DIR)/sae: $(MPI_DIR)/dist.o $(filter-out dist.o,$(sae_OBJS))
+$(MPI_PROGRAMS):
+	$(MPICC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
 # Synthetic checkpoints and exported models live in build/ (git-ignored).
 TOK = build/llama3.tok
 # The real Llama-3 tokenizer.json ships gzip-compressed in tests/llama3/.
@@ -77,11 +104,12 @@ $(TOK): export.py tok_export.py $(LLAMA3_TOKENIZER)
 	@mkdir -p build
 	$(PYTHON) export.py tokenizer $(LLAMA3_TOKENIZER) $@
 
-test: all $(TOK)
+test: all $(TOK) $(if $(HAVE_MPI),$(MPI_PROGRAMS))
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }
 	sh tests/layout.sh
 	PYTHON=$(PYTHON) sh tests/prepare.sh
 	./test_all
+	HAVE_MPI=$(HAVE_MPI) PYTHON=$(PYTHON) sh tests/mpi.sh
 
 # The toy world: corpus, tokenizer, toy-base and toy-gold trained from
 # scratch (about 25 minutes on 2 cores); writes data/toy/.
@@ -118,8 +146,8 @@ ifeq ($(BENCH_8B),1)
 BENCH_MODELS += $(BENCH_DIR)/8b.q8.bin
 endif
 
-bench: run train_lora sae $(TOK) $(BENCH_MODELS)
-	BENCH_REPS=$(BENCH_REPS) BENCH_DIR=$(BENCH_DIR) BENCH_8B=$(BENCH_8B) PYTHON=$(PYTHON) TOK=$(TOK) sh tests/bench.sh
+bench: run train_lora sae $(TOK) $(BENCH_MODELS) $(if $(filter 1,$(MPI)),$(MPI_PROGRAMS))
+	BENCH_REPS=$(BENCH_REPS) BENCH_DIR=$(BENCH_DIR) BENCH_8B=$(BENCH_8B) BENCH_MPI=$(MPI) PYTHON=$(PYTHON) TOK=$(TOK) sh tests/bench.sh
 
 bench_preset_1b-32k = llama-3.2-1b-32k
 bench_preset_1b = llama-3.2-1b
@@ -142,6 +170,7 @@ $(BENCH_DIR)/%.q8.bin: | $(BENCH_DIR)/%.f32.bin
 
 clean:
 	rm -f $(PROGRAMS) *.o *.d
+	rm -rf $(MPI_DIR)
 
 .PHONY: all test refs toy demo demo-real bench clean
 

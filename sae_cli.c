@@ -28,6 +28,7 @@
 #include "sae.h"
 #include "eval.h"
 #include "data.h"
+#include "dist.h"
 
 // ----------------------------------------------------------------------------
 // Data: rows of token ids with a mask of the content positions.
@@ -245,6 +246,18 @@ static int capture_content(Transformer* t, const Row* r, int layer, float* tmp, 
     return m;
 }
 
+// Capture shared by the MPI ranks (one process: a group of one row). Rank j
+// captures row idx[j] of a group of k <= ranks rows into block j of group
+// (ranks, 1 + T*dim): its content count (a float, exact below 2^24), then
+// the activations. Every rank ends with every block.
+static void capture_group(Transformer* t, const RowSet* rows, const int* idx, int k, int layer, float* tmp,
+                          float* group, size_t block) {
+    int r = dist_rank();
+    float* b = group + (size_t)r * block;
+    b[0] = r < k ? (float)capture_content(t, &rows->rows[idx[r]], layer, tmp, b + 1) : 0.0f;
+    dist_allgather_floats(group, block);
+}
+
 // ----------------------------------------------------------------------------
 // The activation stream for training: rows in a shuffled order (a new order
 // each epoch), content positions only, tokens whose norm exceeds
@@ -268,7 +281,10 @@ typedef struct {
     int at;              // next row in order
     int epoch;
     float* tmp;          // (T, dim) capture scratch
-    float* row_acts;     // (T, dim) content activations of the current row
+    float* group;        // (ranks, 1 + T*dim) the rows captured together (capture_group)
+    size_t block;        // 1 + T*dim
+    int group_at;        // next block of group to read (ranks: capture the next group)
+    float* row_acts;     // (T, dim) content activations of the current row, in group
     int row_n, row_at;
     float* cache;        // mapped cache (n_tokens, dim), or NULL
     size_t cache_bytes;
@@ -300,9 +316,20 @@ static void stream_next_raw(ActStream* st, float* out) {
         return;
     }
     while (st->row_at >= st->row_n) {
-        if (st->at == st->rows->n) { shuffle_ints(st->order, st->rows->n, &st->rng); st->at = 0; st->epoch++; }
-        const Row* r = &st->rows->rows[st->order[st->at++]];
-        st->row_n = capture_content(st->t, r, st->layer, st->tmp, st->row_acts);
+        int P = dist_size();
+        if (st->group_at == P) {   // the next rows of the order, one per rank
+            int* idx = xmalloc((size_t)P * sizeof(int));
+            for (int j = 0; j < P; j++) {
+                if (st->at == st->rows->n) { shuffle_ints(st->order, st->rows->n, &st->rng); st->at = 0; st->epoch++; }
+                idx[j] = st->order[st->at++];
+            }
+            capture_group(st->t, st->rows, idx, P, st->layer, st->tmp, st->group, st->block);
+            free(idx);
+            st->group_at = 0;
+        }
+        float* b = st->group + (size_t)(st->group_at++) * st->block;
+        st->row_n = (int)b[0];
+        st->row_acts = b + 1;
         st->row_at = 0;
     }
     memcpy(out, st->row_acts + (size_t)(st->row_at++) * d, (size_t)d * sizeof(float));
@@ -326,37 +353,47 @@ static int64_t data_fingerprint(const char* const* paths, int n_paths, int T) {
     return fp;
 }
 
-// One pass over every row, content activations appended to path (atomically).
+// One pass over every row, content activations appended to path
+// (atomically). Under MPI the ranks capture a group of rows at a time and
+// rank 0 writes.
 static void write_cache(Transformer* t, const RowSet* rows, int layer, int T, const char* path, int64_t fingerprint) {
-    int d = t->config.dim;
+    int d = t->config.dim, P = dist_size(), writer = dist_rank() == 0;
     char tmp_path[4096];
     snprintf(tmp_path, sizeof(tmp_path), "%s.tmp", path);
-    FILE* f = fopen(tmp_path, "wb");
-    if (!f) die("cannot write %s: %s", tmp_path, strerror(errno));
+    FILE* f = writer ? fopen(tmp_path, "wb") : NULL;
+    if (writer && !f) die("cannot write %s: %s", tmp_path, strerror(errno));
     unsigned char h[CACHE_HEADER];
     memset(h, 0, sizeof(h));
-    fwrite(h, 1, sizeof(h), f);
+    if (writer) fwrite(h, 1, sizeof(h), f);
+    size_t block = 1 + (size_t)T * d;
     float* tmp = xmalloc((size_t)T * d * sizeof(float));
-    float* acts = xmalloc((size_t)T * d * sizeof(float));
+    float* group = xmalloc((size_t)P * block * sizeof(float));
+    int* idx = xmalloc((size_t)P * sizeof(int));
     int64_t total = 0;
     long t0 = time_in_ms();
-    for (int i = 0; i < rows->n; i++) {
-        int m = capture_content(t, &rows->rows[i], layer, tmp, acts);
-        if (fwrite(acts, sizeof(float), (size_t)m * d, f) != (size_t)m * d) die("cannot write %s: %s", tmp_path, strerror(errno));
-        total += m;
-        if (i % 16 == 15 || i == rows->n - 1) {
-            long ms = time_in_ms() - t0;
-            fprintf(stderr, "\rcache: %d/%d rows, %lld tokens, %.0f tok/s", i + 1, rows->n, (long long)total,
-                    ms > 0 ? total * 1000.0 / ms : 0.0);
+    for (int i0 = 0; i0 < rows->n; i0 += P) {
+        int k = rows->n - i0 < P ? rows->n - i0 : P;
+        for (int j = 0; j < k; j++) idx[j] = i0 + j;
+        capture_group(t, rows, idx, k, layer, tmp, group, block);
+        for (int j = 0; j < k; j++) {
+            size_t m = (size_t)group[j * block];
+            if (writer && fwrite(group + j * block + 1, sizeof(float), m * d, f) != m * d)
+                die("cannot write %s: %s", tmp_path, strerror(errno));
+            total += (int64_t)m;
         }
+        long ms = time_in_ms() - t0;
+        if (writer && (i0 / P % 16 == 15 || i0 + k == rows->n))
+            fprintf(stderr, "\rcache: %d/%d rows, %lld tokens, %.0f tok/s", i0 + k, rows->n, (long long)total,
+                    ms > 0 ? total * 1000.0 / ms : 0.0);
     }
+    free(tmp); free(group); free(idx);
+    if (!writer) return;
     fprintf(stderr, "\n");
     int64_t model_size = (int64_t)t->file_size;
     put_i32(h, (int32_t)CACHE_MAGIC); put_i32(h + 4, 1); put_i32(h + 8, d); put_i32(h + 12, layer);
     memcpy(h + 16, &total, 8); memcpy(h + 24, &model_size, 8); memcpy(h + 32, &fingerprint, 8);
     if (fseek(f, 0, SEEK_SET) != 0 || fwrite(h, 1, sizeof(h), f) != sizeof(h) || fclose(f) != 0 || rename(tmp_path, path) != 0)
         die("cannot write %s: %s", path, strerror(errno));
-    free(tmp); free(acts);
 }
 
 static void open_cache(ActStream* st, const char* path, int64_t model_size, int64_t fingerprint) {
@@ -420,7 +457,7 @@ typedef struct {
     const char *forget, *retain, *qa;       // the sets of measure and score
     const char *keywords, *rule, *latents;  // how score ranks the latents; those selected
     const char *cache, *finetune;           // train's activation cache and starting SAE
-    int layer, hook, n_latents, expansion, k, arch, batch, buffer, T, warmup, k_aux, median;
+    int layer, hook, n_latents, expansion, k, arch, batch, accum, buffer, T, warmup, k_aux, median;
     int64_t tokens, dead_tokens;
     float lr, decay_frac, auxk_alpha, l1, max_norm_ratio;
     int log_every, save_every;
@@ -455,7 +492,7 @@ static void opts_init(Opts* o, const char* cmd, unsigned accepts) {
                    : !strcmp(cmd, "train") ? "the SAE file to write, required"
                    : !strcmp(cmd, "score") ? "the latents CSV to write (every latent, best first), required"
                    : "also save the trained SAE here";
-    o->T = 256; o->expansion = 8; o->k = -1; o->arch = SAE_TOPK; o->batch = 4096; o->buffer = 65536;
+    o->T = 256; o->expansion = 8; o->k = -1; o->arch = SAE_TOPK; o->batch = 4096; o->accum = 1; o->buffer = 65536;
     o->tokens = -1; o->dead_tokens = -1; o->lr = -1; o->warmup = -1; o->decay_frac = 0.2f; o->auxk_alpha = 1.0f / 32.0f;
     o->k_aux = -1; o->l1 = 0.1f; o->median = 1; o->max_norm_ratio = 10.0f; o->log_every = 10;
     o->save_every = 500; o->layer = -1000; o->rule = "freq"; o->tau = 0.01f; o->N = 20; o->contexts = 5;
@@ -509,6 +546,7 @@ static int sae_flag(Opts* o, unsigned groups, int argc, char** argv, int* i) {
         {G_RECIPE, {"--expansion", CLI_INT, &o->expansion}},
         {G_RECIPE, {"--topk", CLI_INT, &o->k}},
         {G_RECIPE, {"--batch", CLI_INT, &o->batch}},
+        {G_RECIPE, {"--accum", CLI_INT, &o->accum}},
         {G_RECIPE, {"--lr", CLI_FLOAT, &o->lr}},
         {G_RECIPE, {"--warmup", CLI_INT, &o->warmup}},
         {G_RECIPE, {"--decay-frac", CLI_FLOAT, &o->decay_frac}},
@@ -578,7 +616,9 @@ static const struct { unsigned groups; const char* lines; } SAE_FLAG_HELP[] = {
 "  --n-latents N    latents (default --expansion x dim; planted: 2 x --true)\n"
 "  --expansion E    latents per model dimension (default 8)\n"
 "  --tokens N       training tokens, k/M/G suffixes (default 1M; planted: 400k)\n"
-"  --batch N        batch in tokens (default 4096; planted: 256)\n"
+"  --batch N        batch in tokens (default 4096; planted: 256); under mpirun, shared by\n"
+"                   the ranks\n"
+"  --accum N        batches per Adam step, their gradients averaged (default 1)\n"
 "  --lr X           Adam lr (default 2e-4/sqrt(n/16384); planted: 1e-2)\n"
 "  --warmup N       warmup steps (default min(1000, steps/10))\n"
 "  --decay-frac F   linear decay to 0 over the last F of the steps (default 0.2)\n"
@@ -647,7 +687,7 @@ static void parse_args(Opts* o, unsigned accepts, unsigned groups, int argc, cha
     }
     cli_check(&o->co);
     if (o->T < 2) die("--seq-len must be >= 2");
-    if (o->batch < 1) die("--batch must be >= 1");
+    if (o->batch < 1 || o->accum < 1) die("--batch and --accum must be >= 1");
     if (o->N < 0) die("--select must be >= 0");
 }
 
@@ -756,9 +796,9 @@ static void train_config_from_opts(SaeTrainConfig* c, const Opts* o, int d, int 
     c->auxk_alpha = o->auxk_alpha;
     if (o->k_aux > 0) c->k_aux = o->k_aux;
     c->l1 = o->l1;
-    int64_t tokens = (int64_t)steps * o->batch;
+    int64_t step_tokens = (int64_t)o->batch * o->accum, tokens = steps * step_tokens;
     c->dead_tokens = o->dead_tokens > 0 ? o->dead_tokens : (tokens / 10 < 10000000 ? tokens / 10 : 10000000);
-    if (c->dead_tokens < o->batch) c->dead_tokens = o->batch;
+    if (c->dead_tokens < step_tokens) c->dead_tokens = step_tokens;
 }
 
 static void print_progress(int step, int steps, int64_t tokens, long ms, const SaeTrainStats* st, int relu) {
@@ -769,6 +809,7 @@ static void print_progress(int step, int steps, int64_t tokens, long ms, const S
 }
 
 static void save_or_die(const Sae* s, const char* path) {
+    if (dist_rank() != 0) return;   // under mpirun the ranks hold the same SAE; rank 0 writes it
     if (sae_save(s, path) != 0) die("cannot write %s: %s", path, strerror(errno));
 }
 
@@ -808,6 +849,7 @@ static int open_data(const Opts* o, const char* out_file, Transformer* t, Tokeni
 static int capture_main(int argc, char** argv) {
     Opts o;
     parse_args(&o, CLI_TOK | CLI_OUT | CLI_SYSTEM, G_DATA, argc, argv);
+    dist_init(&argc, &argv);   // under mpirun the ranks share the rows
     Transformer t;
     Tokenizer tok;
     RowSet rows;
@@ -818,6 +860,7 @@ static int capture_main(int argc, char** argv) {
     free_rows(&rows);
     free_transformer(&t);
     free_tokenizer(&tok);
+    dist_finalize();
     return 0;
 }
 
@@ -832,20 +875,27 @@ static int64_t stream_open(ActStream* st, Transformer* t, const RowSet* rows, in
     for (int i = 0; i < rows->n; i++) st->order[i] = i;
     st->at = rows->n;   // shuffle on first use
     st->tmp = xmalloc((size_t)o->T * d * sizeof(float));
-    st->row_acts = xmalloc((size_t)o->T * d * sizeof(float));
+    st->block = 1 + (size_t)o->T * d;
+    st->group = xmalloc((size_t)dist_size() * st->block * sizeof(float));
+    st->group_at = dist_size();   // capture on first use
     if (!o->cache) return data_tokens;
     int64_t fp = data_fingerprint(o->data, o->n_data, o->T);
-    if (access(o->cache, F_OK) != 0) {
+    // rank 0 decides whether to capture (the ranks share the file), and
+    // every rank opens the cache once rank 0 has renamed it into place
+    unsigned char missing = dist_rank() == 0 && access(o->cache, F_OK) != 0;
+    dist_or_bytes(&missing, 1);
+    if (missing) {
         printf("capturing activations into the cache %s\n", o->cache);
         write_cache(t, rows, e, o->T, o->cache, fp);
     }
+    dist_barrier();
     open_cache(st, o->cache, (int64_t)t->file_size, fp);
     printf("cache %s: %lld tokens\n", o->cache, (long long)st->cache_n);
     return st->cache_n;
 }
 
 static void stream_close(ActStream* st) {
-    free(st->order); free(st->tmp); free(st->row_acts); free(st->block_order);
+    free(st->order); free(st->tmp); free(st->group); free(st->block_order);
     if (st->cache) munmap((char*)st->cache - CACHE_HEADER, st->cache_bytes);
 }
 
@@ -895,46 +945,109 @@ static void training_sae(Sae* s, const Opts* o, int d) {
     s->hook = o->hook;
 }
 
+// One Adam step on the step's tokens x: --accum x ranks micro-batches of mb
+// tokens, this rank's being a*ranks + rank. Each gradient starts from zero;
+// they are summed here and over the ranks, then averaged, so a step is the
+// same sum whether its micro-batches ran in one process or on several ranks
+// (docs/mpi.md). A latent fired when it fired in any micro-batch.
+static SaeTrainStats accum_step(SaeTrainer* tr, const float* x, int mb, int A, float* acc, unsigned char* fired) {
+    const Sae* s = tr->sae;
+    int P = dist_size(), micros = A * P, d = s->d, n = s->n;
+    size_t count = s->memory_size / sizeof(float);
+    double sum[5] = {0};   // loss, fvu, auxk, l1, l0: means over the micro-batches
+    for (int a = 0; a < A; a++) {
+        SaeTrainStats st = sae_train_grad(tr, x + (size_t)(a * P + dist_rank()) * mb * d, mb);
+        double v[5] = {st.loss, st.fvu, st.auxk, st.l1, st.l0};
+        for (int k = 0; k < 5; k++) sum[k] += v[k] / micros;
+        if (A == 1) break;
+        if (a == 0) { memcpy(acc, tr->grad, count * sizeof(float)); memcpy(fired, tr->fired, (size_t)n); continue; }
+        for (size_t q = 0; q < count; q++) acc[q] += tr->grad[q];
+        for (int i = 0; i < n; i++) fired[i] |= tr->fired[i];
+    }
+    if (A > 1) { memcpy(tr->grad, acc, count * sizeof(float)); memcpy(tr->fired, fired, (size_t)n); }
+    dist_sum_floats(tr->grad, count);   // the one sum of the step's gradients over the ranks
+    dist_or_bytes(tr->fired, (size_t)n);
+    dist_sum_doubles(sum, 5);
+    if (micros > 1) for (size_t q = 0; q < count; q++) tr->grad[q] *= 1.0f / micros;
+    tr->batch = mb * micros;
+    SaeTrainStats st = {.loss = sum[0], .fvu = sum[1], .auxk = sum[2], .l1 = sum[3], .l0 = sum[4]};
+    st.lr = sae_train_update(tr);
+    int dead = 0;
+    for (int i = 0; i < n; i++) dead += tr->since_fired[i] >= tr->cfg.dead_tokens;
+    st.dead_frac = (double)dead / n;
+    tr->sae->train_fvu = (float)st.fvu;
+    return st;
+}
+
 // steps Adam steps on batches drawn from the buffer (x holds the first
-// batch already), with progress lines and periodic saves to -o.
+// step's --batch x --accum tokens already), with progress lines and
+// periodic saves to -o.
 static void train_steps(Sae* s, ShuffleBuffer* sb, ActStream* st, float* x, const Opts* o, int steps, long t0) {
-    int B = o->batch;
+    int B = o->batch * o->accum, mb = o->batch / dist_size();
     SaeTrainConfig cfg;
     train_config_from_opts(&cfg, o, s->d, s->n, s->k, s->arch, steps);
     printf("training a %s SAE: d %d, n %d%s%d, %d steps of %d tokens, lr %.2e, warmup %d, dead after %lld tokens\n",
            sae_arch_name(s->arch), s->d, s->n, s->arch == SAE_TOPK ? ", k " : ", l1 x1000 ",
            s->arch == SAE_TOPK ? s->k : (int)(cfg.l1 * 1000), steps, B, cfg.lr, cfg.warmup, (long long)cfg.dead_tokens);
     SaeTrainer tr;
-    sae_trainer_init(&tr, s, &cfg, B);
+    sae_trainer_init(&tr, s, &cfg, mb);
+    float* acc = o->accum > 1 ? xmalloc(s->memory_size) : NULL;
+    unsigned char* fired = o->accum > 1 ? xmalloc((size_t)s->n) : NULL;
     for (int step = 0; step < steps; step++) {
         if (step > 0) buffer_draw(sb, st, x, B);
-        SaeTrainStats stats = sae_train_step(&tr, x, B);
+        SaeTrainStats stats = accum_step(&tr, x, mb, o->accum, acc, fired);
         if (o->log_every > 0 && ((step + 1) % o->log_every == 0 || step == 0 || step == steps - 1))
             print_progress(step + 1, steps, (int64_t)(step + 1) * B, time_in_ms() - t0, &stats, s->arch == SAE_RELU);
         if (o->save_every > 0 && (step + 1) % o->save_every == 0 && step != steps - 1) save_or_die(s, o->co.out);
     }
     save_or_die(s, o->co.out);
+    free(acc); free(fired);
     sae_trainer_free(&tr);
+}
+
+// Under mpirun: the ranks must start from the same model, data, options and
+// SAE, or their sums would mix different runs. A difference stops every
+// rank with one error, before the first capture.
+static void check_ranks_agree(const Opts* o, const Transformer* t, const RowSet* rows, const Sae* s) {
+    uint64_t h = dist_hash(DIST_HASH_INIT, &t->config, sizeof(t->config));
+    dist_check_same(dist_hash_sampled(h, t->data, t->file_size), "the model file (its header, size or weights)");
+    h = DIST_HASH_INIT;
+    for (int i = 0; i < rows->n; i++) {
+        h = dist_hash(h, rows->rows[i].ids, (size_t)rows->rows[i].n * sizeof(int));
+        h = dist_hash(h, rows->rows[i].keep, (size_t)rows->rows[i].n);
+    }
+    dist_check_same(dist_hash(h, &rows->n, sizeof(rows->n)), "the data (--data, the tokenizer)");
+    int32_t iv[] = {o->layer, o->hook, o->batch, o->accum, o->buffer, o->T, o->warmup, o->k_aux, o->median, o->save_every};
+    float fv[] = {o->lr, o->decay_frac, o->auxk_alpha, o->l1, o->max_norm_ratio};
+    int64_t lv[] = {o->tokens, o->dead_tokens, (int64_t)o->co.seed, o->cache != NULL};
+    h = dist_hash(dist_hash(dist_hash(DIST_HASH_INIT, iv, sizeof(iv)), fv, sizeof(fv)), lv, sizeof(lv));
+    dist_check_same(h, "the training options");
+    int32_t sv[] = {s->d, s->n, s->k, s->arch};
+    h = dist_hash(DIST_HASH_INIT, sv, sizeof(sv));
+    dist_check_same(dist_hash_sampled(h, s->memory, s->memory_size), "the SAE (--n-latents, --topk, --finetune)");
 }
 
 static int train_main(int argc, char** argv) {
     Opts o;
     parse_args(&o, CLI_TOK | CLI_OUT | CLI_SEED | CLI_SYSTEM, G_DATA | G_RECIPE | G_STREAM, argc, argv);
+    dist_init(&argc, &argv);
+    if (o.batch % dist_size()) dist_fail("--batch %d must be a multiple of the %d MPI ranks", o.batch, dist_size());
     Transformer t;
     Tokenizer tok;
     RowSet rows;
     int64_t data_tokens;
     int e = open_data(&o, "-o SAE.bin", &t, &tok, &rows, &data_tokens), d = t.config.dim;
+    Sae s;
+    training_sae(&s, &o, d);
+    check_ranks_agree(&o, &t, &rows, &s);
     ActStream st;
     data_tokens = stream_open(&st, &t, &rows, e, &o, data_tokens);
     long t0 = time_in_ms();
     ShuffleBuffer sb;
     buffer_fill(&sb, &st, data_tokens, &o);
-    Sae s;
-    training_sae(&s, &o, d);
     int64_t tokens = o.tokens >= 0 ? o.tokens : 1000000;
-    int B = o.batch, steps = (int)(tokens / B);
-    if (steps < 1) die("--tokens %lld is less than one batch of %d", (long long)tokens, B);
+    int B = o.batch * o.accum, steps = (int)(tokens / B);   // B: the tokens of one Adam step
+    if (steps < 1) die("--tokens %lld is less than one step of %d", (long long)tokens, B);
     float* x = xmalloc((size_t)B * d * sizeof(float));
     buffer_draw(&sb, &st, x, B);
     if (!o.finetune) sae_init_from_data(&s, x, B, o.median, o.co.seed);
@@ -947,6 +1060,7 @@ static int train_main(int argc, char** argv) {
     free_rows(&rows);
     free_transformer(&t);
     free_tokenizer(&tok);
+    dist_finalize();
     return 0;
 }
 
@@ -958,6 +1072,7 @@ static int planted_main(int argc, char** argv) {
     int B = o.batch == 4096 ? 256 : o.batch;
     int64_t tokens = o.tokens >= 0 ? o.tokens : 400000;
     if (d < 2 || nt < 1 || sp < 1 || sp > nt || k > n) die("planted: need d >= 2, 1 <= s <= true, k <= n");
+    if (o.accum != 1) die("--accum is for sae train");
     Planted p;
     planted_init(&p, d, nt, sp, 0.01f, o.co.seed);
     Sae s;

@@ -18,6 +18,7 @@
 #include "cli.h"
 #include "eval.h"
 #include "train_lora.h"
+#include "dist.h"
 
 // ----------------------------------------------------------------------------
 // Training state (--resume): everything the next step depends on
@@ -25,7 +26,8 @@
 //   0   uint32 magic "ULTS", 4 int32 version, 8 int32 step, 12 int32 full,
 //   16  int64 n_params, 24 int32 forget epoch, 28 forget cursor,
 //   32  int32 retain epoch, 36 retain cursor, 40 uint64 seed,
-//   48  int32 rank, 52 target_mask, 56 layer_begin, 60 layer_end, 64..127 zero
+//   48  int32 rank, 52 target_mask, 56 layer_begin, 60 layer_end,
+//   64  int32 MPI ranks of the run (0 = 1), 68..127 zero
 //   then params, AdamW m, AdamW v (n_params fp32 each)
 
 #define STATE_MAGIC 0x53544c55u  // "ULTS"
@@ -33,7 +35,7 @@
 #define STATE_HEADER 128
 
 typedef struct {
-    int step, full, f_epoch, f_cursor, r_epoch, r_cursor, rank, mask, lb, le;
+    int step, full, f_epoch, f_cursor, r_epoch, r_cursor, rank, mask, lb, le, ranks;
     int64_t n_params;
     uint64_t seed;
 } StateHeader;
@@ -51,6 +53,7 @@ static int save_state(const TrainModel* m, const char* path, const StateHeader* 
     memcpy(buf + 40, &sh->seed, 8);
     int32_t lo[] = {sh->rank, sh->mask, sh->lb, sh->le};
     memcpy(buf + 48, lo, sizeof(lo));
+    put_i32(buf + 64, sh->ranks);
     memcpy(buf + STATE_HEADER, m->params, n * sizeof(float));
     memcpy(buf + STATE_HEADER + n * sizeof(float), m->adam_m, n * sizeof(float));
     memcpy(buf + STATE_HEADER + 2 * n * sizeof(float), m->adam_v, n * sizeof(float));
@@ -76,6 +79,11 @@ static void load_state(TrainModel* m, const char* path, StateHeader* sh) {
     memcpy(lo, buf + 48, sizeof(lo));
     sh->f_epoch = lv[0]; sh->f_cursor = lv[1]; sh->r_epoch = lv[2]; sh->r_cursor = lv[3];
     sh->rank = lo[0]; sh->mask = lo[1]; sh->lb = lo[2]; sh->le = lo[3];
+    int32_t ranks = get_i32((unsigned char*)buf + 64);
+    sh->ranks = ranks > 0 ? ranks : 1;
+    // the sum over ranks is ordered by their number: same ranks, same bits
+    if (sh->ranks != dist_size())
+        die("%s was saved by a run on %d MPI ranks: resume it on %d (mpirun -np %d)", path, sh->ranks, sh->ranks, sh->ranks);
     if (sh->full != m->full || sh->n_params != (int64_t)m->n_params ||
         (!m->full && (sh->rank != m->lora.rank || sh->mask != m->lora.target_mask || sh->lb != m->lora.layer_begin ||
                       sh->le != m->lora.layer_end)))
@@ -449,7 +457,8 @@ typedef struct {
     Lora reinforced;          // WHP --reinforced
     Dataset forget, retain;
     int has_retain;           // a retain set is loaded and used
-    Batch fb, rb, eb;         // forget, retain, eval batches
+    Batch fb, rb, eb;         // forget, retain (--batch rows, this rank runs its share), eval batches
+    float* grad_acc;          // (n_params,) the step's gradient while --accum micro-batches add up, or NULL
     Loader lf, lr;
     char* state_path;         // OUT.state
     char* log_path;
@@ -599,20 +608,23 @@ static void alloc_buffers(Trainer* tr) {
     TrainModel* m = &tr->m;
     const Config* c = &m->config;
     int obj = o->objective, Tt = tr->forget.Tt, T = o->T;
-    int B_max = o->B > o->B_retain ? o->B : o->B_retain;
+    // rows of one rank's micro-batch: its share of --batch (all of it without MPI)
+    int B_max = (o->B > o->B_retain ? o->B : o->B_retain) / dist_size();
     int T_cap = Tt > T ? Tt : T;
     train_alloc_acts(m, B_max * T_cap, T_cap, obj == OBJ_WHP || o->retain_loss == RETAIN_KL, obj == OBJ_RMU);
     batch_alloc(&tr->fb, o->B, T, Tt, o->pack);
     if (tr->has_retain) batch_alloc(&tr->rb, o->B_retain, T, 0, o->pack);
     batch_alloc(&tr->eb, B_max, T, 0, o->pack);
+    if (o->accum > 1) tr->grad_acc = xmalloc(m->n_params * sizeof(float));
     printf("model: dim %d, %d layers, vocab %d, %s | trainable: %s, %zu parameters | objective %s\n", c->dim,
            c->n_layers, c->vocab_size, c->weight_type == WEIGHT_Q8 ? "int8" : "fp32",
            m->full ? "every weight" : "LoRA", m->n_params, objective_name(obj));
-    // without a file the model is --init's, every weight trainable: n_params floats
+    // without a file the model is --init's, every weight trainable: n_params floats;
+    // trainable state: params, grads, AdamW m and v, and with --accum the step's sum
     printf("memory: weights %.1f MiB (%s), activations %.1f MiB, trainable state %.1f MiB\n",
            (m->file ? (double)m->file->file_size : (double)m->n_params * 4) / 1048576.0,
            m->file ? "mapped" : "in memory", m->acts_bytes / 1048576.0,
-           m->n_params * 4.0 * (m->no_decay ? 4.25 : 4.0) / 1048576.0);
+           m->n_params * 4.0 * ((m->no_decay ? 4.25 : 4.0) + (o->accum > 1)) / 1048576.0);
 }
 
 static char* path_with_suffix(const char* path, const char* suffix) {
@@ -622,7 +634,7 @@ static char* path_with_suffix(const char* path, const char* suffix) {
     return s;
 }
 
-// OUT.state (--resume), the loaders at their saved place, the CSV log
+// OUT.state (--resume), the loaders at their saved place
 static void open_state(Trainer* tr) {
     const Options* o = &tr->o;
     tr->state_path = path_with_suffix(o->co.out, ".state");
@@ -638,6 +650,16 @@ static void open_state(Trainer* tr) {
     if (tr->has_retain) loader_init(&tr->lr, &tr->retain, o->co.seed ^ 0x0f0full, sh.r_epoch, sh.r_cursor);
     if (tr->lf.cursor >= tr->forget.n || (tr->has_retain && tr->lr.cursor >= tr->retain.n))
         die("%s does not match these data sets", tr->state_path);
+}
+
+// The CSV log (kept up to the checkpoint on --resume)
+static void open_log(Trainer* tr) {
+    const Options* o = &tr->o;
+    if (dist_rank() != 0) {   // rank 0 writes the log
+        tr->log = fopen("/dev/null", "w");
+        if (!tr->log) die("cannot open /dev/null");
+        return;
+    }
     int have_log = o->resume && trim_log(tr->log_path, tr->step);
     tr->log = fopen(tr->log_path, have_log ? "a" : "w");
     if (!tr->log) die("cannot write %s: %s", tr->log_path, strerror(errno));
@@ -660,8 +682,10 @@ static void setup_stopping(Trainer* tr) {
 
 static void checkpoint(Trainer* tr) {
     TrainModel* m = &tr->m;
+    if (dist_rank() != 0) return;   // the ranks hold the same state; rank 0 writes it
     StateHeader sh = {0};
     sh.step = tr->step; sh.full = m->full; sh.n_params = (int64_t)m->n_params; sh.seed = tr->o.co.seed;
+    sh.ranks = dist_size();
     sh.f_epoch = tr->lf.epoch; sh.f_cursor = tr->lf.cursor;
     if (tr->has_retain) { sh.r_epoch = tr->lr.epoch; sh.r_cursor = tr->lr.cursor; }
     if (!m->full) { sh.rank = m->lora.rank; sh.mask = m->lora.target_mask; sh.lb = m->lora.layer_begin; sh.le = m->lora.layer_end; }
@@ -683,28 +707,61 @@ typedef struct {
 
 static double mean_or_nan(double sum, int n) { return n ? sum / n : NAN; }
 
-// Gradients of --accum micro-batches, clipping, one AdamW update
+// Rows [r*n, (r+1)*n) of b, n = b->B / P: rank r's share of a micro-batch
+static Batch batch_share(const Batch* b, int r, int P) {
+    Batch s = *b;
+    s.B = b->B / P;
+    size_t first = (size_t)r * s.B;
+    s.inputs += first * b->T; s.targets += first * b->T; s.weights += first * b->T;
+    if (b->pos) s.pos += first * b->T;
+    if (b->Tt > 0) { s.trans_inputs += first * b->Tt; s.label_pos += first * b->T; }
+    return s;
+}
+
+// One micro-batch of this rank into tr->grad_acc (--accum > 1) or m->grads.
+// Each starts from zero gradients and the step adds them up afterwards, so
+// a step is the same sum whether its micro-batches ran in one process or on
+// several ranks (docs/mpi.md).
+static void train_micro(Trainer* tr, int a, int micros, LossTerms* lt) {
+    const Options* o = &tr->o;
+    TrainModel* m = &tr->m;
+    int P = dist_size(), r = dist_rank();
+    loader_next(&tr->lf, &tr->fb);
+    if (tr->has_retain) loader_next(&tr->lr, &tr->rb);
+    Batch fb = batch_share(&tr->fb, r, P), rb = tr->has_retain ? batch_share(&tr->rb, r, P) : fb;
+    // micro-batch a*P + r: the one a single process with --accum accum*P runs in this place
+    m->dropout_seed = train_step_seed(o->co.seed, tr->step, a * P + r);
+    train_zero_grads(m);
+    train_objective(m, &tr->oc, &fb, tr->has_retain ? &rb : NULL, 1.0f / micros, 1, lt);
+    if (!tr->grad_acc) return;
+    if (a == 0) memcpy(tr->grad_acc, m->grads, m->n_params * sizeof(float));
+    else for (size_t i = 0; i < m->n_params; i++) tr->grad_acc[i] += m->grads[i];
+}
+
+// Gradients of --accum micro-batches on every rank, summed over the ranks,
+// clipping, one AdamW update (the same on every rank)
 static void train_step(Trainer* tr, StepStats* st, int last_saved) {
     const Options* o = &tr->o;
     TrainModel* m = &tr->m;
-    train_zero_grads(m);
-    memset(&st->sum, 0, sizeof(st->sum));
-    double fn = 0, rn = 0, rk = 0;
-    int nfn = 0, nrn = 0, nrk = 0;
-    for (int micro = 0; micro < o->accum; micro++) {
-        loader_next(&tr->lf, &tr->fb);
-        if (tr->has_retain) loader_next(&tr->lr, &tr->rb);
-        m->dropout_seed = train_step_seed(o->co.seed, tr->step, micro);
+    int micros = o->accum * dist_size();
+    // loss, forget and retain term (means over the micro-batches), tokens, and the NLLs' sums and counts
+    double sum[10] = {0};
+    for (int a = 0; a < o->accum; a++) {
         LossTerms lt;
-        train_objective(m, &tr->oc, &tr->fb, tr->has_retain ? &tr->rb : NULL, 1.0f / o->accum, 1, &lt);
-        st->sum.loss += lt.loss / o->accum;
-        st->sum.forget_term += lt.forget_term / o->accum;
-        st->sum.retain_term += lt.retain_term / o->accum;
-        st->sum.tokens += lt.tokens;
-        if (!isnan(lt.forget_nll)) { fn += lt.forget_nll; nfn++; }
-        if (!isnan(lt.retain_nll)) { rn += lt.retain_nll; nrn++; }
-        if (!isnan(lt.retain_kl)) { rk += lt.retain_kl; nrk++; }
+        train_micro(tr, a, micros, &lt);
+        sum[0] += lt.loss / micros;
+        sum[1] += lt.forget_term / micros;
+        sum[2] += lt.retain_term / micros;
+        sum[3] += lt.tokens;
+        double nll[3] = {lt.forget_nll, lt.retain_nll, lt.retain_kl};
+        for (int k = 0; k < 3; k++) if (!isnan(nll[k])) { sum[4 + 2 * k] += nll[k]; sum[5 + 2 * k] += 1; }
     }
+    if (tr->grad_acc) memcpy(m->grads, tr->grad_acc, m->n_params * sizeof(float));
+    dist_sum_floats(m->grads, m->n_params);   // the one sum of the step's gradients over the ranks
+    dist_sum_doubles(sum, 10);
+    st->sum = (LossTerms){.loss = sum[0], .forget_term = sum[1], .retain_term = sum[2], .tokens = sum[3]};
+    double fn = sum[4], rn = sum[6], rk = sum[8];
+    int nfn = (int)sum[5], nrn = (int)sum[7], nrk = (int)sum[9];
     st->f_nll = mean_or_nan(fn, nfn); st->r_nll = mean_or_nan(rn, nrn); st->r_kl = mean_or_nan(rk, nrk);
     st->gnorm = train_grad_norm(m);
     if (!isfinite(st->sum.loss) || !isfinite(st->gnorm)) {
@@ -713,7 +770,7 @@ static void train_step(Trainer* tr, StepStats* st, int last_saved) {
         if (last_saved > 0 || o->resume)
             snprintf(kept, sizeof(kept), "the last good checkpoint (step %d) is kept in %s", last_saved, o->co.out);
         else snprintf(kept, sizeof(kept), "no checkpoint had been saved yet (see --save-every)");
-        die("the loss is %s at step %d (grad norm %g): training stopped, %s",
+        dist_fail("the loss is %s at step %d (grad norm %g): training stopped, %s",
             isfinite(st->sum.loss) ? "finite but the gradient is not" : "NaN or Inf", tr->step + 1, st->gnorm, kept);
     }
     if (o->clip > 0 && st->gnorm > o->clip) train_scale_grads(m, (float)(o->clip / (st->gnorm + 1e-6)));
@@ -763,8 +820,9 @@ static void report_step(Trainer* tr, const StepStats* st, double ema_tok_s, int 
     fflush(log);
 }
 
-// Steps until --steps, the stop level, or --halt-after; checkpoints on the way
-static void train_loop(Trainer* tr) {
+// Steps until --steps, the stop level, or --halt-after; checkpoints on the
+// way. Returns the steps this run made.
+static int train_loop(Trainer* tr) {
     const Options* o = &tr->o;
     long t_start = time_in_ms();
     int steps_run = 0, last_saved = tr->step;
@@ -791,6 +849,7 @@ static void train_loop(Trainer* tr) {
         if (halt) { printf("halted after %d steps (resume with --resume)\n", steps_run); break; }
     }
     if (steps_run == 0) checkpoint(tr);
+    return steps_run;
 }
 
 static void trainer_free(Trainer* tr) {
@@ -801,27 +860,89 @@ static void trainer_free(Trainer* tr) {
     dataset_free(&tr->forget);
     free(tr->oc.rmu_u);
     if (tr->o.reinforced_path) free_lora(&tr->reinforced);
-    free(tr->state_path); free(tr->log_path);
+    free(tr->state_path); free(tr->log_path); free(tr->grad_acc);
     train_model_free(&tr->m);
     free_tokenizer(&tr->tok);
+}
+
+// ----------------------------------------------------------------------------
+// Under mpirun: the ranks must start from the same model, options, data and
+// trainable state, or their sums would mix different runs. Checked before
+// the first step; a difference stops every rank with one error.
+
+static uint64_t hash_dataset(uint64_t h, const Dataset* d) {
+    int32_t shape[3] = {d->n, d->T, d->Tt};
+    h = dist_hash(h, shape, sizeof(shape));
+    h = dist_hash(h, d->tokens, (size_t)d->n * (d->T + 1) * sizeof(int));
+    h = dist_hash(h, d->weights, (size_t)d->n * d->T * sizeof(float));
+    if (d->pos) h = dist_hash(h, d->pos, (size_t)d->n * d->T * sizeof(int));
+    if (d->Tt) h = dist_hash(h, d->trans, (size_t)d->n * d->Tt * sizeof(int));
+    return h;
+}
+
+static void check_ranks_agree(const Trainer* tr) {
+    const Options* o = &tr->o;
+    const TrainModel* m = &tr->m;
+    uint64_t h = dist_hash(DIST_HASH_INIT, &m->config, sizeof(m->config));
+    if (m->file) h = dist_hash_sampled(h, m->file->data, m->file->file_size);
+    dist_check_same(h, "the model file (its header, size or weights)");
+    int32_t iv[] = {o->B, o->B_retain, o->accum, o->steps, o->T, o->objective, o->retain_loss, o->warmup, o->cosine,
+                    o->save_every, o->eval_every, o->eval_rows, o->halt_after, o->pack, o->rmu_layer};
+    float fv[] = {o->lr, o->min_lr_frac, o->wd, o->b1, o->b2, o->eps, o->clip, o->gamma, o->lambda, o->beta, o->delta,
+                  o->dropout, o->rmu_c, o->rmu_alpha, o->whp_alpha, tr->stop_level};
+    h = dist_hash(dist_hash(dist_hash(DIST_HASH_INIT, iv, sizeof(iv)), fv, sizeof(fv)), &o->co.seed, sizeof(o->co.seed));
+    dist_check_same(h, "the training options");
+    h = hash_dataset(DIST_HASH_INIT, &tr->forget);
+    if (tr->has_retain) h = hash_dataset(h, &tr->retain);
+    dist_check_same(h, "the data (--forget, --retain, the tokenizer)");
+    int32_t lv[] = {m->full, m->lora.rank, m->lora.target_mask, m->lora.layer_begin, m->lora.layer_end, tr->step,
+                    tr->lf.epoch, tr->lf.cursor};
+    h = dist_hash(DIST_HASH_INIT, lv, sizeof(lv));
+    h = dist_hash(h, &m->n_params, sizeof(m->n_params));
+    h = dist_hash_sampled(h, m->params, m->n_params * sizeof(float));
+    h = dist_hash_sampled(h, m->adam_m, m->n_params * sizeof(float));
+    dist_check_same(h, "the trainable parameters (adapter shape, --adapter-init, the --resume state)");
+}
+
+// --batch and --retain-batch are the rows of a micro-batch over all ranks
+static void check_shares(const Options* o) {
+    int P = dist_size();
+    if (o->B % P || o->B_retain % P)
+        dist_fail("--batch %d and --retain-batch %d must be multiples of the %d MPI ranks", o->B, o->B_retain, P);
+}
+
+// Under mpirun: the cost of the step's sum over the ranks
+static void report_sums(const Trainer* tr, int steps_run) {
+    double seconds, wait, bytes;
+    dist_sum_stats(&seconds, &wait, &bytes);
+    if (dist_size() == 1 || steps_run == 0) return;
+    printf("allreduce: %d ranks, %.2f ms per step, %.0f bytes per step (%zu parameters), after %.2f ms per step "
+           "waiting for the slowest rank\n", dist_size(), 1000.0 * seconds / steps_run, bytes / steps_run,
+           tr->m.n_params, 1000.0 * wait / steps_run);
 }
 
 static int train_cmd(int argc, char** argv) {
     static Trainer tr; // zeroed: what a run does not use stays empty for trainer_free
     parse_options(&tr.o, argc, argv);
+    dist_init(&argc, &argv);
+    check_shares(&tr.o);
     build_tokenizer(&tr.tok, tr.o.co.tokenizer);
     load_model(&tr);
     setup_trainable(&tr);
     setup_objective(&tr);
     load_data(&tr);
-    if (tr.o.dump_rows) { dump_rows(&tr.forget, &tr.tok, tr.o.dump_rows); exit(EXIT_SUCCESS); }
+    if (tr.o.dump_rows) { dump_rows(&tr.forget, &tr.tok, tr.o.dump_rows); dist_finalize(); exit(EXIT_SUCCESS); }
     alloc_buffers(&tr);
     open_state(&tr);
     setup_stopping(&tr);
-    train_loop(&tr);
+    check_ranks_agree(&tr);
+    open_log(&tr);
+    int steps_run = train_loop(&tr);
     fclose(tr.log);
+    report_sums(&tr, steps_run);
     printf("saved %s (%s) at step %d; log %s\n", tr.o.co.out, tr.m.full ? "model" : "adapter", tr.step, tr.log_path);
     trainer_free(&tr);
+    dist_finalize();
     return 0;
 }
 

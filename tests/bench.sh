@@ -13,6 +13,11 @@
 #   sae train    a TopK SAE (d 2048, 16384 latents, k 32) on layer 7 of the
 #                same model: capture tok/s (the forward through layers 0..7
 #                into the activation cache) and training tok/s per step
+#   mpi          (BENCH_MPI=1, make bench MPI=1; docs/mpi.md) LoRA training of
+#                the int8 1B model under mpirun: 1 and 2 ranks of one OpenMP
+#                thread each (B*T = 256 per rank) against one process of two
+#                threads (B*T = 512), and the allreduce time and bytes per step
+#                for rank-8 and rank-64 adapters on all targets
 #
 # Every value is a median of BENCH_REPS repetitions (timed steps after one
 # untimed warm-up step for train_lora and sae). Writes BENCH_DIR/results.csv
@@ -22,7 +27,8 @@
 #
 # Environment: BENCH_REPS (5), BENCH_DIR (build/bench), BENCH_DECODE (32
 # tokens), BENCH_PREFILL (128,512), BENCH_SAE_LAYER (7), BENCH_PARTS
-# ("engine lora sae": a subset runs only those), BENCH_8B (0; 1 adds
+# ("engine lora sae", plus mpi with BENCH_MPI=1: a subset runs only those),
+# BENCH_MPI_MODEL (the mpi part's model, default BENCH_DIR/1b.q8.bin), BENCH_8B (0; 1 adds
 # Llama-3-8B int8: decode, a 128-token prompt and LoRA training, as a third
 # column), PYTHON (python3; used for
 # getrusage(RUSAGE_CHILDREN), so no /usr/bin/time is needed), TOK
@@ -34,6 +40,8 @@ DECODE=${BENCH_DECODE:-32}
 PREFILL=${BENCH_PREFILL:-128,512}
 SAE_LAYER=${BENCH_SAE_LAYER:-7}
 PARTS=${BENCH_PARTS:-engine lora sae}
+[ "${BENCH_MPI:-0}" = 1 ] && [ -z "${BENCH_PARTS:-}" ] && PARTS="$PARTS mpi"
+MPI_MODEL=${BENCH_MPI_MODEL:-$DIR/1b.q8.bin}
 BIG=${BENCH_8B:-0}
 PY=${PYTHON:-python3}
 TOK=${TOK:-build/llama3.tok}
@@ -43,11 +51,12 @@ WORK=$DIR/work
 case $REPS in ''|*[!0-9]*|0) echo "error: BENCH_REPS must be a positive integer, got '$REPS'"; exit 1 ;; esac
 has_part() { case " $PARTS " in *" $1 "*) return 0 ;; esac; return 1; }
 for p in $PARTS; do
-    case $p in engine|lora|sae) ;; *) echo "error: unknown BENCH_PARTS entry '$p' (engine, lora, sae)"; exit 1 ;; esac
+    case $p in engine|lora|sae|mpi) ;; *) echo "error: unknown BENCH_PARTS entry '$p' (engine, lora, sae, mpi)"; exit 1 ;; esac
 done
 need() { [ -f "$1" ] || { echo "error: $1 is missing (make bench builds it)"; exit 1; }; }
 if has_part engine; then need $DIR/1b-32k.f32.bin; need $DIR/1b-32k.q8.bin; fi
 if has_part lora || has_part sae; then need $DIR/1b.f32.bin; need $DIR/1b.q8.bin; need "$TOK"; fi
+if has_part mpi; then need "$MPI_MODEL"; need build/mpi/train_lora; need "$TOK"; fi
 case $BIG in 0) ;; 1) need $DIR/8b.q8.bin; need "$TOK" ;; *) echo "error: BENCH_8B must be 0 or 1, got '$BIG'"; exit 1 ;; esac
 mkdir -p "$LOGS" "$WORK"
 ROWS=$WORK/rows.csv
@@ -164,6 +173,39 @@ if has_part sae; then
     done
 fi
 
+# mpi_bench TAG RANKS THREADS BATCH RANK: train_lora on RANKS ranks (0 = one
+# process without mpirun) of THREADS threads, --batch BATCH rows of 256,
+# LoRA rank RANK on all targets: tok/s per step (positions over each step's
+# time, the first step a warm-up), and with ranks rank 0's allreduce line
+mpi_bench() {
+    tag=$1 np=$2 th=$3 b=$4 r=$5
+    steps=$((REPS + 1))
+    wt=fp32; case $MPI_MODEL in *q8*) wt=int8 ;; esac
+    model=$(basename "$MPI_MODEL")
+    echo "== train_lora $MPI_MODEL: $steps steps, ranks $np x $th threads, --batch $b --seq-len 256, rank $r (all targets)"
+    rm -f $WORK/mpi-$tag.lora $WORK/mpi-$tag.lora.csv $WORK/mpi-$tag.lora.state
+    set -- train "$MPI_MODEL" -z "$TOK" --objective sft --forget "$TEXT" --batch $b --seq-len 256 --rank $r \
+        --steps $steps --save-every 0 -o $WORK/mpi-$tag.lora --log $WORK/mpi-$tag.lora.csv
+    if [ $np = 0 ]; then logged mpi-$tag env OMP_NUM_THREADS=$th ./train_lora "$@"
+    else logged mpi-$tag mpirun $MPI_ROOT --oversubscribe -np $np -x OMP_NUM_THREADS=$th build/mpi/train_lora "$@"; fi
+    awk -F, -v pos=$((b * 256)) 'NR > 1 { if (NR > 2 && $11 > prev) print pos / ($11 - prev); prev = $11 }' \
+        $WORK/mpi-$tag.lora.csv | add_row mpi_train_$tag $wt $model tok/s
+    [ $np -gt 1 ] || return 0
+    # "allreduce: 2 ranks, X ms per step, Y bytes per step (...), after Z ms per step waiting ..."
+    line=$(grep '^allreduce:' $LOGS/mpi-$tag.log)
+    echo "$line" | awk '{ print $4 }' | add_row mpi_allreduce_ms_r$r $wt $model ms
+    echo "$line" | awk '{ print $8 }' | add_row mpi_allreduce_bytes_r$r $wt $model bytes
+}
+
+if has_part mpi; then
+    MPI_ROOT=; [ "$(id -u)" = 0 ] && MPI_ROOT=--allow-run-as-root   # a CI container runs as root
+    warm "$MPI_MODEL"
+    mpi_bench 1rank 1 1 1 8
+    mpi_bench 2ranks 2 1 2 8
+    mpi_bench 2threads 0 2 2 8
+    mpi_bench 2ranks_r64 2 1 2 64
+fi
+
 # results.csv: the header of run bench's CSV, then every row
 { echo "metric,weights,model,value,unit,n,min,max"; cat "$ROWS"; } > $DIR/results.csv
 
@@ -220,6 +262,13 @@ awk -v reps="$REPS" -v decode="$DECODE" -v prefill="$PREFILL" -v layer="$SAE_LAY
         line("LoRA training peak RSS, MiB", "lora_train_peak_rss", "%.0f")
         line("SAE capture, tok/s (one pass: layers 0.." layer " into the cache)", "sae_capture", "%.1f")
         line("SAE training, tok/s (d 2048, 16384 latents, k 32, batch 2048)", "sae_train", "%.1f")
+        line("MPI: LoRA training, 1 rank x 1 thread, tok/s (B*T 256, r 8, all targets)", "mpi_train_1rank", "%.1f")
+        line("MPI: LoRA training, 2 ranks x 1 thread, tok/s (B*T 2 x 256)", "mpi_train_2ranks", "%.1f")
+        line("MPI: LoRA training, 1 process x 2 threads, tok/s (B*T 512)", "mpi_train_2threads", "%.1f")
+        for (r = 8; r <= 64; r *= 8) {   # the adapter ranks of the allreduce rows
+            line("MPI: allreduce per step, ms (2 ranks, rank " r ")", "mpi_allreduce_ms_r" r, "%.2f")
+            line("MPI: allreduce bytes per step, MB (rank " r ")", "mpi_allreduce_bytes_r" r, "%.2f", 1e6)
+        }
     }' $DIR/results.csv > $DIR/results.md
 
 echo
