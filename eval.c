@@ -1727,6 +1727,13 @@ static void md_leak(FILE* md, const Results* R, const char* const* templates, in
     }
 }
 
+// (attacked - unlearned) / (base - unlearned): the share of what the method
+// removed that the attack brings back; NAN when it removed under 2 points (or added)
+static double recovery(double base, double unlearned, double attacked) {
+    double gap = base - unlearned;
+    return gap > 0.02 ? (attacked - unlearned) / gap : NAN;
+}
+
 static void md_relearn(FILE* md, const ReportOpts* o, const Results* R, const Rows* B, int any_relearn) {
     char b1[64], b2[64];
     const char* base_name = o->base_name;
@@ -1740,21 +1747,13 @@ static void md_relearn(FILE* md, const ReportOpts* o, const Results* R, const Ro
         for (int i = 0; i < R->n; i++) {
             if (!R->has_phase[PH_RELEARN][i]) continue;
             double before = get(&R->main[i], "forget_qa_rest"), after = get(&R->phase[PH_RELEARN][i], "forget_qa_rest");
-            double gap = base_rest - before;
             fprintf(md, "| %s | %s | %s |", R->main[i].name, pct1(b1, 64, before), pct1(b2, 64, after));
-            out_cell(md, "%.0f%%", gap > 0.02 ? 100.0 * (after - before) / gap : NAN);
+            out_cell(md, "%.0f%%", 100.0 * recovery(base_rest, before, after));
             fprintf(md, "\n");
         }
         fprintf(md, "\n(n/a: the method forgot less than 2 points, so there is nothing to recover.)\n\n"
                     "![relearning](relearn.svg)\n\n");
     }
-}
-
-// (attacked - unlearned) / (base - unlearned): the share of what the method
-// removed that the attack brings back; NAN when it removed under 2 points
-static double recovery(double base, double unlearned, double attacked) {
-    double gap = base - unlearned;
-    return fabs(gap) > 0.02 ? (attacked - unlearned) / gap : NAN;
 }
 
 // The quantization attack: each metric at fp32, Q8_0 and Q4, and the recovery.
